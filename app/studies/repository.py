@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, true, tuple_
+from sqlalchemy.orm import Session
+
+from app.instruments.models import CodebookRevision
+from app.studies.models import Study, Wave
+
+
+def by_key(session: Session, key: str) -> Study | None:
+    return session.scalar(select(Study).where(Study.key == key))
+
+
+def with_codebook(session: Session, key: str) -> tuple[Study, dict[str, Any] | None, int | None] | None:
+    """The study and the document of its codebook in force, in one round trip."""
+    latest = (
+        select(CodebookRevision.document, CodebookRevision.revision)
+        .where(CodebookRevision.study_id == Study.id)
+        .order_by(CodebookRevision.revision.desc())
+        .limit(1)
+        .lateral()
+    )
+    query = (
+        select(Study, latest.c.document, latest.c.revision)
+        .outerjoin(latest, true())
+        .where(Study.key == key)
+    )
+    row = session.execute(query).one_or_none()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def latest_codebook(session: Session, study_id: uuid.UUID) -> CodebookRevision | None:
+    return session.scalar(
+        select(CodebookRevision)
+        .where(CodebookRevision.study_id == study_id)
+        .order_by(CodebookRevision.revision.desc())
+        .limit(1)
+    )
+
+
+def waves(session: Session, study_id: uuid.UUID) -> list[Wave]:
+    return list(session.scalars(select(Wave).where(Wave.study_id == study_id).order_by(Wave.position)))
+
+
+def page(
+    session: Session, *, limit: int, after: tuple[datetime, uuid.UUID] | None, only: uuid.UUID | None
+) -> list[Study]:
+    query = select(Study).order_by(Study.created_at, Study.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(tuple_(Study.created_at, Study.id) > tuple_(*after))
+    if only is not None:
+        query = query.where(Study.id == only)
+    return list(session.scalars(query))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from app.core.db import SessionDep
+from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
+from app.core.routing import RoleRoute
+from app.core.security import AnyRole, Coordinator, Reader
+from app.studies import repository, service
+from app.studies.deps import StudyFromPath
+from app.studies.schemas import InstrumentList, StudyCreate, StudyOut, WaveList, WaveOut
+
+router = APIRouter(prefix="/api/v1/studies", tags=["studies"], route_class=RoleRoute)
+
+
+@router.post("", status_code=201, response_model=StudyOut, summary="Create a study")
+def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep, response: Response) -> StudyOut:
+    ctx = service.create(session, body)
+    response.headers["Location"] = f"/api/v1/studies/{ctx.study.key}"
+    return service.to_out(ctx)
+
+
+@router.get("", response_model=Page[StudyOut], summary="List studies")
+def list_studies(principal: Reader, session: SessionDep, limit: LimitQuery = 100,
+                 cursor: CursorQuery = None) -> Page[StudyOut]:
+    studies = repository.page(session, limit=limit, after=decode_time_id(cursor), only=principal.study_id)
+    page = page_of(studies, limit, time_id_key)
+    return Page(items=[service.to_out(service.context(session, s.key, principal)) for s in page.items],
+                next_cursor=page.next_cursor)
+
+
+@router.get("/{key}", response_model=StudyOut, summary="Get a study")
+def get_study(principal: Reader, study: StudyFromPath) -> StudyOut:
+    return service.to_out(study)
+
+
+@router.get("/{key}/waves", response_model=WaveList, summary="The study's waves and their windows")
+def get_waves(principal: Reader, study: StudyFromPath, session: SessionDep) -> WaveList:
+    waves = repository.waves(session, study.study.id)
+    return WaveList(items=[WaveOut.model_validate(w, from_attributes=True) for w in waves])
+
+
+@router.get(
+    "/{key}/instruments", response_model=InstrumentList, response_model_exclude_unset=True,
+    summary="The study's instruments and items, exactly as in its codebook",
+)
+def get_instruments(principal: AnyRole, study: StudyFromPath) -> InstrumentList:
+    codebook = study.require_codebook()
+    return InstrumentList.model_validate({"items": codebook.document["instruments"]})
+
+
+@router.get("/{key}/codebook", summary="The codebook in force, exactly as installed")
+def get_codebook(principal: AnyRole, study: StudyFromPath) -> dict[str, Any]:
+    return study.require_codebook().document

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.studies.models import STUDY_KEY_PATTERN
+
+
+class StudyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(pattern=STUDY_KEY_PATTERN, description="unique, lower-case letters, digits and dashes")
+    name: str = Field(min_length=1, max_length=200)
+    timezone: str = Field(min_length=1, max_length=64, description="IANA time zone, e.g. America/New_York")
+    template: Literal["pal-replication"] | None = Field(
+        default=None, description="create the waves and instruments of a shipped codebook"
+    )
+    codebook: dict[str, Any] | None = Field(
+        default=None, description="a codebook document in the pal-v1.json format, instead of a template"
+    )
+
+
+class CodebookRef(BaseModel):
+    key: str
+    version: int
+    revision: int
+    sha256: str
+
+
+class StudyOut(BaseModel):
+    id: uuid.UUID
+    key: str
+    name: str
+    timezone: str
+    template: str | None
+    codebook: CodebookRef | None
+    waves: list[str]
+    created_at: datetime
+
+
+class ReminderPolicy(BaseModel):
+    invite_on_open: bool = True
+    reminder_days_after_open: list[int] = Field(default_factory=list)
+    final_days_before_close: int | None = None
+    channel: str = "email"
+
+
+class WaveOut(BaseModel):
+    key: str
+    label: str
+    offset_days: int
+    window_open_days: int
+    window_close_days: int
+    reminder_policy: ReminderPolicy
+
+
+class WaveList(BaseModel):
+    items: list[WaveOut]
+
+
+class OptionOut(BaseModel):
+    code: str
+    label: str
+
+
+class ConditionOut(BaseModel):
+    item: str
+    operator: str
+    value: Any = None
+
+
+class ItemOut(BaseModel):
+    code: str
+    type: str
+    label: str
+    options: list[OptionOut] | None = None
+    min: int | float | None = None
+    max: int | float | None = None
+    required: bool = False
+    waves: list[str]
+    enable_when: ConditionOut | None = None
+    max_length: int | None = None
+    description: str | None = None
+
+
+class InstrumentOut(BaseModel):
+    key: str
+    label: str
+    waves: list[str]
+    items: list[ItemOut]
+    description: str | None = None
+
+
+class InstrumentList(BaseModel):
+    items: list[InstrumentOut]

@@ -1,0 +1,94 @@
+"""Studies: creation from a template or an uploaded codebook, and the study a request acts on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.core.db import add_unique
+from app.core.errors import Forbidden, Invalid, NotFound
+from app.core.security import Principal
+from app.core.timeutil import zone
+from app.instruments.codebook import Codebook, load_codebook, parse_codebook, template_document
+from app.instruments.models import CodebookRevision
+from app.studies import repository
+from app.studies.models import Study, Wave
+from app.studies.schemas import CodebookRef, StudyCreate, StudyOut
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    study: Study
+    codebook: Codebook | None
+    revision: int | None
+
+    def require_codebook(self) -> Codebook:
+        if self.codebook is None:
+            raise Invalid(f"study {self.study.key!r} has no codebook yet")
+        return self.codebook
+
+
+def context(session: Session, key: str, principal: Principal) -> StudyContext:
+    row = repository.with_codebook(session, key)
+    if row is None:
+        raise NotFound(f"no study {key!r}")
+    study, document, revision = row
+    if not principal.may_access_study(study.id):
+        raise Forbidden("this token is limited to another study")
+    return StudyContext(study, load_codebook(document) if document is not None else None, revision)
+
+
+def create(session: Session, data: StudyCreate) -> StudyContext:
+    zone(data.timezone, loc=["timezone"])
+    if data.template and data.codebook:
+        raise Invalid("give either a template or a codebook, not both",
+                      errors=[{"loc": ["codebook"], "code": "conflict", "message": "template is also set"}])
+    document: dict[str, Any] | None = None
+    if data.template:
+        document = template_document(data.template)
+    elif data.codebook is not None:
+        document = data.codebook
+    codebook = parse_codebook(document, loc_prefix=("codebook",)) if document is not None else None
+
+    study = Study(key=data.key, name=data.name, timezone=data.timezone, template=data.template, settings={})
+    add_unique(session, study, f"a study with key {data.key!r} already exists")
+    revision = install_codebook(session, study, codebook) if codebook is not None else None
+    return StudyContext(study, codebook, revision)
+
+
+def install_codebook(session: Session, study: Study, codebook: Codebook) -> int:
+    """Store a codebook revision and (re)create the study's waves from it."""
+    current = repository.latest_codebook(session, study.id)
+    revision = 1 if current is None else current.revision + 1
+    session.add(CodebookRevision(
+        study_id=study.id, revision=revision, document=codebook.document, sha256=codebook.sha256,
+        derived_signature=codebook.derived_signature,
+    ))
+    existing = {w.key: w for w in repository.waves(session, study.id)}
+    policy = codebook.reminder_policy()
+    for position, w in enumerate(codebook.waves()):
+        wave = existing.get(w["key"]) or Wave(study_id=study.id, key=w["key"])
+        wave.label = w["label"]
+        wave.position = position
+        wave.offset_days = w["offset_days"]
+        wave.window_open_days = w["window_open_days"]
+        wave.window_close_days = w["window_close_days"]
+        if not wave.reminder_policy:
+            wave.reminder_policy = dict(policy)
+        session.add(wave)
+    session.flush()
+    return revision
+
+
+def to_out(ctx: StudyContext) -> StudyOut:
+    cb = ctx.codebook
+    return StudyOut(
+        id=ctx.study.id, key=ctx.study.key, name=ctx.study.name, timezone=ctx.study.timezone,
+        template=ctx.study.template,
+        codebook=CodebookRef(key=cb.key, version=cb.version, revision=ctx.revision or 1, sha256=cb.sha256)
+        if cb is not None else None,
+        waves=list(cb.wave_keys) if cb is not None else [],
+        created_at=ctx.study.created_at,
+    )

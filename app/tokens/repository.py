@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import exists, select, tuple_
+from sqlalchemy.orm import Session
+
+from app.studies.models import Study
+from app.tokens.models import ApiToken
+
+
+def add(session: Session, token: ApiToken) -> ApiToken:
+    session.add(token)
+    session.flush()
+    return token
+
+
+def get(session: Session, token_id: uuid.UUID) -> ApiToken | None:
+    return session.get(ApiToken, token_id)
+
+
+def hash_exists(session: Session, secret_hash: str) -> bool:
+    return bool(session.scalar(select(exists().where(ApiToken.secret_hash == secret_hash))))
+
+
+def active_admin_exists(session: Session) -> bool:
+    return bool(
+        session.scalar(select(exists().where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))))
+    )
+
+
+def page(
+    session: Session, *, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[tuple[ApiToken, str | None]]:
+    query = (
+        select(ApiToken, Study.key)
+        .outerjoin(Study, Study.id == ApiToken.study_id)
+        .order_by(ApiToken.created_at, ApiToken.id)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(tuple_(ApiToken.created_at, ApiToken.id) > tuple_(*after))
+    return [(token, key) for token, key in session.execute(query).all()]

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Response
+
+from app.core.db import SessionDep
+from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
+from app.core.routing import RoleRoute
+from app.core.security import AdminOnly
+from app.tokens import repository, service
+from app.tokens.schemas import TokenCreate, TokenCreated, TokenOut
+
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=RoleRoute)
+
+
+@router.post("", status_code=201, response_model=TokenCreated, summary="Create a token (the secret is shown once)")
+def create_token(body: TokenCreate, principal: AdminOnly, session: SessionDep) -> TokenCreated:
+    return service.create(session, role=body.role, label=body.label, study_key=body.study_key,
+                          created_by=principal.token_id)
+
+
+@router.get("", response_model=Page[TokenOut], summary="List tokens (never their secrets)")
+def list_tokens(principal: AdminOnly, session: SessionDep, limit: LimitQuery = 100,
+                cursor: CursorQuery = None) -> Page[TokenOut]:
+    rows = repository.page(session, limit=limit, after=decode_time_id(cursor))
+    page = page_of(rows, limit, lambda r: time_id_key(r[0]))
+    return Page(items=[service.to_out(t, k) for t, k in page.items], next_cursor=page.next_cursor)
+
+
+@router.delete("/{token_id}", status_code=204, summary="Revoke a token")
+def revoke_token(token_id: uuid.UUID, principal: AdminOnly, session: SessionDep) -> Response:
+    service.revoke(session, token_id)
+    return Response(status_code=204)

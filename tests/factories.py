@@ -1,0 +1,84 @@
+"""Plain factory functions per domain, going through the API as a client would."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SHIPPED_CODEBOOK = Path(__file__).resolve().parents[1] / "app" / "instruments" / "codebooks" / "pal-v1.json"
+
+
+def auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def pal_codebook() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(SHIPPED_CODEBOOK.read_text())
+    return copy.deepcopy(document)
+
+
+def unique_key(prefix: str = "study") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def create_study(client: httpx.AsyncClient, token: str, *, key: str | None = None,
+                       timezone: str = "America/New_York", **extra: Any) -> dict[str, Any]:
+    body = {"key": key or unique_key(), "name": "PAL replication", "timezone": timezone,
+            "template": "pal-replication", **extra}
+    r = await client.post("/api/v1/studies", json=body, headers=auth(token))
+    assert r.status_code == 201, r.text
+    created: dict[str, Any] = r.json()
+    return created
+
+
+async def create_token(client: httpx.AsyncClient, admin_token: str, role: str,
+                       study_key: str | None = None) -> str:
+    body: dict[str, Any] = {"role": role, "label": f"test {role}"}
+    if study_key:
+        body["study_key"] = study_key
+    r = await client.post("/api/v1/tokens", json=body, headers=auth(admin_token))
+    assert r.status_code == 201, r.text
+    return str(r.json()["token"])
+
+
+def minimal_codebook(**overrides: Any) -> dict[str, Any]:
+    """A small valid codebook in the pal-v1 format, for upload tests."""
+    document: dict[str, Any] = {
+        "key": "mini",
+        "version": 1,
+        "title": "Mini study",
+        "waves": [
+            {"key": "intake", "label": "Intake", "offset_days": 0, "window_open_days": 0, "window_close_days": 14},
+            {"key": "week4", "label": "Week 4", "offset_days": 28, "window_open_days": 21, "window_close_days": 35},
+        ],
+        "reminder_policy": {"invite_on_open": True, "reminder_days_after_open": [3],
+                            "final_days_before_close": 2, "channel": "email"},
+        "instruments": [
+            {
+                "key": "core",
+                "label": "Core",
+                "waves": ["intake", "week4"],
+                "items": [
+                    {"code": "drinks_week", "type": "integer", "label": "Drinks last week", "min": 0, "max": 200,
+                     "required": True, "waves": ["intake", "week4"]},
+                    {"code": "smoker", "type": "boolean", "label": "Smokes", "required": True,
+                     "waves": ["intake", "week4"]},
+                    {"code": "cigs_day", "type": "number", "label": "Cigarettes a day", "min": 0, "max": 100,
+                     "required": True, "waves": ["intake", "week4"],
+                     "enable_when": {"item": "smoker", "operator": "==", "value": True}},
+                    {"code": "mood", "type": "single_choice", "label": "Mood", "required": False,
+                     "waves": ["intake"], "options": [{"code": "good", "label": "Good"},
+                                                      {"code": "bad", "label": "Bad"}]},
+                ],
+            }
+        ],
+        "rules": [],
+        "derived": [{"code": "heavy", "type": "boolean", "definition": "drinks_week >= 14"}],
+    }
+    document.update(overrides)
+    return document
