@@ -15,6 +15,9 @@ from app.core.errors import install_error_handlers
 from app.core.middleware import BodyLimit, JsonOnly
 from app.core.settings import Settings, get_settings
 from app.health.router import router as health_router
+from app.idempotency.service import Replay, replay_handler
+from app.participants.router import router as participants_router
+from app.responses.router import router as responses_router
 from app.studies.router import router as studies_router
 from app.tokens import service as tokens
 from app.tokens.router import router as tokens_router
@@ -63,9 +66,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.include_router(health_router)
-    app.include_router(tokens_router)
-    app.include_router(studies_router)
+    app.add_exception_handler(Replay, replay_handler)
+    for router in (health_router, tokens_router, studies_router, participants_router, responses_router):
+        app.include_router(router)
 
     def body_limit(path: str) -> int:
         return settings.max_import_bytes if path.endswith(":import") else settings.max_body_bytes

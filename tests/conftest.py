@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -177,3 +179,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+    db_url: URL
+
+
+@pytest.fixture
+def live_server(fresh_db: URL, tmp_path: Path) -> Iterator[LiveServer]:
+    """The app under uvicorn on a loopback port, on a database of its own: real HTTP, real commits."""
+    import threading
+
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = make_settings(fresh_db, tmp_path)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the live server did not start")
+        time.sleep(0.05)
+    yield LiveServer(f"http://127.0.0.1:{port}", settings, fresh_db)
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -82,3 +82,62 @@ def minimal_codebook(**overrides: Any) -> dict[str, Any]:
     }
     document.update(overrides)
     return document
+
+
+def items_at(codebook: dict[str, Any], wave: str) -> list[dict[str, Any]]:
+    return [it for inst in codebook["instruments"] for it in inst["items"] if wave in it["waves"]]
+
+
+def condition_met(item: dict[str, Any], answers: dict[str, Any]) -> bool:
+    cond = item.get("enable_when")
+    if not cond:
+        return True
+    value = answers.get(cond["item"])
+    if value is None:
+        return False
+    op, target = cond["operator"], cond["value"]
+    if op == "in":
+        return value in target
+    if op == "not_in":
+        return value not in target
+    if op == "==":
+        return bool(value == target)
+    if op == "!=":
+        return bool(value != target)
+    raise AssertionError(f"operator {op} not handled by the test generator")
+
+
+def valid_answers(wave: str, rng: Any, codebook: dict[str, Any] | None = None, **fixed: Any) -> dict[str, Any]:
+    """Answers for every item asked at `wave`, honouring conditions and the codebook's rules."""
+    codebook = codebook or pal_codebook()
+    answers: dict[str, Any] = {}
+    for it in items_at(codebook, wave):
+        code = it["code"]
+        if code in fixed:
+            if fixed[code] is not None:
+                answers[code] = fixed[code]
+            continue
+        if not condition_met(it, answers):
+            continue
+        t = it["type"]
+        if t == "single_choice":
+            answers[code] = rng.choice([o["code"] for o in it["options"]])
+        elif t == "multi_choice":
+            answers[code] = sorted(rng.sample([o["code"] for o in it["options"]], rng.randint(0, 2)))
+        elif t == "integer":
+            low = it.get("min", 0)
+            answers[code] = rng.randint(low, min(it.get("max", low + 20), low + 20))
+        elif t == "number":
+            answers[code] = round(rng.uniform(it.get("min", 0), it.get("max", 10)), 2)
+        elif t == "boolean":
+            answers[code] = rng.random() < 0.5
+        elif t == "text":
+            answers[code] = "free text"
+        elif t == "date":
+            answers[code] = "2026-01-15"
+    for rule in codebook.get("rules", []):
+        if rule["left"] in fixed or rule["right"] in fixed:
+            continue
+        if rule["operator"] == "<=" and rule["left"] in answers and rule["right"] in answers:
+            answers[rule["left"]] = min(answers[rule["left"]], answers[rule["right"]])
+    return answers

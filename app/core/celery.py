@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 QUEUES = ("reminders", "analysis")
 
-TASK_MODULES = ["workers.tasks"]
+TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks"]
 
 
 def broker_url(settings: Settings) -> str | None:
@@ -66,6 +66,10 @@ def beat_schedule() -> dict[str, Any]:
         }
         for queue in QUEUES
     }
+    schedule["advance-schedules"] = {"task": "cohort.reminders.advance_schedules", "schedule": 60.0,
+                                     "options": {"expires": 60}}
+    schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,
+                                          "options": {"expires": 3600}}
     return schedule
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy import DateTime, MetaData, func, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -23,7 +23,9 @@ class Base(DeclarativeBase):
 
 
 def uuid_pk() -> Mapped[uuid.UUID]:
-    return mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    # Generated in Python for ORM inserts, by the database for bulk COPY that leaves the id out.
+    return mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4,
+                         server_default=text("gen_random_uuid()"))
 
 
 def created_at() -> Mapped[datetime]:

@@ -124,7 +124,7 @@ class Item:
     enable_when: ConditionDoc | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: compiled once per document and cached
 class Codebook:
     """A validated codebook, compiled for fast lookups; `document` is kept exactly as received."""
 

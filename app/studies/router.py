@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
 from app.core.security import AnyRole, Coordinator, Reader
+from app.idempotency.service import IdempotencyDep
 from app.studies import repository, service
 from app.studies.deps import StudyFromPath
 from app.studies.schemas import InstrumentList, StudyCreate, StudyOut, WaveList, WaveOut
@@ -16,10 +18,11 @@ router = APIRouter(prefix="/api/v1/studies", tags=["studies"], route_class=RoleR
 
 
 @router.post("", status_code=201, response_model=StudyOut, summary="Create a study")
-def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep, response: Response) -> StudyOut:
+def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep,
+                 idem: IdempotencyDep) -> JSONResponse:
+    idem.check(body)
     ctx = service.create(session, body)
-    response.headers["Location"] = f"/api/v1/studies/{ctx.study.key}"
-    return service.to_out(ctx)
+    return idem.remember(201, service.to_out(ctx), headers={"Location": f"/api/v1/studies/{ctx.study.key}"})
 
 
 @router.get("", response_model=Page[StudyOut], summary="List studies")

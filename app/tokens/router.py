@@ -3,11 +3,13 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
 from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
 from app.core.security import AdminOnly
+from app.idempotency.service import IdempotencyDep
 from app.tokens import repository, service
 from app.tokens.schemas import TokenCreate, TokenCreated, TokenOut
 
@@ -15,9 +17,11 @@ router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=RoleRou
 
 
 @router.post("", status_code=201, response_model=TokenCreated, summary="Create a token (the secret is shown once)")
-def create_token(body: TokenCreate, principal: AdminOnly, session: SessionDep) -> TokenCreated:
-    return service.create(session, role=body.role, label=body.label, study_key=body.study_key,
-                          created_by=principal.token_id)
+def create_token(body: TokenCreate, principal: AdminOnly, session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
+    idem.check(body)
+    created = service.create(session, role=body.role, label=body.label, study_key=body.study_key,
+                             created_by=principal.token_id)
+    return idem.remember(201, created)
 
 
 @router.get("", response_model=Page[TokenOut], summary="List tokens (never their secrets)")

@@ -1,0 +1,128 @@
+"""The Idempotency-Key header (IETF httpapi draft) on every creating POST.
+
+Same key and same body: the stored status and body are returned again. Same key with a
+different body: 422. Same key while the first request is still running: 409 (the first
+holds a transaction-scoped advisory lock on the key until it commits or rolls back).
+Keys are kept 24 hours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.core.crypto import Sealer, settings_sealer
+from app.core.db import SessionDep
+from app.core.deps import SettingsDep
+from app.core.errors import Conflict, Invalid
+from app.core.security import CurrentPrincipal, Principal
+from app.core.timeutil import utcnow
+from app.idempotency.models import IdempotencyRecord
+
+RETENTION = timedelta(hours=24)
+REPLAY_HEADER = "Idempotent-Replayed"
+
+
+class Replay(Exception):
+    def __init__(self, status_code: int, body: Any) -> None:
+        self.status_code = status_code
+        self.body = body
+
+
+def fingerprint(method: str, path: str, payload: Any) -> str:
+    canonical = payload if isinstance(payload, bytes) else json.dumps(
+        jsonable_encoder(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
+
+
+def _lock_id(token_id: str, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{token_id}\0{key}".encode()).digest()[:8], "big", signed=True)
+
+
+class Idempotency:
+    def __init__(self, session: Session, principal: Principal, key: str | None, sealer: Sealer,
+                 method: str, path: str, now: datetime) -> None:
+        self.session = session
+        self.principal = principal
+        self.key = key
+        self.sealer = sealer
+        self.method = method
+        self.path = path
+        self.now = now
+        self._fingerprint: str | None = None
+
+    def check(self, payload: Any) -> None:
+        """Call first thing in the handler: replays (raises Replay), refuses (409/422) or lets it run."""
+        if self.key is None:
+            return
+        self._fingerprint = fingerprint(self.method, self.path, payload)
+        token_id = str(self.principal.token_id)
+        locked = self.session.scalar(select(func.pg_try_advisory_xact_lock(_lock_id(token_id, self.key))))
+        if not locked:
+            raise Conflict("a request with this Idempotency-Key is still in flight; retry when it has finished")
+        record = self.session.scalar(select(IdempotencyRecord).where(
+            IdempotencyRecord.token_id == self.principal.token_id, IdempotencyRecord.key == self.key))
+        if record is not None and record.created_at < self.now - RETENTION:
+            self.session.delete(record)
+            self.session.flush()
+            record = None
+        if record is None:
+            return
+        if record.fingerprint != self._fingerprint:
+            raise Invalid(
+                "this Idempotency-Key was used with a different request",
+                errors=[{"loc": ["header", "Idempotency-Key"], "code": "idempotency_key_reused",
+                         "message": "use a new key for a different request"}],
+            )
+        raise Replay(record.status_code, self.sealer.open(record.sealed_body)["body"])
+
+    def remember(self, status_code: int, body: BaseModel | dict[str, Any] | list[Any],
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+        content = jsonable_encoder(body)
+        if self.key is not None:
+            assert self._fingerprint is not None, "check() must run before remember()"
+            self.session.add(IdempotencyRecord(
+                token_id=self.principal.token_id, key=self.key, method=self.method, path=self.path,
+                fingerprint=self._fingerprint, status_code=status_code,
+                sealed_body=self.sealer.seal({"body": content}), created_at=self.now,
+            ))
+            self.session.flush()
+        return JSONResponse(content, status_code=status_code, headers=headers)
+
+
+def idempotency(
+    request: Request,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255,
+               description="retry-safe creation: the same key and body return the stored response"),
+    ] = None,
+) -> Idempotency:
+    return Idempotency(session, principal, idempotency_key, settings_sealer(settings), request.method,
+                       request.url.path, utcnow())
+
+
+IdempotencyDep = Annotated[Idempotency, Depends(idempotency)]
+
+
+async def replay_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Replay)
+    return JSONResponse(exc.body, status_code=exc.status_code, headers={REPLAY_HEADER: "true"})
+
+
+def purge_expired(session: Session, now: datetime) -> int:
+    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - RETENTION))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint, text
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.models import Base, created_at, uuid_pk
+
+PARTICIPANT_STATUSES = ("active", "withdrawn", "completed", "lost")
+SCHEDULE_STATUSES = ("scheduled", "open", "completed", "missed", "withdrawn")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Participant(Base):
+    __tablename__ = "participants"
+    __table_args__ = (
+        UniqueConstraint("study_id", "external_id"),
+        CheckConstraint(_in("status", PARTICIPANT_STATUSES), name="status"),
+        CheckConstraint("(status = 'withdrawn') = (withdrawn_at IS NOT NULL)", name="withdrawn_has_time"),
+        Index("ix_participants_study_created", "study_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+    )
+    external_id: Mapped[str] = mapped_column(String(100), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="active")
+    enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    timezone: Mapped[str] = mapped_column(String(64), nullable=False)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    withdraw_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = created_at()
+
+
+class Contact(Base):
+    """Contact details, kept apart from answers and sealed (AES-GCM) with the service key."""
+
+    __tablename__ = "participant_contacts"
+
+    participant_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("participants.id", ondelete="CASCADE"), primary_key=True
+    )
+    sealed: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    updated_at: Mapped[datetime] = created_at()
+
+
+class Schedule(Base):
+    """One participant's window for one wave; status is kept as responses arrive and time passes."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        UniqueConstraint("participant_id", "wave"),
+        CheckConstraint(_in("status", SCHEDULE_STATUSES), name="status"),
+        CheckConstraint("opens_at <= due_at AND due_at < closes_at", name="window_order"),
+        Index("ix_schedules_study_wave_status", "study_id", "wave", "status"),
+        Index("ix_schedules_pending_transition", "closes_at", postgresql_where=text("status IN ('scheduled', 'open')")),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+    )
+    participant_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("participants.id", ondelete="CASCADE"), nullable=False
+    )
+    wave: Mapped[str] = mapped_column(String(63), nullable=False)
+    opens_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    closes_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, case, delete, exists, literal, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from app.participants.models import Contact, Participant, Schedule
+
+
+def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]:
+    """The SQL twin of `schedule.status_at`: needs `participants` joined for `withdrawn_at`."""
+    at_ = at if isinstance(at, ColumnElement) else literal(at)
+    return case(
+        (and_(Schedule.completed_at.is_not(None), Schedule.completed_at <= at_), "completed"),
+        (and_(Participant.withdrawn_at.is_not(None), Participant.withdrawn_at <= at_,
+              Participant.withdrawn_at < Schedule.closes_at), "withdrawn"),
+        (at_ < Schedule.opens_at, "scheduled"),
+        (at_ < Schedule.closes_at, "open"),
+        else_="missed",
+    )
+
+
+def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,
+                   for_update: bool = False) -> Participant | None:
+    query = select(Participant).where(Participant.study_id == study_id, Participant.external_id == external_id)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def schedules_of(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Schedule]]:
+    out: dict[uuid.UUID, list[Schedule]] = {pid: [] for pid in participant_ids}
+    if not participant_ids:
+        return out
+    rows = session.scalars(
+        select(Schedule).where(Schedule.participant_id.in_(participant_ids)).order_by(Schedule.opens_at)
+    )
+    for row in rows:
+        out[row.participant_id].append(row)
+    return out
+
+
+def schedule_of(session: Session, participant_id: uuid.UUID, wave: str, *, for_update: bool = False) -> Schedule | None:
+    query = select(Schedule).where(Schedule.participant_id == participant_id, Schedule.wave == wave)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def sealed_contacts(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
+    if not participant_ids:
+        return {}
+    rows = session.execute(
+        select(Contact.participant_id, Contact.sealed).where(Contact.participant_id.in_(participant_ids))
+    )
+    return {pid: sealed for pid, sealed in rows}
+
+
+def erase_contact(session: Session, participant_id: uuid.UUID) -> None:
+    session.execute(delete(Contact).where(Contact.participant_id == participant_id))
+
+
+def page(
+    session: Session, *, study_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None,
+    status: str | None, wave: str | None, wave_status: str | None, now: datetime,
+) -> list[Participant]:
+    query = (
+        select(Participant)
+        .where(Participant.study_id == study_id)
+        .order_by(Participant.created_at, Participant.id)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(tuple_(Participant.created_at, Participant.id) > tuple_(*after))
+    if status is not None:
+        query = query.where(Participant.status == status)
+    if wave is not None or wave_status is not None:
+        matching = select(Schedule.id).where(Schedule.participant_id == Participant.id)
+        if wave is not None:
+            matching = matching.where(Schedule.wave == wave)
+        if wave_status is not None:
+            matching = matching.where(schedule_status_sql(now) == wave_status)
+        query = query.where(exists(matching))
+    return list(session.scalars(query))
+
+
+def existing_external_ids(session: Session, study_id: uuid.UUID, external_ids: Iterable[str]) -> set[str]:
+    # One array parameter rather than an IN list: binding 100,000 parameters costs seconds.
+    ids = list(external_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(
+        select(Participant.external_id).where(Participant.study_id == study_id,
+                                              Participant.external_id == any_(literal(ids, ARRAY(String))))
+    ))
+
+
+def copy_rows(session: Session, table: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> None:
+    """Bulk insert with binary COPY on the session's own connection, inside its transaction.
+
+    `columns` are (name, PostgreSQL type) pairs; binary COPY with declared types measured three
+    times faster than text COPY for these rows.
+    """
+    raw = session.connection().connection.dbapi_connection
+    assert raw is not None
+    names = ", ".join(name for name, _ in columns)
+    with raw.cursor() as cur, cur.copy(  # type: ignore[attr-defined]
+        f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types([pg_type for _, pg_type in columns])
+        for row in rows:
+            copy.write_row(row)
+
+
+def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
+    session.execute(
+        update(Schedule)
+        .where(Schedule.participant_id == participant_id, Schedule.wave == wave)
+        .values(status="completed", completed_at=completed_at)
+    )
+
+
+def withdraw_open_schedules(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
+    session.execute(
+        update(Schedule)
+        .where(Schedule.participant_id == participant_id, Schedule.completed_at.is_(None),
+               Schedule.closes_at > withdrawn_at)
+        .values(status="withdrawn")
+    )
+
+
+def advance_schedules(session: Session, now: datetime) -> tuple[int, int]:
+    """Move stored statuses along with the clock: scheduled -> open -> missed. Returns (opened, missed)."""
+    missed = session.execute(
+        update(Schedule)
+        .where(Schedule.status.in_(("scheduled", "open")), Schedule.closes_at <= now)
+        .values(status="missed")
+    )
+    opened = session.execute(
+        update(Schedule)
+        .where(Schedule.status == "scheduled", Schedule.opens_at <= now, Schedule.closes_at > now)
+        .values(status="open")
+    )
+    return int(getattr(opened, "rowcount", 0) or 0), int(getattr(missed, "rowcount", 0) or 0)

@@ -1,0 +1,255 @@
+"""Participants: enrolment (one by one or in bulk), schedules, contact data, withdrawal."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import psycopg
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.crypto import Sealer
+from app.core.db import add_unique, is_unique_violation
+from app.core.errors import Conflict, FieldError, Invalid, NotFound
+from app.instruments.codebook import Codebook
+from app.participants import repository
+from app.participants.models import Contact, Participant, Schedule
+from app.participants.schedule import PlannedWindow, WaveWindow, plan, status_at
+from app.participants.schemas import (
+    ContactIn,
+    ContactOut,
+    ImportError_,
+    ImportResult,
+    ParticipantIn,
+    ParticipantOut,
+    ScheduleOut,
+    WithdrawIn,
+)
+from app.studies.service import StudyContext
+
+CLOCK_SKEW = timedelta(minutes=5)
+
+PARTICIPANT_COLUMNS = (("id", "uuid"), ("study_id", "uuid"), ("external_id", "text"), ("status", "text"),
+                       ("enrolled_at", "timestamptz"), ("timezone", "text"), ("created_at", "timestamptz"))
+SCHEDULE_COLUMNS = (("study_id", "uuid"), ("participant_id", "uuid"), ("wave", "text"), ("opens_at", "timestamptz"),
+                    ("due_at", "timestamptz"), ("closes_at", "timestamptz"), ("status", "text"))
+CONTACT_COLUMNS = (("participant_id", "uuid"), ("sealed", "bytea"), ("updated_at", "timestamptz"))
+
+
+_windows_cache: dict[str, tuple[WaveWindow, ...]] = {}
+
+
+def wave_windows(codebook: Codebook) -> tuple[WaveWindow, ...]:
+    cached = _windows_cache.get(codebook.sha256)
+    if cached is None:
+        cached = tuple(
+            WaveWindow(w["key"], w["offset_days"], w["window_open_days"], w["window_close_days"])
+            for w in codebook.waves()
+        )
+        _windows_cache[codebook.sha256] = cached
+    return cached
+
+
+@lru_cache(maxsize=512)
+def known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _row_problems(data: ParticipantIn, *, zone: str, now: datetime) -> list[FieldError]:
+    problems: list[FieldError] = []
+    if not known_zone(zone):
+        problems.append({"loc": ["timezone"], "code": "timezone", "message": f"{zone!r} is not an IANA time zone"})
+    if data.enrolled_at > now + CLOCK_SKEW:
+        problems.append({"loc": ["enrolled_at"], "code": "future", "message": "enrolled_at is in the future"})
+    return problems
+
+
+def _contact_payload(contact: ContactIn | None) -> dict[str, str] | None:
+    if contact is None:
+        return None
+    payload = {k: v for k in ("email", "phone", "name") if (v := getattr(contact, k)) is not None}
+    return payload or None
+
+
+@dataclass
+class ParticipantView:
+    """What a coordinator sees of one participant, assembled from its three tables."""
+
+    participant: Participant
+    schedules: list[Schedule]
+    contact: dict[str, Any] | None
+
+    def out(self, now: datetime) -> ParticipantOut:
+        p = self.participant
+        return ParticipantOut(
+            id=p.id, external_id=p.external_id, status=p.status,
+            enrolled_at=p.enrolled_at, timezone=p.timezone, withdrawn_at=p.withdrawn_at,
+            withdraw_reason=p.withdraw_reason,
+            contact=ContactOut(**self.contact) if self.contact is not None else None,
+            schedule=[
+                ScheduleOut(
+                    wave=s.wave, opens_at=s.opens_at, due_at=s.due_at, closes_at=s.closes_at,
+                    completed_at=s.completed_at,
+                    status=status_at(opens_at=s.opens_at, closes_at=s.closes_at,
+                                     completed_at=s.completed_at, withdrawn_at=p.withdrawn_at, at=now),
+                )
+                for s in self.schedules
+            ],
+        )
+
+
+def _schedule_rows(participant: Participant, windows: tuple[PlannedWindow, ...], now: datetime) -> list[Schedule]:
+    return [
+        Schedule(
+            study_id=participant.study_id, participant_id=participant.id, wave=w.wave,
+            opens_at=w.opens_at, due_at=w.due_at, closes_at=w.closes_at,
+            status=status_at(opens_at=w.opens_at, closes_at=w.closes_at, completed_at=None, withdrawn_at=None, at=now),
+        )
+        for w in windows
+    ]
+
+
+def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Sealer, now: datetime) -> ParticipantView:
+    codebook = ctx.require_codebook()
+    zone = data.timezone or ctx.study.timezone
+    problems = _row_problems(data, zone=zone, now=now)
+    if problems:
+        raise Invalid(problems[0]["message"], errors=problems)
+    participant = Participant(
+        id=uuid.uuid4(), study_id=ctx.study.id, external_id=data.external_id, status="active",
+        enrolled_at=data.enrolled_at, timezone=zone, created_at=now,
+    )
+    add_unique(session, participant, f"participant {data.external_id!r} is already enrolled in this study")
+    schedules = _schedule_rows(participant, plan(data.enrolled_at, zone, wave_windows(codebook)), now)
+    session.add_all(schedules)
+    contact = _contact_payload(data.contact)
+    if contact is not None:
+        session.add(Contact(participant_id=participant.id, sealed=sealer.seal(contact), updated_at=now))
+    session.flush()
+    return ParticipantView(participant, schedules, contact)
+
+
+def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: bool = False) -> Participant:
+    participant = repository.by_external_id(session, ctx.study.id, external_id, for_update=for_update)
+    if participant is None:
+        raise NotFound(f"no participant {external_id!r} in study {ctx.study.key!r}")
+    return participant
+
+
+def views(session: Session, participants: list[Participant], sealer: Sealer | None) -> list[ParticipantView]:
+    """Schedules and (when `sealer` is given) contacts of a page of participants, in two queries."""
+    ids = [p.id for p in participants]
+    schedules = repository.schedules_of(session, ids)
+    sealed = repository.sealed_contacts(session, ids) if sealer is not None else {}
+    return [
+        ParticipantView(p, schedules[p.id], sealer.open(sealed[p.id]) if sealer and p.id in sealed else None)
+        for p in participants
+    ]
+
+
+def view(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer | None) -> ParticipantView:
+    return views(session, [find(session, ctx, external_id)], sealer)[0]
+
+
+def withdraw(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn, now: datetime) -> Participant:
+    participant = find(session, ctx, external_id, for_update=True)
+    withdrawn_at = data.withdrawn_at or now
+    if withdrawn_at > now + CLOCK_SKEW:
+        raise Invalid("withdrawn_at is in the future",
+                      errors=[{"loc": ["withdrawn_at"], "code": "future", "message": "withdrawn_at is in the future"}])
+    if participant.status != "withdrawn":
+        participant.status = "withdrawn"
+        participant.withdrawn_at = withdrawn_at
+        participant.withdraw_reason = data.reason
+        repository.withdraw_open_schedules(session, participant.id, withdrawn_at)
+    if data.erase_contact:
+        repository.erase_contact(session, participant.id)
+    session.flush()
+    return participant
+
+
+# -- bulk import -------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportRow:
+    row: int
+    data: ParticipantIn
+
+
+def import_rows(
+    session: Session, ctx: StudyContext, rows: list[ImportRow], errors: list[ImportError_], *,
+    partial: bool, sealer: Sealer, now: datetime,
+) -> ImportResult:
+    """Insert validated rows with COPY; all-or-nothing unless `partial`.
+
+    `errors` holds what parsing already found; duplicates (in the file and against the
+    database), unknown zones and future dates are added here, one entry per row and field.
+    """
+    codebook = ctx.require_codebook()
+    windows = wave_windows(codebook)
+    first_row: dict[str, int] = {}
+    for r in rows:
+        prior = first_row.setdefault(r.data.external_id, r.row)
+        if prior != r.row:
+            errors.append(ImportError_(row=r.row, loc=["external_id"], code="duplicate",
+                                       message=f"{r.data.external_id!r} already appears in row {prior}"))
+    existing = repository.existing_external_ids(session, ctx.study.id, first_row)
+    bad_rows = {e.row for e in errors}
+    good: list[tuple[ImportRow, str]] = []
+    for r in rows:
+        zone = r.data.timezone or ctx.study.timezone
+        problems = _row_problems(r.data, zone=zone, now=now)
+        if r.data.external_id in existing:
+            problems.append({"loc": ["external_id"], "code": "duplicate",
+                             "message": f"{r.data.external_id!r} is already enrolled in this study"})
+        for p in problems:
+            errors.append(ImportError_(row=r.row, **p))
+        if problems:
+            bad_rows.add(r.row)
+        elif r.row not in bad_rows:
+            good.append((r, zone))
+    errors.sort(key=lambda e: e.row)
+    if errors and not partial:
+        return ImportResult(created=0, errors=errors)
+    try:
+        _copy_participants(session, ctx, good, windows, sealer, now)
+    except (IntegrityError, psycopg.errors.UniqueViolation) as exc:
+        if isinstance(exc, psycopg.errors.UniqueViolation) or is_unique_violation(exc):
+            raise Conflict("some of these participants were enrolled by another request meanwhile; "
+                           "retry the import") from None
+        raise
+    return ImportResult(created=len(good), errors=errors)
+
+
+def _copy_participants(
+    session: Session, ctx: StudyContext, good: list[tuple[ImportRow, str]], windows: tuple[WaveWindow, ...],
+    sealer: Sealer, now: datetime,
+) -> None:
+    study_id = ctx.study.id
+    participants: list[tuple[Any, ...]] = []
+    schedules: list[tuple[Any, ...]] = []
+    contacts: list[tuple[Any, ...]] = []
+    for r, zone in good:
+        pid = uuid.uuid4()
+        participants.append((pid, study_id, r.data.external_id, "active", r.data.enrolled_at, zone, now))
+        for w in plan(r.data.enrolled_at, zone, windows):
+            status = status_at(opens_at=w.opens_at, closes_at=w.closes_at, completed_at=None, withdrawn_at=None,
+                               at=now)
+            schedules.append((study_id, pid, w.wave, w.opens_at, w.due_at, w.closes_at, status))
+        contact = _contact_payload(r.data.contact)
+        if contact is not None:
+            contacts.append((pid, sealer.seal(contact), now))
+    with session.begin_nested():
+        repository.copy_rows(session, "participants", PARTICIPANT_COLUMNS, participants)
+        repository.copy_rows(session, "schedules", SCHEDULE_COLUMNS, schedules)  # ids: the column default
+        repository.copy_rows(session, "participant_contacts", CONTACT_COLUMNS, contacts)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.participants.models import Participant
+from app.responses.models import Response, ResponseCorrection
+
+
+def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
+    return session.scalar(
+        select(Response).where(Response.participant_id == participant_id, Response.wave == wave).with_for_update()
+    )
+
+
+def insert_if_absent(session: Session, values: dict[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING: the unique (participant, wave) decides, not a prior read."""
+    stmt = (
+        insert(Response).values(**values)
+        .on_conflict_do_nothing(index_elements=[Response.participant_id, Response.wave])
+        .returning(Response.id)
+    )
+    return session.execute(stmt).scalar_one_or_none() is not None
+
+
+def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,
+                     for_update: bool = False) -> tuple[Response, str] | None:
+    query = (
+        select(Response, Participant.external_id)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Response.study_id == study_id, Response.id == response_id)
+    )
+    if for_update:
+        query = query.with_for_update(of=Response)
+    row = session.execute(query).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def of_participant(session: Session, participant_id: uuid.UUID, *, for_update: bool = False) -> list[Response]:
+    query = select(Response).where(Response.participant_id == participant_id)
+    if for_update:
+        query = query.with_for_update()
+    return list(session.scalars(query))
+
+
+def page(
+    session: Session, *, study_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None,
+    external_id: str | None, wave: str | None, status: str | None,
+) -> list[tuple[Response, str]]:
+    query = (
+        select(Response, Participant.external_id)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Response.study_id == study_id)
+        .order_by(Response.received_at, Response.id)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(tuple_(Response.received_at, Response.id) > tuple_(*after))
+    if external_id is not None:
+        query = query.where(Participant.external_id == external_id)
+    if wave is not None:
+        query = query.where(Response.wave == wave)
+    if status is not None:
+        query = query.where(Response.status == status)
+    return [(r, ext) for r, ext in session.execute(query).all()]
+
+
+def corrections_of(session: Session, response_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[ResponseCorrection]]:
+    out: dict[uuid.UUID, list[ResponseCorrection]] = {rid: [] for rid in response_ids}
+    if not response_ids:
+        return out
+    rows = session.scalars(
+        select(ResponseCorrection).where(ResponseCorrection.response_id.in_(response_ids))
+        .order_by(ResponseCorrection.created_at)
+    )
+    for row in rows:
+        out[row.response_id].append(row)
+    return out

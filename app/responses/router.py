@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import uuid
+from functools import partial
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.core.crypto import pseudonym
+from app.core.db import SessionDep
+from app.core.deps import SettingsDep
+from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of
+from app.core.routing import RoleRoute
+from app.core.security import Collector, Coordinator, Principal, Reader
+from app.core.settings import Settings
+from app.core.timeutil import utcnow
+from app.idempotency.service import IdempotencyDep
+from app.responses import repository, service
+from app.responses.schemas import CorrectionIn, ResponseCreated, ResponseIn, ResponseOut
+from app.studies.deps import StudyFromPath
+from app.studies.service import StudyContext
+
+router = APIRouter(prefix="/api/v1/studies/{key}/responses", tags=["responses"], route_class=RoleRoute)
+
+
+def _pseudonymiser(settings: Settings, study: StudyContext) -> partial[str]:
+    return partial(pseudonym, settings.secret(), str(study.study.id))
+
+
+def _sees_external_id(principal: Principal) -> bool:
+    return principal.role in ("admin", "coordinator")
+
+
+@router.post(
+    "", status_code=201, response_model=ResponseCreated,
+    responses={200: {"model": ResponseCreated, "description": "merged into an existing partial response"}},
+    summary="Submit answers for a participant and wave",
+)
+def submit(body: ResponseIn, principal: Collector, study: StudyFromPath, session: SessionDep,
+           idem: IdempotencyDep) -> JSONResponse:
+    idem.check(body)
+    result, created = service.submit(session, study, body, principal, utcnow())
+    return idem.remember(201 if created else 200, result)
+
+
+@router.get("", response_model=Page[ResponseOut], summary="Stored responses, answers exactly as received")
+def list_responses(
+    principal: Reader, study: StudyFromPath, session: SessionDep, settings: SettingsDep,
+    external_id: str | None = None, wave: str | None = None, status: Literal["complete", "partial"] | None = None,
+    limit: LimitQuery = 100, cursor: CursorQuery = None,
+) -> Page[ResponseOut]:
+    rows = repository.page(session, study_id=study.study.id, limit=limit, after=decode_time_id(cursor),
+                           external_id=external_id, wave=wave, status=status)
+    page = page_of(rows, limit, lambda r: (r[0].received_at.isoformat(), str(r[0].id)))
+    items = service.to_out(session, study, page.items, show_external_id=_sees_external_id(principal),
+                           pseudonymise=_pseudonymiser(settings, study))
+    return Page(items=items, next_cursor=page.next_cursor)
+
+
+@router.get("/{response_id}", response_model=ResponseOut, summary="One stored response")
+def get_response(response_id: uuid.UUID, principal: Reader, study: StudyFromPath, session: SessionDep,
+                 settings: SettingsDep) -> ResponseOut:
+    row = service.get(session, study, response_id)
+    return service.to_out(session, study, [row], show_external_id=_sees_external_id(principal),
+                          pseudonymise=_pseudonymiser(settings, study))[0]
+
+
+@router.patch("/{response_id}", response_model=ResponseOut, summary="Correct answers (coordinator, audited)")
+def correct_response(response_id: uuid.UUID, body: CorrectionIn, principal: Coordinator, study: StudyFromPath,
+                     session: SessionDep, settings: SettingsDep) -> ResponseOut:
+    row = service.correct(session, study, response_id, body, principal, utcnow())
+    return service.to_out(session, study, [row], show_external_id=True,
+                          pseudonymise=_pseudonymiser(settings, study))[0]

@@ -1,0 +1,206 @@
+"""Responses: validated, merged for partial saves, never duplicated, corrected with an audit of values."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.security import Principal
+from app.instruments.codebook import Codebook
+from app.participants import repository as participants_repo
+from app.participants import service as participants
+from app.participants.models import Participant
+from app.responses import repository
+from app.responses.models import Response, ResponseCorrection
+from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
+from app.responses.validation import carried_from, check_answers, compute_derived
+from app.studies.service import StudyContext
+
+
+def _invalid(errors: list[Any]) -> Invalid:
+    items = ", ".join(str(e["loc"][-1]) for e in errors[:8])
+    return Invalid(f"{len(errors)} answer(s) failed validation: {items}", errors=errors)
+
+
+def _carried_values(session: Session, codebook: Codebook, participant_id: uuid.UUID, wave: str,
+                    responses: Iterable[Response] | None = None) -> dict[str, Any]:
+    """Values of derived variables that this wave carries from another (e.g. baseline aud_severity)."""
+    sources = carried_from(codebook, wave)
+    if not sources:
+        return {}
+    rows = list(responses) if responses is not None else repository.of_participant(session, participant_id)
+    by_wave = {r.wave: r for r in rows}
+    out = {}
+    for code, source in sources.items():
+        src = by_wave.get(source)
+        out[code] = src.derived.get(code) if src is not None else None
+    return out
+
+
+def _refresh_dependents(session: Session, codebook: Codebook, source: Response) -> None:
+    """After a source wave changes, recompute the carried values of the participant's other waves."""
+    others = [r for r in repository.of_participant(session, source.participant_id, for_update=True)
+              if r.id != source.id and source.wave in carried_from(codebook, r.wave).values()]
+    for other in others:
+        carried = _carried_values(session, codebook, other.participant_id, other.wave, [source])
+        other.derived = compute_derived(codebook, other.wave, other.answers, carried)
+
+
+def _is_late(session: Session, participant_id: uuid.UUID, wave: str, at: datetime) -> bool:
+    schedule = participants_repo.schedule_of(session, participant_id, wave)
+    return schedule is not None and not (schedule.opens_at <= at < schedule.closes_at)
+
+
+def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, participant: Participant,
+                 response: Response) -> None:
+    assert response.completed_at is not None
+    participants_repo.mark_wave_completed(session, participant.id, response.wave, response.completed_at)
+    if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
+        participant.status = "completed"
+    elif participant.status == "lost":
+        participant.status = "active"  # a late response brings a lost participant back
+
+
+def submit(
+    session: Session, ctx: StudyContext, data: ResponseIn, principal: Principal, now: datetime
+) -> tuple[ResponseCreated, bool]:
+    """Store answers for (participant, wave). Returns the result and whether a row was created."""
+    codebook = ctx.require_codebook()
+    if data.wave not in codebook.wave_keys:
+        raise Invalid(f"unknown wave {data.wave!r}", errors=[
+            {"loc": ["wave"], "code": "unknown_wave", "message": f"waves are {', '.join(codebook.wave_keys)}"}])
+    if data.completed_at is not None and data.completed_at > now + participants.CLOCK_SKEW:
+        raise Invalid("completed_at is in the future", errors=[
+            {"loc": ["completed_at"], "code": "future", "message": "more than 5 minutes ahead of the server"}])
+    # Locking the participant serialises this against a concurrent withdrawal and against
+    # other submissions for the same person, so the checks below stay true until commit.
+    participant = participants.find(session, ctx, data.external_id, for_update=True)
+    if participant.status == "withdrawn":
+        raise Conflict(f"participant {data.external_id!r} has withdrawn; responses are no longer accepted")
+    complete = data.status == "complete"
+    completed_at = (data.completed_at or now) if complete else None
+
+    existing = repository.for_update(session, participant.id, data.wave)
+    created = False
+    if existing is None:
+        errors = check_answers(codebook, data.wave, data.answers, data.answers, data.status)
+        if errors:
+            raise _invalid(errors)
+        carried = _carried_values(session, codebook, participant.id, data.wave)
+        values = dict(
+            id=uuid.uuid4(), study_id=ctx.study.id, participant_id=participant.id, wave=data.wave,
+            status=data.status, answers=data.answers,
+            derived=compute_derived(codebook, data.wave, data.answers, carried),
+            derived_signature=codebook.derived_signature, codebook_revision=ctx.revision or 1,
+            late=_is_late(session, participant.id, data.wave, completed_at or now),
+            completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
+        )
+        created = repository.insert_if_absent(session, values)
+        if created:
+            response = Response(**values)
+        else:  # lost a race the participant lock should have prevented; the stored row wins
+            existing = repository.for_update(session, participant.id, data.wave)
+    if existing is not None:
+        if existing.status == "complete":
+            raise Conflict(f"the {data.wave} response of {data.external_id!r} is already complete; "
+                           "a coordinator corrects it with PATCH")
+        merged = {**existing.answers, **data.answers}
+        errors = check_answers(codebook, data.wave, data.answers, merged, data.status)
+        if errors:
+            raise _invalid(errors)
+        existing.answers = merged
+        existing.status = data.status
+        existing.completed_at = completed_at
+        existing.updated_at = now
+        existing.derived = compute_derived(codebook, data.wave, merged,
+                                           _carried_values(session, codebook, participant.id, data.wave))
+        existing.derived_signature = codebook.derived_signature
+        existing.codebook_revision = ctx.revision or 1
+        existing.late = _is_late(session, participant.id, data.wave, completed_at or now)
+        response = existing
+    session.flush()
+    if complete:
+        _on_complete(session, ctx, codebook, participant, response)
+    _refresh_dependents(session, codebook, response)
+    session.flush()
+    return ResponseCreated(
+        id=response.id, external_id=participant.external_id, wave=response.wave,
+        status=response.status,
+        received_at=response.received_at, completed_at=response.completed_at, late=response.late,
+        derived=response.derived,
+    ), created
+
+
+def _current_derived(session: Session, codebook: Codebook, response: Response) -> dict[str, Any]:
+    """Derived values under the codebook in force; stale rows (older definitions) are recomputed."""
+    if response.derived_signature == codebook.derived_signature:
+        return response.derived
+    carried = _carried_values(session, codebook, response.participant_id, response.wave)
+    return compute_derived(codebook, response.wave, response.answers, carried)
+
+
+def to_out(session: Session, ctx: StudyContext, rows: list[tuple[Response, str]], *, show_external_id: bool,
+           pseudonymise: Any) -> list[ResponseOut]:
+    codebook = ctx.require_codebook()
+    corrections = repository.corrections_of(session, [r.id for r, _ in rows])
+    return [
+        ResponseOut(
+            id=r.id, external_id=ext if show_external_id else None, pseudonym=pseudonymise(ext), wave=r.wave,
+            status=r.status,
+            answers=r.answers, derived=_current_derived(session, codebook, r), late=r.late,
+            received_at=r.received_at, completed_at=r.completed_at, updated_at=r.updated_at,
+            codebook_revision=r.codebook_revision,
+            corrections=[CorrectionOut(at=c.created_at, token_id=c.token_id, reason=c.reason, before=c.before,
+                                       after=c.after) for c in corrections[r.id]],
+        )
+        for r, ext in rows
+    ]
+
+
+def get(session: Session, ctx: StudyContext, response_id: uuid.UUID) -> tuple[Response, str]:
+    row = repository.with_external_id(session, ctx.study.id, response_id)
+    if row is None:
+        raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
+    return row
+
+
+def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: CorrectionIn,
+            principal: Principal, now: datetime) -> tuple[Response, str]:
+    codebook = ctx.require_codebook()
+    row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True)
+    if row is None:
+        raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
+    response, external_id = row
+    merged = dict(response.answers)
+    for code, value in data.answers.items():
+        if value is None:
+            merged.pop(code, None)
+        else:
+            merged[code] = value
+    errors = check_answers(codebook, response.wave, data.answers, merged, response.status)
+    if errors:
+        raise _invalid(errors)
+    before = _pick(response.answers, data.answers)
+    after = _pick(merged, data.answers)
+    if before == after:
+        return response, external_id
+    response.answers = merged
+    response.updated_at = now
+    carried = _carried_values(session, codebook, response.participant_id, response.wave)
+    response.derived = compute_derived(codebook, response.wave, merged, carried)
+    response.derived_signature = codebook.derived_signature
+    session.add(ResponseCorrection(response_id=response.id, token_id=principal.token_id, reason=data.reason,
+                                   before=before, after=after, created_at=now))
+    session.flush()
+    _refresh_dependents(session, codebook, response)
+    session.flush()
+    return response, external_id
+
+
+def _pick(answers: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: answers.get(k) for k in keys}

@@ -1,0 +1,194 @@
+"""Answer validation against a codebook, and derived variables; pure functions, no database.
+
+Every item is checked for the wave it is answered at. Types are strict (no "3" for 3, no
+1 for true). One problem entry per bad item, located at ["answers", <item code>], with one
+of the codes: unknown_item, not_in_wave, type, range, option, required, not_enabled, rule.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping
+from datetime import date
+from functools import lru_cache
+from typing import Any
+
+from app.core.errors import FieldError
+from app.instruments.codebook import Codebook, ConditionDoc, Item
+
+Status = str  # "partial" | "complete"
+
+_ORDER: dict[str, Callable[[Any, Any], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
+}
+
+
+def _err(code: str, problem: str, message: str) -> FieldError:
+    return {"loc": ["answers", code], "code": problem, "message": message}
+
+
+def check_value(item: Item, value: Any) -> tuple[str, str] | None:
+    """(problem code, message) for a value of the wrong type, range or option; None when fine."""
+    t = item.type
+    if t == "single_choice":
+        if not isinstance(value, str):
+            return "type", f"{item.code} takes one option code (a string)"
+        if value not in item.options:
+            return "option", f"{value!r} is not an option of {item.code}"
+        return None
+    if t == "multi_choice":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return "type", f"{item.code} takes a list of option codes"
+        unknown = [v for v in value if v not in item.options]
+        if unknown:
+            return "option", f"{', '.join(map(repr, unknown))} not options of {item.code}"
+        if len(set(value)) != len(value):
+            return "option", f"{item.code} lists an option twice"
+        return None
+    if t in ("integer", "number"):
+        is_number = isinstance(value, int) or (t == "number" and isinstance(value, float))
+        if isinstance(value, bool) or not is_number:
+            return "type", f"{item.code} takes {'a whole number' if t == 'integer' else 'a number'}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "type", f"{item.code} takes a finite number"
+        if (item.min is not None and value < item.min) or (item.max is not None and value > item.max):
+            return "range", f"{item.code} must be between {item.min} and {item.max}"
+        return None
+    if t == "boolean":
+        return None if isinstance(value, bool) else ("type", f"{item.code} takes true or false")
+    if t == "text":
+        if not isinstance(value, str):
+            return "type", f"{item.code} takes text"
+        if item.max_length is not None and len(value) > item.max_length:
+            return "range", f"{item.code} is longer than {item.max_length} characters"
+        return None
+    if t == "date":
+        if not isinstance(value, str) or len(value) != 10:
+            return "type", f"{item.code} takes a date as YYYY-MM-DD"
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            return "type", f"{item.code} takes a date as YYYY-MM-DD"
+        return None
+    return "type", f"{item.code} has an unsupported type {t}"
+
+
+def condition_holds(cond: ConditionDoc, answers: Mapping[str, Any]) -> bool | None:
+    """Whether an item is asked given the answers; None while the controlling item is unanswered."""
+    value = answers.get(cond.item)
+    if cond.operator == "exists":
+        return value is not None
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    op = cond.operator
+    if op in ("in", "not_in"):
+        hit = any(v in cond.value for v in values)
+        return hit if op == "in" else not hit
+    if op == "==":
+        return cond.value in values
+    if op == "!=":
+        return cond.value not in values
+    try:
+        return bool(_ORDER[op](value, cond.value))
+    except TypeError:
+        return None
+
+
+def check_answers(
+    codebook: Codebook, wave: str, incoming: Mapping[str, Any], merged: Mapping[str, Any], status: Status
+) -> list[FieldError]:
+    """Problems with `incoming` (what this request sends) in the light of `merged` (all answers so far)."""
+    errors: list[FieldError] = []
+    bad: set[str] = set()
+
+    def flag(code: str, problem: str, message: str) -> None:
+        if code not in bad:
+            bad.add(code)
+            errors.append(_err(code, problem, message))
+
+    for code, value in incoming.items():
+        item = codebook.items.get(code)
+        if item is None:
+            flag(code, "unknown_item", f"{code!r} is not an item of this codebook")
+        elif wave not in item.waves:
+            flag(code, "not_in_wave", f"{code} is not asked at {wave}")
+        elif value is not None:
+            problem = check_value(item, value)
+            if problem is not None:
+                flag(code, *problem)
+
+    complete = status == "complete"
+    for code, value in merged.items():
+        item = codebook.items.get(code)
+        if code in bad or item is None or value is None or item.enable_when is None:
+            continue
+        state = condition_holds(item.enable_when, merged)
+        # For a partial response an unanswered controlling item does not reject the dependent
+        # one; the check runs again when the response is completed.
+        if state is False or (state is None and complete):
+            cond = item.enable_when
+            flag(code, "not_enabled", f"{code} is asked only when {cond.item} {cond.operator} {cond.value!r}")
+
+    if complete:
+        for item in codebook.items_by_wave.get(wave, ()):
+            if not item.required or merged.get(item.code) is not None or item.code in bad:
+                continue
+            if item.enable_when is not None and condition_holds(item.enable_when, merged) is not True:
+                continue
+            flag(item.code, "required", f"{item.code} is required at {wave}")
+
+    for rule in codebook.rules:
+        left = merged.get(rule.left)
+        right = merged.get(rule.right) if isinstance(rule.right, str) else rule.right
+        if left is None or right is None or rule.left in bad or (isinstance(rule.right, str) and rule.right in bad):
+            continue
+        try:
+            holds = _ORDER[rule.operator](left, right)
+        except TypeError:
+            continue
+        if not holds:
+            flag(rule.left, "rule", rule.message)
+    return errors
+
+
+# -- derived variables -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _carried(codebook_sha: str, codebook: Codebook) -> dict[str, tuple[frozenset[str], str | None]]:
+    """For each derived variable: the waves where its inputs are asked, and the wave it is carried from."""
+    item_inputs: dict[str, frozenset[str]] = {}
+    for d in codebook.derived:
+        items: set[str] = set()
+        for name in d.inputs:
+            items |= item_inputs.get(name, {name} if name in codebook.items else set())
+        item_inputs[d.code] = frozenset(items)
+    out: dict[str, tuple[frozenset[str], str | None]] = {}
+    for d in codebook.derived:
+        asked = frozenset(w for w in codebook.wave_keys
+                          if any(w in codebook.items[c].waves for c in item_inputs[d.code]))
+        source = next((w for w in codebook.wave_keys if w in asked), None)
+        out[d.code] = (asked, source)
+    return out
+
+
+def carried_from(codebook: Codebook, wave: str) -> dict[str, str]:
+    """Derived variables not computable at `wave` (their items are not asked there), with the wave
+    whose value they carry: e.g. aud_severity at month6 carries the baseline value."""
+    info = _carried(codebook.sha256, codebook)
+    return {code: source for code, (asked, source) in info.items() if wave not in asked and source is not None}
+
+
+def compute_derived(
+    codebook: Codebook, wave: str, answers: Mapping[str, Any], carried: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    env = dict(answers)
+    out: dict[str, Any] = {}
+    from_other = carried_from(codebook, wave)
+    for d in codebook.derived:
+        value = (carried or {}).get(d.code) if d.code in from_other else d.value(env)
+        env[d.code] = value
+        out[d.code] = value
+    return out

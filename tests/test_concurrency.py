@@ -1,0 +1,66 @@
+"""Many clients at once against a live server: exactly one stored response, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import ADMIN_TOKEN, LiveServer
+from tests.factories import auth, valid_answers
+
+pytestmark = pytest.mark.anyio
+
+
+async def prepare(client: httpx.AsyncClient) -> str:
+    admin = auth(ADMIN_TOKEN)
+    r = await client.post("/api/v1/studies", headers=admin, json={"key": "pal", "name": "PAL", "timezone": "UTC",
+                                                                  "template": "pal-replication"})
+    assert r.status_code == 201
+    for ext in ("K1", "N1"):
+        r = await client.post("/api/v1/studies/pal/participants", headers=admin,
+                              json={"external_id": ext, "enrolled_at": datetime.now(UTC).isoformat()})
+        assert r.status_code == 201
+    r = await client.post("/api/v1/tokens", headers=admin, json={"role": "collector", "label": "front-end"})
+    return str(r.json()["token"])
+
+
+def stored(live_server: LiveServer, external_id: str) -> list[dict[str, object]]:
+    engine = create_engine(live_server.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT r.answers FROM responses r JOIN participants p ON p.id = r.participant_id "
+            "WHERE p.external_id = :e"), {"e": external_id}).scalars().all()
+    engine.dispose()
+    return list(rows)
+
+
+async def test_fifty_concurrent_posts_store_one_response(live_server: LiveServer) -> None:
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=60, limits=limits) as client:
+        collector = await prepare(client)
+        answers = valid_answers("baseline", random.Random(1))
+
+        async def post(external_id: str, key: str | None) -> httpx.Response:
+            headers = {**auth(collector), **({"Idempotency-Key": key} if key else {})}
+            return await client.post("/api/v1/studies/pal/responses", headers=headers,
+                                     json={"external_id": external_id, "wave": "baseline", "answers": answers})
+
+        keyed = await asyncio.gather(*(post("K1", "same-key") for _ in range(50)))
+        plain = await asyncio.gather(*(post("N1", None) for _ in range(50)))
+
+    for results in (keyed, plain):
+        codes = [r.status_code for r in results]
+        assert set(codes) <= {201, 409}, codes
+        assert codes.count(201) >= 1
+        assert all(r.headers["content-type"].startswith("application/problem+json") for r in results
+                   if r.status_code == 409)
+    created_ids = {r.json()["id"] for r in keyed if r.status_code == 201}
+    assert len(created_ids) == 1  # every 201 for the key is the one response (first or replayed)
+    assert sum(1 for r in plain if r.status_code == 201) == 1
+    assert stored(live_server, "K1") == [answers]
+    assert stored(live_server, "N1") == [answers]
