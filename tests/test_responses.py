@@ -205,3 +205,39 @@ async def test_derived_values_are_recomputed_when_definitions_change(team: Team,
                        {"id": rid})
     got = (await team.client.get(f"{BASE}/responses/{rid}", headers=auth(team.coordinator))).json()
     assert got["derived"]["weekly_attendance"] is True and got["derived"]["online_30d"] is False
+
+
+async def test_a_new_codebook_revision_recomputes_derived_values(team: Team, admin: httpx.AsyncClient,
+                                                                 database: Any, connection: Connection) -> None:
+    from app.core.db import transaction
+    from app.responses.service import recompute_stale_derived
+    from app.studies.service import system_context
+    from tests.factories import pal_codebook
+
+    await team.enrol("P11", days_ago=1)
+    answers = valid_answers("baseline", random.Random(12), meetings_30d=5, online_meetings_30d=1)
+    rid = (await team.post(response("P11", "baseline", answers))).json()["id"]
+    document = pal_codebook()
+    document["version"] = 2
+    weekly = next(d for d in document["derived"] if d["code"] == "weekly_attendance")
+    weekly["definition"] = "meetings_30d >= 8"
+    r = await admin.put(f"{BASE}/codebook", json=document)
+    assert r.status_code == 200, r.text
+    assert r.json()["codebook"]["revision"] == 2 and r.json()["codebook"]["version"] == 2
+    got = (await team.client.get(f"{BASE}/responses/{rid}", headers=auth(team.coordinator))).json()
+    assert got["derived"]["weekly_attendance"] is False  # 5 meetings: weekly under v1, not under v2
+    assert got["answers"] == answers  # raw answers are untouched
+    with transaction(database) as session:
+        assert recompute_stale_derived(session, system_context(session, "pal")) == 1
+    stored = connection.execute(text("SELECT derived FROM responses WHERE id = :id"), {"id": rid}).scalar_one()
+    assert stored["weekly_attendance"] is False
+    assert (await admin.get(f"{BASE}/codebook")).json() == document
+
+    moved = pal_codebook()
+    moved["waves"][1]["window_close_days"] = 240
+    r = await admin.put(f"{BASE}/codebook", json=moved)
+    assert r.status_code == 409 and r.json()["errors"][0]["loc"] == ["waves", "month6"]
+    broken = pal_codebook()
+    broken["instruments"][0]["items"][0]["type"] = "colour"
+    r = await admin.put(f"{BASE}/codebook", json=broken)
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["instruments", 0, "items", 0, "type"]

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 QUEUES = ("reminders", "analysis")
 
-TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks"]
+TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks"]
 
 
 def broker_url(settings: Settings) -> str | None:

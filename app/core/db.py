@@ -64,11 +64,9 @@ def on_commit(session: Session, callback: Callable[[], None]) -> None:
     session.info.setdefault(_ON_COMMIT, []).append(callback)
 
 
-def set_actor(session: Session, actor: str | None) -> None:
-    """Name who is writing, for the audit trigger; kept for every later transaction of the session."""
+def remember_actor(session: Session, actor: str) -> None:
+    """For a caller that has already set `cohort.actor` in the current transaction itself."""
     session.info[_ACTOR] = actor
-    if session.in_transaction():
-        session.execute(text("SELECT set_config('cohort.actor', :actor, true)"), {"actor": actor or ""})
 
 
 @event.listens_for(Session, "after_begin")
@@ -109,9 +107,13 @@ def transaction(db: Database, *, actor: str | None = None) -> Iterator[Session]:
             raise
 
 
-def get_db(request: Request) -> Database:
+def database_of(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
+
+
+async def get_db(request: Request) -> Database:
+    return database_of(request)
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -120,7 +122,7 @@ def get_session(request: Request) -> Iterator[Session]:
     Declared with scope="function" below, so the commit runs before FastAPI sends the
     response: a 201 is only ever sent for data that is durably committed.
     """
-    with get_db(request).sessions() as session:
+    with database_of(request).sessions() as session:
         try:
             yield session
             session.commit()

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from app.core.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

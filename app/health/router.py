@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.core.celery import HEARTBEAT_SECONDS, QUEUES, broker_reachable
-from app.core.db import get_db
+from app.core.db import database_of
 from app.core.errors import problem
 from app.core.timeutil import utcnow
 from app.health.service import heartbeats
@@ -29,7 +29,7 @@ def readyz(request: Request) -> Any:
     checks: dict[str, str] = {}
     workers: dict[str, Any] = {}
     try:
-        with get_db(request).sessions() as session:
+        with database_of(request).sessions() as session:
             session.execute(text("SELECT 1"))
             seen = heartbeats(session)
         checks["database"] = "ok"

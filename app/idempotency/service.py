@@ -70,6 +70,8 @@ class Idempotency:
         locked = self.session.scalar(select(func.pg_try_advisory_xact_lock(_lock_id(token_id, self.key))))
         if not locked:
             raise Conflict("a request with this Idempotency-Key is still in flight; retry when it has finished")
+        # A statement of its own, so its snapshot is taken after the lock: a request that held the
+        # key and has just committed is seen here, and replayed rather than run twice.
         record = self.session.scalar(select(IdempotencyRecord).where(
             IdempotencyRecord.token_id == self.principal.token_id, IdempotencyRecord.key == self.key))
         if record is not None and record.created_at < self.now - RETENTION:
@@ -100,7 +102,7 @@ class Idempotency:
         return JSONResponse(content, status_code=status_code, headers=headers)
 
 
-def idempotency(
+async def idempotency(  # no I/O here: the checks run in the handler's thread
     request: Request,
     session: SessionDep,
     principal: CurrentPrincipal,

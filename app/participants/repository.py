@@ -44,13 +44,6 @@ def schedules_of(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict
     return out
 
 
-def schedule_of(session: Session, participant_id: uuid.UUID, wave: str, *, for_update: bool = False) -> Schedule | None:
-    query = select(Schedule).where(Schedule.participant_id == participant_id, Schedule.wave == wave)
-    if for_update:
-        query = query.with_for_update()
-    return session.scalar(query)
-
-
 def sealed_contacts(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bytes]:
     if not participant_ids:
         return {}
@@ -86,6 +79,10 @@ def page(
             matching = matching.where(schedule_status_sql(now) == wave_status)
         query = query.where(exists(matching))
     return list(session.scalars(query))
+
+
+def any_enrolled(session: Session, study_id: uuid.UUID) -> bool:
+    return bool(session.scalar(select(exists().where(Participant.study_id == study_id))))
 
 
 def existing_external_ids(session: Session, study_id: uuid.UUID, external_ids: Iterable[str]) -> set[str]:

@@ -42,8 +42,11 @@ def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UU
     return None if row is None else (row[0], row[1])
 
 
-def of_participant(session: Session, participant_id: uuid.UUID, *, for_update: bool = False) -> list[Response]:
+def of_participant(session: Session, participant_id: uuid.UUID, *, waves: Sequence[str] | None = None,
+                   for_update: bool = False) -> list[Response]:
     query = select(Response).where(Response.participant_id == participant_id)
+    if waves is not None:
+        query = query.where(Response.wave.in_(waves))
     if for_update:
         query = query.with_for_update()
     return list(session.scalars(query))
@@ -82,3 +85,12 @@ def corrections_of(session: Session, response_ids: Sequence[uuid.UUID]) -> dict[
     for row in rows:
         out[row.response_id].append(row)
     return out
+
+
+def participants_with_stale_derived(session: Session, study_id: uuid.UUID, signature: str,
+                                    limit: int) -> list[uuid.UUID]:
+    return list(session.scalars(
+        select(Response.participant_id).where(Response.study_id == study_id,
+                                              Response.derived_signature != signature)
+        .group_by(Response.participant_id).limit(limit)
+    ))

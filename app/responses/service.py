@@ -15,10 +15,11 @@ from app.instruments.codebook import Codebook
 from app.participants import repository as participants_repo
 from app.participants import service as participants
 from app.participants.models import Participant
+from app.participants.schedule import plan
 from app.responses import repository
 from app.responses.models import Response, ResponseCorrection
 from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
-from app.responses.validation import carried_from, check_answers, compute_derived
+from app.responses.validation import carried_from, check_answers, compute_derived, dependent_waves
 from app.studies.service import StudyContext
 
 
@@ -44,16 +45,20 @@ def _carried_values(session: Session, codebook: Codebook, participant_id: uuid.U
 
 def _refresh_dependents(session: Session, codebook: Codebook, source: Response) -> None:
     """After a source wave changes, recompute the carried values of the participant's other waves."""
-    others = [r for r in repository.of_participant(session, source.participant_id, for_update=True)
-              if r.id != source.id and source.wave in carried_from(codebook, r.wave).values()]
-    for other in others:
+    waves = dependent_waves(codebook, source.wave)
+    if not waves:
+        return
+    for other in repository.of_participant(session, source.participant_id, waves=waves, for_update=True):
         carried = _carried_values(session, codebook, other.participant_id, other.wave, [source])
         other.derived = compute_derived(codebook, other.wave, other.answers, carried)
 
 
-def _is_late(session: Session, participant_id: uuid.UUID, wave: str, at: datetime) -> bool:
-    schedule = participants_repo.schedule_of(session, participant_id, wave)
-    return schedule is not None and not (schedule.opens_at <= at < schedule.closes_at)
+def _is_late(codebook: Codebook, participant: Participant, wave: str, at: datetime) -> bool:
+    """Outside the wave's window; the window is recomputed from enrolment, as the stored schedule was."""
+    for window in plan(participant.enrolled_at, participant.timezone, participants.wave_windows(codebook)):
+        if window.wave == wave:
+            return not window.contains(at)
+    return False
 
 
 def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, participant: Participant,
@@ -84,28 +89,28 @@ def submit(
         raise Conflict(f"participant {data.external_id!r} has withdrawn; responses are no longer accepted")
     complete = data.status == "complete"
     completed_at = (data.completed_at or now) if complete else None
+    late = _is_late(codebook, participant, data.wave, completed_at or now)
 
-    existing = repository.for_update(session, participant.id, data.wave)
-    created = False
-    if existing is None:
-        errors = check_answers(codebook, data.wave, data.answers, data.answers, data.status)
-        if errors:
-            raise _invalid(errors)
+    # The usual case is a first submission: insert straight away, and let the unique
+    # (participant, wave) constraint say whether a stored response must be merged instead.
+    as_new = check_answers(codebook, data.wave, data.answers, data.answers, data.status)
+    response: Response | None = None
+    if not as_new:
         carried = _carried_values(session, codebook, participant.id, data.wave)
         values = dict(
             id=uuid.uuid4(), study_id=ctx.study.id, participant_id=participant.id, wave=data.wave,
             status=data.status, answers=data.answers,
             derived=compute_derived(codebook, data.wave, data.answers, carried),
-            derived_signature=codebook.derived_signature, codebook_revision=ctx.revision or 1,
-            late=_is_late(session, participant.id, data.wave, completed_at or now),
+            derived_signature=codebook.derived_signature, codebook_revision=ctx.revision or 1, late=late,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
-        created = repository.insert_if_absent(session, values)
-        if created:
+        if repository.insert_if_absent(session, values):
             response = Response(**values)
-        else:  # lost a race the participant lock should have prevented; the stored row wins
-            existing = repository.for_update(session, participant.id, data.wave)
-    if existing is not None:
+    created = response is not None
+    if response is None:
+        existing = repository.for_update(session, participant.id, data.wave)
+        if existing is None:
+            raise _invalid(as_new)
         if existing.status == "complete":
             raise Conflict(f"the {data.wave} response of {data.external_id!r} is already complete; "
                            "a coordinator corrects it with PATCH")
@@ -121,9 +126,8 @@ def submit(
                                            _carried_values(session, codebook, participant.id, data.wave))
         existing.derived_signature = codebook.derived_signature
         existing.codebook_revision = ctx.revision or 1
-        existing.late = _is_late(session, participant.id, data.wave, completed_at or now)
+        existing.late = late
         response = existing
-    session.flush()
     if complete:
         _on_complete(session, ctx, codebook, participant, response)
     _refresh_dependents(session, codebook, response)
@@ -204,3 +208,25 @@ def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: C
 
 def _pick(answers: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return {k: answers.get(k) for k in keys}
+
+
+def recompute_stale_derived(session: Session, ctx: StudyContext, *, batch: int = 500) -> int:
+    """Recompute stored derived values made under older definitions, a batch of participants at a time.
+
+    Reads never serve stale values (they recompute on the fly); this brings the stored rows,
+    which exports and analyses read in bulk, up to date. Returns the number of responses updated.
+    """
+    codebook = ctx.require_codebook()
+    order = {w: i for i, w in enumerate(codebook.wave_keys)}
+    updated = 0
+    for participant_id in repository.participants_with_stale_derived(session, ctx.study.id,
+                                                                     codebook.derived_signature, batch):
+        rows = sorted(repository.of_participant(session, participant_id, for_update=True),
+                      key=lambda r: order.get(r.wave, len(order)))
+        for row in rows:  # source waves first, so carried values are fresh
+            row.derived = compute_derived(codebook, row.wave, row.answers,
+                                          _carried_values(session, codebook, participant_id, row.wave, rows))
+            row.derived_signature = codebook.derived_signature
+            updated += 1
+    session.flush()
+    return updated

@@ -181,6 +181,11 @@ def carried_from(codebook: Codebook, wave: str) -> dict[str, str]:
     return {code: source for code, (asked, source) in info.items() if wave not in asked and source is not None}
 
 
+def dependent_waves(codebook: Codebook, wave: str) -> tuple[str, ...]:
+    """Waves whose derived values carry something from `wave` (and must follow its changes)."""
+    return tuple(w for w in codebook.wave_keys if wave in carried_from(codebook, w).values())
+
+
 def compute_derived(
     codebook: Codebook, wave: str, answers: Mapping[str, Any], carried: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

@@ -15,22 +15,26 @@ def by_key(session: Session, key: str) -> Study | None:
     return session.scalar(select(Study).where(Study.key == key))
 
 
-def with_codebook(session: Session, key: str) -> tuple[Study, dict[str, Any] | None, int | None] | None:
-    """The study and the document of its codebook in force, in one round trip."""
+def with_revision(session: Session, key: str) -> tuple[Study, uuid.UUID | None, int | None] | None:
+    """The study and the id and revision of its codebook in force, in one round trip.
+
+    The document itself is fetched only when this process has not compiled that revision yet
+    (revisions never change once stored).
+    """
     latest = (
-        select(CodebookRevision.document, CodebookRevision.revision)
+        select(CodebookRevision.id, CodebookRevision.revision)
         .where(CodebookRevision.study_id == Study.id)
         .order_by(CodebookRevision.revision.desc())
         .limit(1)
         .lateral()
     )
-    query = (
-        select(Study, latest.c.document, latest.c.revision)
-        .outerjoin(latest, true())
-        .where(Study.key == key)
-    )
+    query = select(Study, latest.c.id, latest.c.revision).outerjoin(latest, true()).where(Study.key == key)
     row = session.execute(query).one_or_none()
     return None if row is None else (row[0], row[1], row[2])
+
+
+def codebook_document(session: Session, codebook_id: uuid.UUID) -> dict[str, Any]:
+    return dict(session.scalars(select(CodebookRevision.document).where(CodebookRevision.id == codebook_id)).one())
 
 
 def latest_codebook(session: Session, study_id: uuid.UUID) -> CodebookRevision | None:

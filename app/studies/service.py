@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.core.db import add_unique
-from app.core.errors import Forbidden, Invalid, NotFound
+from app.core.errors import Conflict, Forbidden, Invalid, NotFound
 from app.core.security import Principal
 from app.core.timeutil import zone
 from app.instruments.codebook import Codebook, load_codebook, parse_codebook, template_document
@@ -30,14 +32,54 @@ class StudyContext:
         return self.codebook
 
 
-def context(session: Session, key: str, principal: Principal) -> StudyContext:
-    row = repository.with_codebook(session, key)
+_compiled: OrderedDict[uuid.UUID, Codebook] = OrderedDict()
+_COMPILED_MAX = 64
+
+
+def _codebook(session: Session, codebook_id: uuid.UUID) -> Codebook:
+    """A stored revision, compiled once per process (revisions are immutable)."""
+    codebook = _compiled.get(codebook_id)
+    if codebook is None:
+        codebook = load_codebook(repository.codebook_document(session, codebook_id))
+        _compiled[codebook_id] = codebook
+        if len(_compiled) > _COMPILED_MAX:
+            _compiled.popitem(last=False)
+    return codebook
+
+
+def system_context(session: Session, key: str) -> StudyContext:
+    """The study as a background task sees it (no token, no scope)."""
+    row = repository.with_revision(session, key)
     if row is None:
         raise NotFound(f"no study {key!r}")
-    study, document, revision = row
-    if not principal.may_access_study(study.id):
+    study, codebook_id, revision = row
+    return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
+
+
+def context(session: Session, key: str, principal: Principal) -> StudyContext:
+    ctx = system_context(session, key)
+    if not principal.may_access_study(ctx.study.id):
         raise Forbidden("this token is limited to another study")
-    return StudyContext(study, load_codebook(document) if document is not None else None, revision)
+    return ctx
+
+
+def replace_codebook(session: Session, ctx: StudyContext, document: Any, has_participants: bool) -> StudyContext:
+    """Install a new codebook revision. Waves are fixed once anyone is enrolled (schedules hang on them)."""
+    codebook = parse_codebook(document)
+    if ctx.codebook is not None and codebook.sha256 == ctx.codebook.sha256:
+        return ctx
+    if has_participants and ctx.codebook is not None:
+        before = {w["key"]: w for w in ctx.codebook.waves()}
+        after = {w["key"]: w for w in codebook.waves()}
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if changed:
+            raise Conflict(
+                "waves cannot change once participants are enrolled",
+                errors=[{"loc": ["waves", k], "code": "wave_changed", "message": f"wave {k!r} differs"}
+                        for k in changed],
+            )
+    revision = install_codebook(session, ctx.study, codebook)
+    return StudyContext(ctx.study, codebook, revision)
 
 
 def create(session: Session, data: StudyCreate) -> StudyContext:
