@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,16 +189,15 @@ class LiveServer:
     db_url: URL
 
 
-@pytest.fixture
-def live_server(fresh_db: URL, tmp_path: Path) -> Iterator[LiveServer]:
-    """The app under uvicorn on a loopback port, on a database of its own: real HTTP, real commits."""
+@contextmanager
+def serve_app(settings: Settings, db_url: URL) -> Iterator[LiveServer]:
+    """The app under uvicorn in a thread on a loopback port: real HTTP, real commits."""
     import threading
 
     import uvicorn
 
     from app.main import create_app
 
-    settings = make_settings(fresh_db, tmp_path)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -207,6 +207,14 @@ def live_server(fresh_db: URL, tmp_path: Path) -> Iterator[LiveServer]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the live server did not start")
         time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", settings, fresh_db)
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, db_url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_server(fresh_db: URL, tmp_path: Path) -> Iterator[LiveServer]:
+    with serve_app(make_settings(fresh_db, tmp_path), fresh_db) as server:
+        yield server

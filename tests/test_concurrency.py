@@ -64,3 +64,24 @@ async def test_fifty_concurrent_posts_store_one_response(live_server: LiveServer
     assert sum(1 for r in plain if r.status_code == 201) == 1
     assert stored(live_server, "K1") == [answers]
     assert stored(live_server, "N1") == [answers]
+
+
+def test_a_201_is_only_sent_for_committed_answers(live_server: LiveServer) -> None:
+    """Read each acknowledged response back through a separate connection the moment the 201 arrives."""
+    engine = create_engine(live_server.db_url)
+    with httpx.Client(base_url=live_server.url, timeout=30) as client, engine.connect() as conn:
+        admin = auth(ADMIN_TOKEN)
+        client.post("/api/v1/studies", headers=admin,
+                    json={"key": "pal", "name": "PAL", "timezone": "UTC", "template": "pal-replication"})
+        for i in range(20):
+            ext = f"C{i}"
+            client.post("/api/v1/studies/pal/participants", headers=admin,
+                        json={"external_id": ext, "enrolled_at": datetime.now(UTC).isoformat()})
+            answers = valid_answers("baseline", random.Random(i))
+            r = client.post("/api/v1/studies/pal/responses", headers=admin,
+                            json={"external_id": ext, "wave": "baseline", "answers": answers})
+            assert r.status_code == 201
+            seen = conn.execute(text("SELECT answers FROM responses WHERE id = :id"), {"id": r.json()["id"]})
+            assert seen.scalar_one() == answers
+            conn.rollback()
+    engine.dispose()

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 QUEUES = ("reminders", "analysis")
 
-TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks"]
+TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks",
+                "app.reminders.tasks"]
 
 
 def broker_url(settings: Settings) -> str | None:
@@ -51,14 +52,14 @@ def configure(app: Celery, settings: Settings) -> None:
         enable_utc=True,
         worker_hijack_root_logger=False,
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
-        beat_schedule=beat_schedule(),
+        beat_schedule=beat_schedule(settings.scan_interval_seconds),
     )
 
 
 HEARTBEAT_SECONDS = 30.0
 
 
-def beat_schedule() -> dict[str, Any]:
+def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
     schedule: dict[str, Any] = {
         f"heartbeat-{queue}": {
             "task": "cohort.ping", "schedule": HEARTBEAT_SECONDS, "args": (queue,),
@@ -66,6 +67,8 @@ def beat_schedule() -> dict[str, Any]:
         }
         for queue in QUEUES
     }
+    schedule["reminder-scan"] = {"task": "cohort.reminders.scan", "schedule": scan_interval,
+                                 "options": {"expires": max(scan_interval - 1, 1)}}
     schedule["advance-schedules"] = {"task": "cohort.reminders.advance_schedules", "schedule": 60.0,
                                      "options": {"expires": 60}}
     schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,

@@ -69,6 +69,10 @@ class UnsupportedMediaType(DomainError):
     status_code, slug = 415, "unsupported-media-type"
 
 
+class Gone(DomainError):
+    status_code, slug = 410, "gone"
+
+
 class Invalid(DomainError):
     """The payload is well-formed but breaks a rule; `errors` names each bad field."""
 

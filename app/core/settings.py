@@ -59,9 +59,12 @@ class Settings(BaseSettings):
         default_factory=default_data_dir
     )
     public_url: Annotated[str, Field(validation_alias="COHORT_PUBLIC_URL")] = "http://127.0.0.1:8000"
+    survey_url_template: Annotated[str | None, Field(validation_alias="COHORT_SURVEY_URL")] = None
     mail_from: Annotated[str, Field(validation_alias="COHORT_MAIL_FROM")] = "cohort@localhost"
     max_body_bytes: Annotated[int, Field(validation_alias="COHORT_MAX_BODY_BYTES", ge=1024)] = 1_048_576
     max_import_bytes: Annotated[int, Field(validation_alias="COHORT_MAX_IMPORT_BYTES", ge=1024)] = 64 * 1_048_576
+    reminder_lease_seconds: Annotated[int, Field(validation_alias="COHORT_REMINDER_LEASE_SECONDS", ge=1)] = 600
+    scan_interval_seconds: Annotated[float, Field(validation_alias="COHORT_SCAN_INTERVAL_SECONDS", gt=0)] = 60.0
     db_pool_size: Annotated[int, Field(validation_alias="COHORT_DB_POOL_SIZE", ge=1, le=200)] = 20
     log_level: Annotated[str, Field(validation_alias="COHORT_LOG_LEVEL")] = "INFO"
 
@@ -114,6 +117,11 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No DATABASE_URL: the service runs its own PostgreSQL in the data directory."""
         return self.database_url is None
+
+    @property
+    def survey_url(self) -> str:
+        """Where survey links point: COHORT_SURVEY_URL with {token}, or this service's /s/{token}."""
+        return self.survey_url_template or f"{self.public_url.rstrip('/')}/s/{{token}}"
 
     @property
     def sqlalchemy_url(self) -> URL:

@@ -61,6 +61,8 @@ class Schedule(Base):
         CheckConstraint("opens_at <= due_at AND due_at < closes_at", name="window_order"),
         Index("ix_schedules_study_wave_status", "study_id", "wave", "status"),
         Index("ix_schedules_pending_transition", "closes_at", postgresql_where=text("status IN ('scheduled', 'open')")),
+        Index("ix_schedules_unplanned", "opens_at",
+              postgresql_where=text("reminders_planned_at IS NULL AND completed_at IS NULL")),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -76,3 +78,5 @@ class Schedule(Base):
     closes_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     status: Mapped[str] = mapped_column(String(20), nullable=False)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set once this window's invitation and reminders exist as rows in reminder_sends.
+    reminders_planned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

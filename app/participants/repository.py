@@ -9,6 +9,7 @@ from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, case, delete, e
 from sqlalchemy.orm import Session
 
 from app.participants.models import Contact, Participant, Schedule
+from app.studies.models import Wave
 
 
 def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]:
@@ -131,15 +132,41 @@ def withdraw_open_schedules(session: Session, participant_id: uuid.UUID, withdra
 
 
 def advance_schedules(session: Session, now: datetime) -> tuple[int, int]:
-    """Move stored statuses along with the clock: scheduled -> open -> missed. Returns (opened, missed)."""
+    """Move stored statuses along with the clock: scheduled -> open -> missed. Returns (opened, missed).
+
+    A participant whose every follow-up wave (all but the first) is now missed becomes `lost`;
+    a late response later brings them back.
+    """
     missed = session.execute(
         update(Schedule)
         .where(Schedule.status.in_(("scheduled", "open")), Schedule.closes_at <= now)
         .values(status="missed")
-    )
+        .returning(Schedule.participant_id)
+    ).scalars().all()
     opened = session.execute(
         update(Schedule)
         .where(Schedule.status == "scheduled", Schedule.opens_at <= now, Schedule.closes_at > now)
         .values(status="open")
     )
-    return int(getattr(opened, "rowcount", 0) or 0), int(getattr(missed, "rowcount", 0) or 0)
+    if missed:
+        mark_lost(session, sorted(set(missed)))
+    return int(getattr(opened, "rowcount", 0) or 0), len(missed)
+
+
+def mark_lost(session: Session, participant_ids: Sequence[uuid.UUID]) -> None:
+    follow_up_not_missed = (
+        select(Schedule.id)
+        .join(Wave, and_(Wave.study_id == Schedule.study_id, Wave.key == Schedule.wave))
+        .where(Schedule.participant_id == Participant.id, Wave.position > 0, Schedule.status != "missed")
+    )
+    has_follow_up = (
+        select(Schedule.id)
+        .join(Wave, and_(Wave.study_id == Schedule.study_id, Wave.key == Schedule.wave))
+        .where(Schedule.participant_id == Participant.id, Wave.position > 0)
+    )
+    session.execute(
+        update(Participant)
+        .where(Participant.id.in_(participant_ids), Participant.status == "active",
+               exists(has_follow_up), ~exists(follow_up_not_missed))
+        .values(status="lost")
+    )

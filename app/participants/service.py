@@ -30,6 +30,7 @@ from app.participants.schemas import (
     ScheduleOut,
     WithdrawIn,
 )
+from app.reminders import repository as reminders_repo
 from app.studies.service import StudyContext
 
 CLOCK_SKEW = timedelta(minutes=5)
@@ -107,6 +108,12 @@ class ParticipantView:
         )
 
 
+def initial_status(statuses: list[str]) -> str:
+    """`lost` when every follow-up window (all but the first) has already closed at enrolment."""
+    follow_ups = statuses[1:]
+    return "lost" if follow_ups and all(s == "missed" for s in follow_ups) else "active"
+
+
 def _schedule_rows(participant: Participant, windows: tuple[PlannedWindow, ...], now: datetime) -> list[Schedule]:
     return [
         Schedule(
@@ -128,8 +135,9 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
         id=uuid.uuid4(), study_id=ctx.study.id, external_id=data.external_id, status="active",
         enrolled_at=data.enrolled_at, timezone=zone, created_at=now,
     )
-    add_unique(session, participant, f"participant {data.external_id!r} is already enrolled in this study")
     schedules = _schedule_rows(participant, plan(data.enrolled_at, zone, wave_windows(codebook)), now)
+    participant.status = initial_status([s.status for s in schedules])
+    add_unique(session, participant, f"participant {data.external_id!r} is already enrolled in this study")
     session.add_all(schedules)
     contact = _contact_payload(data.contact)
     if contact is not None:
@@ -171,6 +179,7 @@ def withdraw(session: Session, ctx: StudyContext, external_id: str, data: Withdr
         participant.withdrawn_at = withdrawn_at
         participant.withdraw_reason = data.reason
         repository.withdraw_open_schedules(session, participant.id, withdrawn_at)
+        reminders_repo.cancel_pending(session, participant.id, "participant withdrew")
     if data.erase_contact:
         repository.erase_contact(session, participant.id)
     session.flush()
@@ -241,11 +250,14 @@ def _copy_participants(
     contacts: list[tuple[Any, ...]] = []
     for r, zone in good:
         pid = uuid.uuid4()
-        participants.append((pid, study_id, r.data.external_id, "active", r.data.enrolled_at, zone, now))
+        statuses = []
         for w in plan(r.data.enrolled_at, zone, windows):
             status = status_at(opens_at=w.opens_at, closes_at=w.closes_at, completed_at=None, withdrawn_at=None,
                                at=now)
+            statuses.append(status)
             schedules.append((study_id, pid, w.wave, w.opens_at, w.due_at, w.closes_at, status))
+        participants.append((pid, study_id, r.data.external_id, initial_status(statuses), r.data.enrolled_at, zone,
+                             now))
         contact = _contact_payload(r.data.contact)
         if contact is not None:
             contacts.append((pid, sealer.seal(contact), now))

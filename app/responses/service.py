@@ -16,6 +16,7 @@ from app.participants import repository as participants_repo
 from app.participants import service as participants
 from app.participants.models import Participant
 from app.participants.schedule import plan
+from app.reminders import repository as reminders_repo
 from app.responses import repository
 from app.responses.models import Response, ResponseCorrection
 from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
@@ -65,6 +66,7 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
                  response: Response) -> None:
     assert response.completed_at is not None
     participants_repo.mark_wave_completed(session, participant.id, response.wave, response.completed_at)
+    reminders_repo.cancel_pending(session, participant.id, "wave completed", wave=response.wave)
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
         participant.status = "completed"
     elif participant.status == "lost":

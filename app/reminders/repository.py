@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.participants.models import Participant, Schedule
+from app.reminders.models import ReminderSend
+from app.studies.models import Wave
+
+
+def unplanned_windows(session: Session, *, horizon: datetime, study_id: uuid.UUID | None,
+                      limit: int) -> Sequence[Any]:
+    """Windows opening before `horizon` whose sends are not rows yet (locked, skipping busy ones)."""
+    query = (
+        select(Schedule.id, Schedule.study_id, Schedule.participant_id, Schedule.wave, Schedule.opens_at,
+               Schedule.closes_at, Participant.enrolled_at, Participant.timezone, Participant.withdrawn_at,
+               Wave.reminder_policy)
+        .join(Participant, Participant.id == Schedule.participant_id)
+        .join(Wave, and_(Wave.study_id == Schedule.study_id, Wave.key == Schedule.wave))
+        .where(Schedule.reminders_planned_at.is_(None), Schedule.completed_at.is_(None),
+               Schedule.opens_at <= horizon)
+        .order_by(Schedule.opens_at)
+        .limit(limit)
+        .with_for_update(of=Schedule, skip_locked=True)
+    )
+    if study_id is not None:
+        query = query.where(Schedule.study_id == study_id)
+    return session.execute(query).all()
+
+
+def add_sends(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(insert(ReminderSend).values(rows).on_conflict_do_nothing(
+            index_elements=[ReminderSend.participant_id, ReminderSend.wave, ReminderSend.kind]))
+
+
+def mark_planned(session: Session, schedule_ids: list[uuid.UUID], at: datetime) -> None:
+    if schedule_ids:
+        session.execute(update(Schedule).where(Schedule.id.in_(schedule_ids)).values(reminders_planned_at=at))
+
+
+def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int) -> Sequence[Any]:
+    """Pending sends due by `now`, with what deciding about them needs; FOR UPDATE SKIP LOCKED."""
+    query = (
+        select(ReminderSend.id, ReminderSend.study_id, ReminderSend.participant_id, ReminderSend.wave,
+               ReminderSend.kind, ReminderSend.due_at, ReminderSend.attempts, Participant.timezone,
+               Participant.withdrawn_at, Participant.external_id, Schedule.completed_at, Schedule.opens_at,
+               Schedule.closes_at)
+        .join(Participant, Participant.id == ReminderSend.participant_id)
+        .join(Schedule, and_(Schedule.participant_id == ReminderSend.participant_id,
+                             Schedule.wave == ReminderSend.wave))
+        .where(ReminderSend.status == "pending", ReminderSend.due_at <= now)
+        .order_by(ReminderSend.due_at)
+        .limit(limit)
+        .with_for_update(of=ReminderSend, skip_locked=True)
+    )
+    if study_id is not None:
+        query = query.where(ReminderSend.study_id == study_id)
+    return session.execute(query).all()
+
+
+def due_keys(session: Session, *, now: datetime, participant_ids: list[uuid.UUID]) -> Sequence[Any]:
+    """All pending sends due by `now` of these participants (to find the latest of each wave)."""
+    return session.execute(
+        select(ReminderSend.participant_id, ReminderSend.wave, ReminderSend.kind, ReminderSend.due_at)
+        .where(ReminderSend.status == "pending", ReminderSend.due_at <= now,
+               ReminderSend.participant_id.in_(participant_ids))
+    ).all()
+
+
+def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...] = ("pending",),
+                owner: uuid.UUID | None = None, **values: Any) -> bool:
+    query = update(ReminderSend).where(ReminderSend.id == send_id, ReminderSend.status.in_(expect))
+    if owner is not None:
+        query = query.where(ReminderSend.claimed_by == owner)
+    result = session.execute(query.values(updated_at=func.now(), **values))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def renew_lease(session: Session, send_id: uuid.UUID, owner: uuid.UUID, until: datetime) -> bool:
+    """Still ours? Extend the lease just before sending; False if another scanner took it over."""
+    result = session.execute(
+        update(ReminderSend)
+        .where(ReminderSend.id == send_id, ReminderSend.status == "sending", ReminderSend.claimed_by == owner)
+        .values(lease_until=until)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def release_expired_leases(session: Session, real_now: datetime) -> int:
+    """Claims of a scanner that stopped: not yet handed to the mail server -> send again;
+    handed over -> the server accepted it (the terminating dot follows the hand-over at once)."""
+    handed = session.execute(
+        update(ReminderSend)
+        .where(ReminderSend.status == "handed_over", ReminderSend.lease_until < real_now)
+        .values(status="sent", sent_at=func.coalesce(ReminderSend.sent_at, ReminderSend.due_at), lease_until=None,
+                claimed_by=None, last_error="delivery not confirmed: the sender stopped after handing it over",
+                updated_at=func.now())
+    )
+    result = session.execute(
+        update(ReminderSend)
+        .where(ReminderSend.status == "sending", ReminderSend.lease_until < real_now)
+        .values(status="pending", lease_until=None, claimed_by=None, updated_at=func.now())
+    )
+    return int(getattr(result, "rowcount", 0) or 0) + int(getattr(handed, "rowcount", 0) or 0)
+
+
+def hand_over(session: Session, send_id: uuid.UUID, owner: uuid.UUID, sent_at: datetime) -> bool:
+    result = session.execute(
+        update(ReminderSend)
+        .where(ReminderSend.id == send_id, ReminderSend.status == "sending", ReminderSend.claimed_by == owner)
+        .values(status="handed_over", sent_at=sent_at, updated_at=func.now())
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def of_participant(session: Session, participant_id: uuid.UUID) -> list[ReminderSend]:
+    return list(session.scalars(
+        select(ReminderSend).where(ReminderSend.participant_id == participant_id).order_by(ReminderSend.due_at)
+    ))
+
+
+def replan_wave(session: Session, study_id: uuid.UUID, wave: str) -> int:
+    """Forget unsent plans of a wave so the planner makes them again under the current policy."""
+    session.execute(delete(ReminderSend).where(ReminderSend.study_id == study_id, ReminderSend.wave == wave,
+                                               ReminderSend.status == "pending"))
+    result = session.execute(
+        update(Schedule).where(Schedule.study_id == study_id, Schedule.wave == wave,
+                               Schedule.completed_at.is_(None)).values(reminders_planned_at=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wave: str | None = None) -> None:
+    query = update(ReminderSend).where(ReminderSend.participant_id == participant_id,
+                                       ReminderSend.status == "pending")
+    if wave is not None:
+        query = query.where(ReminderSend.wave == wave)
+    session.execute(query.values(status="cancelled", last_error=reason, updated_at=func.now()))
+
+
+def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+    return session.execute(
+        select(ReminderSend.wave, ReminderSend.kind, func.count())
+        .where(ReminderSend.study_id == study_id, ReminderSend.status == "sent", ReminderSend.sent_at <= as_of)
+        .group_by(ReminderSend.wave, ReminderSend.kind)
+    ).all()
+
+
+def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+    """For each wave completed by `as_of`: the kind of the last message sent before completion."""
+    last = (
+        select(ReminderSend.kind)
+        .where(ReminderSend.participant_id == Schedule.participant_id, ReminderSend.wave == Schedule.wave,
+               ReminderSend.status == "sent", ReminderSend.sent_at <= Schedule.completed_at)
+        .order_by(ReminderSend.sent_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    completions = (
+        select(Schedule.wave, func.coalesce(last, "none").label("kind"))
+        .where(Schedule.study_id == study_id, Schedule.completed_at.is_not(None),
+               Schedule.completed_at <= as_of)
+        .subquery()
+    )
+    return session.execute(
+        select(completions.c.wave, completions.c.kind, func.count())
+        .group_by(completions.c.wave, completions.c.kind)
+    ).all()
+

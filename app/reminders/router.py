@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from pydantic import AwareDatetime
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from app.core.db import DatabaseDep, SessionDep
+from app.core.deps import SettingsDep
+from app.core.errors import Gone, Invalid, NotFound
+from app.core.routing import RoleRoute
+from app.core.security import Coordinator
+from app.core.timeutil import utcnow
+from app.participants import service as participants
+from app.participants.models import Participant, Schedule
+from app.reminders import repository, service, templates
+from app.reminders.links import LinkExpired, LinkInvalid, read_token
+from app.reminders.policy import Policy, planned_sends
+from app.reminders.schemas import (
+    Funnel,
+    FunnelWave,
+    LinkResolved,
+    PolicyIn,
+    RunResult,
+    SendList,
+    SendOut,
+    TemplateIn,
+    TemplateOut,
+)
+from app.studies.deps import StudyFromPath
+from app.studies.models import Study, Wave
+from app.studies.schemas import WaveOut
+
+router = APIRouter(prefix="/api/v1/studies/{key}", tags=["reminders"], route_class=RoleRoute)
+links = APIRouter(tags=["reminders"])
+
+
+@router.post("/reminders:run", response_model=RunResult,
+             summary="Run the reminder scan now, with an explicit clock",
+             description="The same scan the periodic task runs, for replaying and testing a study "
+                         "deterministically. Sends by SMTP synchronously.")
+async def run_reminders(
+    principal: Coordinator, study: StudyFromPath, db: DatabaseDep, settings: SettingsDep,
+    now: Annotated[AwareDatetime | None, Query(description="the clock of this run (RFC 3339); default now")] = None,
+) -> RunResult:
+    clock = now or utcnow()
+    result = await run_in_threadpool(service.scan, db, settings, clock, study_id=study.study.id,
+                                     actor=str(principal.token_id))
+    return RunResult(now=clock, **{k: getattr(result, k) for k in
+                                   ("sent", "skipped", "failed", "cancelled", "deferred", "retried", "planned")})
+
+
+@router.get("/participants/{external_id}/reminders", response_model=SendList,
+            summary="Messages to one participant: sent, pending, failed, cancelled")
+def participant_reminders(external_id: str, principal: Coordinator, study: StudyFromPath,
+                          session: SessionDep) -> SendList:
+    participant = participants.find(session, study, external_id)
+    rows = repository.of_participant(session, participant.id)
+    items = [SendOut(wave=r.wave, kind=r.kind, status="pending" if r.status in ("sending", "handed_over") else r.status,
+                     due_at=r.due_at, sent_at=r.sent_at, attempts=r.attempts, last_error=r.last_error,
+                     planned=True) for r in rows]
+    # Windows further ahead are not rows yet: show what the current policy will send.
+    policies = {w.key: Policy.from_dict(w.reminder_policy) for w in
+                session.scalars(select(Wave).where(Wave.study_id == study.study.id))}
+    for s in session.scalars(select(Schedule).where(Schedule.participant_id == participant.id,
+                                                    Schedule.reminders_planned_at.is_(None),
+                                                    Schedule.completed_at.is_(None))):
+        if participant.withdrawn_at is not None or s.wave not in policies:
+            continue
+        stored = {r.kind for r in rows if r.wave == s.wave}
+        for kind, due in planned_sends(policies[s.wave], opens_at=s.opens_at, closes_at=s.closes_at,
+                                       enrolled_at=participant.enrolled_at, zone_name=participant.timezone):
+            if kind in stored:
+                continue
+            items.append(SendOut(wave=s.wave, kind=kind, status="pending", due_at=due, sent_at=None, attempts=0,
+                                 last_error=None, planned=False))
+    items.sort(key=lambda i: (i.due_at, service.kind_rank(i.kind)))
+    return SendList(items=items)
+
+
+@router.put("/waves/{wave}/reminder-policy", response_model=WaveOut,
+            summary="Change a wave's reminder policy (applies to every message not yet sent)")
+def put_policy(wave: Annotated[str, Path(max_length=63)], body: PolicyIn, principal: Coordinator,
+               study: StudyFromPath, session: SessionDep) -> WaveOut:
+    row = session.scalar(select(Wave).where(Wave.study_id == study.study.id, Wave.key == wave))
+    if row is None:
+        raise NotFound(f"no wave {wave!r} in study {study.study.key!r}")
+    if any(d < 0 for d in body.reminder_days_after_open):
+        raise Invalid("reminder days must not be negative", errors=[
+            {"loc": ["reminder_days_after_open"], "code": "range", "message": "days after opening are >= 0"}])
+    row.reminder_policy = body.model_dump()
+    repository.replan_wave(session, study.study.id, wave)
+    session.flush()
+    return WaveOut.model_validate(row, from_attributes=True)
+
+
+@router.get("/reminder-template", response_model=TemplateOut, summary="The study's email template")
+def get_template(principal: Coordinator, study: StudyFromPath) -> TemplateOut:
+    custom = (study.study.settings or {}).get("reminder_template")
+    return TemplateOut(subject=(custom or {}).get("subject", templates.DEFAULT_SUBJECT),
+                       body=(custom or {}).get("body", templates.DEFAULT_BODY),
+                       variables=list(templates.VARIABLES), customised=custom is not None)
+
+
+@router.put("/reminder-template", response_model=TemplateOut,
+            summary="Change the email template (Jinja2, sandboxed; applies to messages not yet sent)")
+def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> TemplateOut:
+    templates.validate(body.subject, body.body)
+    row = session.get(Study, study.study.id)
+    assert row is not None
+    row.settings = {**(row.settings or {}), "reminder_template": body.model_dump()}
+    session.flush()
+    return TemplateOut(subject=body.subject, body=body.body, variables=list(templates.VARIABLES), customised=True)
+
+
+@router.get("/reminders/funnel", response_model=Funnel,
+            summary="Completions per wave by the message that preceded them")
+def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep,
+               as_of: Annotated[AwareDatetime | None, Query()] = None) -> Funnel:
+    when: datetime = as_of or utcnow()
+    rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when)
+    return Funnel(as_of=when, waves=[FunnelWave(**r) for r in rows])
+
+
+@links.get("/s/{token}", response_model=LinkResolved,
+           summary="Resolve a participant's survey link (for a survey front-end; no contact data)",
+           responses={404: {"description": "not a link this service issued"}, 410: {"description": "expired"}})
+def resolve_link(token: Annotated[str, Path(max_length=2000)], session: SessionDep,
+                 settings: SettingsDep) -> LinkResolved:
+    try:
+        target = read_token(settings.secret(), token, utcnow())
+    except LinkInvalid as exc:
+        raise NotFound(str(exc)) from None
+    except LinkExpired as exc:
+        raise Gone(f"this link expired when the {exc.target.wave} window closed") from None
+    row = session.execute(
+        select(Participant.external_id, Wave.label)
+        .join(Study, Study.id == Participant.study_id)
+        .join(Wave, (Wave.study_id == Study.id) & (Wave.key == target.wave))
+        .where(Participant.id == target.participant_id, Study.key == target.study_key)
+    ).one_or_none()
+    if row is None:
+        raise NotFound("the participant of this link no longer exists")
+    return LinkResolved(study=target.study_key, external_id=row.external_id, wave=target.wave,
+                        wave_label=row.label, expires_at=target.expires_at)
+

@@ -1,0 +1,275 @@
+"""Follow-up reminders: plan the sends of windows about to open, claim due ones, deliver, record.
+
+One scan, whether the Celery beat tick (real clock) or `reminders:run?now=` (explicit clock):
+
+1. release the leases of claims whose worker died (they go back to `pending`);
+2. plan: windows opening within a day get one row per send in `reminder_sends`;
+3. claim due rows with FOR UPDATE SKIP LOCKED and decide each one: cancel (withdrawn or
+   completed), skip (window closed, or a later send of the same wave is also due), defer
+   (outside 09:00-20:00 local) or send (status `sending`, with a lease); commit;
+4. deliver each claimed message outside any transaction, then record sent / retry / failed.
+
+A row is claimed by one scanner only and is unique per (participant, wave, kind), so two
+schedulers never decide the same message twice. A worker killed mid-batch leaves leased rows:
+those it had not yet handed to the mail server go back to `pending` and are sent by a later
+scan; the one it had handed over (recorded between the message body and SMTP's terminating
+dot) is recorded as sent. Only a kill in the microseconds between that record and the dot can
+lose a message; nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.crypto import settings_sealer
+from app.core.db import Database, transaction
+from app.core.settings import Settings
+from app.core.timeutil import utcnow
+from app.participants import repository as participants_repo
+from app.reminders import repository, templates
+from app.reminders.links import LinkTarget, link_for, make_token
+from app.reminders.mailer import DeliveryError, Email, Sender, message_id, open_sender
+from app.reminders.models import ReminderSend
+from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
+from app.studies.models import Study, Wave
+
+PLAN_HORIZON = timedelta(days=1)
+LEASE = timedelta(minutes=10)
+BATCH = 200
+
+
+@dataclass
+class ScanResult:
+    planned: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    deferred: int = 0
+    retried: int = 0
+
+    def add(self, other: ScanResult) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Claim:
+    send_id: uuid.UUID
+    study_id: uuid.UUID
+    participant_id: uuid.UUID
+    external_id: str
+    wave: str
+    kind: str
+    attempts: int
+    zone: str
+    closes_at: datetime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def kind_rank(kind: str) -> int:
+    if kind == "invitation":
+        return 0
+    if kind == "final":
+        return 10_000
+    return int(kind.rsplit("_", 1)[-1]) if kind.startswith("reminder_") else 5_000
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def plan(session: Session, now: datetime, *, study_id: uuid.UUID | None = None, limit: int = 2000) -> int:
+    """Turn windows opening within a day of `now` into send rows; returns the windows planned."""
+    windows = repository.unplanned_windows(session, horizon=now + PLAN_HORIZON, study_id=study_id, limit=limit)
+    rows: list[dict[str, Any]] = []
+    for w in windows:
+        if w.withdrawn_at is not None:
+            continue
+        policy = Policy.from_dict(w.reminder_policy or {})
+        for kind, due_at in planned_sends(policy, opens_at=w.opens_at, closes_at=w.closes_at,
+                                          enrolled_at=w.enrolled_at, zone_name=w.timezone):
+            rows.append({"id": uuid.uuid4(), "study_id": w.study_id, "participant_id": w.participant_id,
+                         "wave": w.wave, "kind": kind, "due_at": due_at, "status": "pending"})
+    for start in range(0, len(rows), 1000):
+        repository.add_sends(session, rows[start:start + 1000])
+    repository.mark_planned(session, [w.id for w in windows], utcnow())
+    return len(windows)
+
+
+# -- claiming ----------------------------------------------------------------------------------
+
+
+def claim(session: Session, now: datetime, *, owner: uuid.UUID, study_id: uuid.UUID | None = None,
+          limit: int = BATCH, lease: timedelta = LEASE) -> tuple[list[Claim], ScanResult, int]:
+    """Decide about due sends; returns the ones to deliver now, the other outcomes, and rows seen."""
+    rows = repository.due(session, now=now, study_id=study_id, limit=limit)
+    result = ScanResult()
+    if not rows:
+        return [], result, 0
+    latest: dict[tuple[uuid.UUID, str], tuple[datetime, int]] = {}
+    for key in repository.due_keys(session, now=now, participant_ids=list({r.participant_id for r in rows})):
+        rank = (key.due_at, kind_rank(key.kind))
+        pair = (key.participant_id, key.wave)
+        latest[pair] = max(latest.get(pair, rank), rank)
+    claims: list[Claim] = []
+    real_now = utcnow()
+    for r in rows:
+        zone = ZoneInfo(r.timezone)
+        if r.withdrawn_at is not None:
+            repository.set_outcome(session, r.id, status="cancelled", last_error="participant withdrew")
+            result.cancelled += 1
+        elif r.completed_at is not None:
+            repository.set_outcome(session, r.id, status="cancelled", last_error="wave completed")
+            result.cancelled += 1
+        elif now >= r.closes_at:
+            repository.set_outcome(session, r.id, status="skipped", last_error="the window closed before it was sent")
+            result.skipped += 1
+        elif (r.due_at, kind_rank(r.kind)) < latest[(r.participant_id, r.wave)]:
+            repository.set_outcome(session, r.id, status="skipped", last_error="a later message of this wave was due")
+            result.skipped += 1
+        elif not in_sending_hours(now, zone):
+            later = into_sending_hours(now, zone)
+            if later >= r.closes_at:
+                repository.set_outcome(session, r.id, status="skipped",
+                                       last_error="no sending hours left in the window")
+                result.skipped += 1
+            else:
+                repository.set_outcome(session, r.id, due_at=later)
+                result.deferred += 1
+        else:
+            repository.set_outcome(session, r.id, status="sending", attempts=r.attempts + 1,
+                                   lease_until=real_now + lease, claimed_by=owner)
+            claims.append(Claim(r.id, r.study_id, r.participant_id, r.external_id, r.wave, r.kind,
+                                r.attempts + 1, r.timezone, r.closes_at))
+    return claims, result, len(rows)
+
+
+# -- delivering --------------------------------------------------------------------------------
+
+
+def _first_name(name: str | None) -> str:
+    return name.split()[0] if name and name.split() else ""
+
+
+def compose(session: Session, settings: Settings, claim_: Claim) -> Email | None:
+    """The message for a claim, rendered from the study's current template; None without an email."""
+    study = session.get(Study, claim_.study_id)
+    wave = session.scalar(select(Wave.label).where(Wave.study_id == claim_.study_id, Wave.key == claim_.wave))
+    sealed = participants_repo.sealed_contacts(session, [claim_.participant_id]).get(claim_.participant_id)
+    contact = settings_sealer(settings).open(sealed) if sealed is not None else {}
+    if not contact.get("email") or study is None:
+        return None
+    last_day = (claim_.closes_at - timedelta(microseconds=1)).astimezone(ZoneInfo(claim_.zone)).date()
+    token = make_token(settings.secret(), LinkTarget(study.key, str(claim_.participant_id), claim_.wave,
+                                                     claim_.closes_at))
+    template = (study.settings or {}).get("reminder_template") or {}
+    subject, body = templates.render(
+        template.get("subject", templates.DEFAULT_SUBJECT), template.get("body", templates.DEFAULT_BODY),
+        {"first_name": _first_name(contact.get("name")), "study_name": study.name,
+         "wave_label": wave or claim_.wave, "close_date": f"{last_day:%A} {last_day.day} {last_day:%B %Y}",
+         "survey_link": link_for(settings.survey_url, token), "kind": claim_.kind},
+    )
+    return Email(to=contact["email"], subject=subject, body=body,
+                 message_id=message_id(str(claim_.send_id), "cohort.invalid"))
+
+
+def deliver(db: Database, settings: Settings, sender: Sender, claim_: Claim, now: datetime, owner: uuid.UUID,
+            lease: timedelta) -> str:
+    """Send one claimed message and record what happened; returns sent, retry, failed or lost.
+
+    The lease is renewed first: if it lapsed and another scanner has taken the message over,
+    this one lets it go ("lost") rather than send it a second time.
+    """
+    with transaction(db) as session:
+        if not repository.renew_lease(session, claim_.send_id, owner, utcnow() + lease):
+            return "lost"
+        email = compose(session, settings, claim_)
+    values: dict[str, Any]
+    if email is None:
+        outcome, values = "failed", {"status": "failed", "last_error": "no email address on file", "lease_until": None}
+    else:
+        def handed_over() -> None:
+            with transaction(db) as session:
+                repository.hand_over(session, claim_.send_id, owner, now)
+
+        try:
+            sender.send(email, handed_over)
+            outcome, values = "sent", {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None}
+        except DeliveryError as exc:
+            again = None if exc.permanent else retry_at(claim_.attempts, now, ZoneInfo(claim_.zone))
+            if again is not None and again < claim_.closes_at:
+                outcome, values = "retry", {"status": "pending", "due_at": again, "lease_until": None,
+                                            "last_error": str(exc)}
+            else:
+                outcome, values = "failed", {"status": "failed", "lease_until": None, "last_error": str(exc)}
+    with transaction(db) as session:
+        repository.set_outcome(session, claim_.send_id, expect=("sending", "handed_over"), owner=owner,
+                               claimed_by=None, **values)
+    return outcome
+
+
+def scan(db: Database, settings: Settings, now: datetime, *, study_id: uuid.UUID | None = None,
+         actor: str | None = None) -> ScanResult:
+    """One full scan at clock `now` (see the module docstring)."""
+    total = ScanResult()
+    owner = uuid.uuid4()
+    lease = timedelta(seconds=settings.reminder_lease_seconds)
+    with transaction(db, actor=actor) as session:
+        repository.release_expired_leases(session, utcnow())
+    while True:
+        with transaction(db, actor=actor) as session:
+            planned = plan(session, now, study_id=study_id)
+        total.planned += planned
+        if planned == 0:
+            break
+    while True:
+        with transaction(db, actor=actor) as session:
+            claims, decided, seen = claim(session, now, owner=owner, study_id=study_id, lease=lease)
+        total.add(decided)
+        if claims:
+            with open_sender(settings.smtp_url, settings.data_dir / "outbox", settings.mail_from) as sender:
+                for c in claims:
+                    outcome = deliver(db, settings, sender, c, now, owner, lease)
+                    if outcome == "sent":
+                        total.sent += 1
+                    elif outcome == "retry":
+                        total.retried += 1
+                    elif outcome == "failed":
+                        total.failed += 1
+        if seen == 0:
+            return total
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def participant_sends(session: Session, participant_id: uuid.UUID) -> list[ReminderSend]:
+    return repository.of_participant(session, participant_id)
+
+
+def funnel(session: Session, study_id: uuid.UUID, wave_keys: list[str], as_of: datetime) -> list[dict[str, Any]]:
+    completed: dict[str, dict[str, int]] = defaultdict(dict)
+    for wave, kind, n in repository.preceding_contact(session, study_id, as_of):
+        completed[wave][kind] = n
+    sent: dict[str, dict[str, int]] = defaultdict(dict)
+    for wave, kind, n in repository.sent_counts(session, study_id, as_of):
+        sent[wave][kind] = n
+    out = []
+    for wave in wave_keys:
+        kinds = sorted(set(sent[wave]) | set(completed[wave]) - {"none"}, key=kind_rank)
+        out.append({
+            "wave": wave,
+            "completed": sum(completed[wave].values()),
+            "completed_after": {"none": completed[wave].get("none", 0),
+                                **{k: completed[wave].get(k, 0) for k in kinds}},
+            "sent": {k: sent[wave].get(k, 0) for k in kinds},
+        })
+    return out

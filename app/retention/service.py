@@ -1,0 +1,152 @@
+"""Retention, the coordinator's follow-up list, and abstinence outcomes: counts as of any instant.
+
+Retention follows the contract: for each wave, `eligible` are participants whose window had
+closed by `as_of`, plus those who completed by `as_of` while the window was open, leaving out
+anyone who withdrew before the window opened; `completed` are the eligible with a complete
+response at or before `as_of`; `rate = completed / eligible`.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Boolean, String, and_, cast, func, literal, or_, select
+from sqlalchemy.orm import Session
+from statsmodels.stats.proportion import proportion_confint
+
+from app.participants.models import Participant, Schedule
+from app.participants.repository import schedule_status_sql
+from app.responses.models import Response
+
+UNKNOWN_GROUP = "unknown"
+
+
+def _baseline(study_id: uuid.UUID, baseline_wave: str) -> Any:
+    return (
+        select(Response.participant_id, Response.answers, Response.derived)
+        .where(Response.study_id == study_id, Response.wave == baseline_wave, Response.status == "complete")
+        .subquery("baseline")
+    )
+
+
+def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
+              by: str | None = None) -> dict[str | None, list[dict[str, Any]]]:
+    """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest."""
+    at = literal(as_of)
+    completed_by = and_(Schedule.completed_at.is_not(None), Schedule.completed_at <= at)
+    completed_in_window = and_(completed_by, Schedule.completed_at >= Schedule.opens_at,
+                               Schedule.completed_at < Schedule.closes_at)
+    not_withdrawn_before = or_(Participant.withdrawn_at.is_(None), Participant.withdrawn_at >= Schedule.opens_at)
+    eligible = and_(or_(Schedule.closes_at <= at, completed_in_window), not_withdrawn_before)
+    status = schedule_status_sql(at)
+    late = and_(completed_by, or_(Schedule.completed_at < Schedule.opens_at,
+                                  Schedule.completed_at >= Schedule.closes_at))
+    group = literal(None, String).label("grp")
+    query = (
+        select(
+            Schedule.wave,
+            func.count().filter(eligible).label("eligible"),
+            func.count().filter(and_(eligible, completed_by)).label("completed"),
+            func.count().filter(status == "open").label("open"),
+            func.count().filter(status == "missed").label("missed"),
+            func.count().filter(status == "withdrawn").label("withdrawn"),
+            func.count().filter(and_(eligible, late)).label("late"),
+        )
+        .join(Participant, Participant.id == Schedule.participant_id)
+        .where(Schedule.study_id == study_id, Participant.enrolled_at <= at)
+    )
+    if by == "primary_group":
+        baseline = _baseline(study_id, waves[0])
+        group = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP).label("grp")
+        query = query.outerjoin(baseline, baseline.c.participant_id == Schedule.participant_id)
+    query = query.add_columns(group).group_by(Schedule.wave, group)
+    found: dict[str | None, dict[str, dict[str, int]]] = defaultdict(dict)
+    for row in session.execute(query):
+        found[row.grp][row.wave] = dict(row._mapping)
+    out: dict[str | None, list[dict[str, Any]]] = {}
+    for grp, per_wave in sorted(found.items(), key=lambda kv: str(kv[0])):
+        out[grp] = [_wave_row(wave, per_wave.get(wave)) for wave in waves]
+    if not out and by is None:
+        out[None] = [_wave_row(wave, None) for wave in waves]
+    return out
+
+
+def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:
+    c = counts or {}
+    eligible, completed = int(c.get("eligible", 0)), int(c.get("completed", 0))
+    return {
+        "wave": wave, "eligible": eligible, "completed": completed,
+        "rate": completed / eligible if eligible else None,
+        "open": int(c.get("open", 0)), "missed": int(c.get("missed", 0)),
+        "withdrawn": int(c.get("withdrawn", 0)), "late": int(c.get("late", 0)),
+    }
+
+
+def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | None, now: datetime,
+             limit: int, offset: int) -> list[Any]:
+    """A wave's participants, windows closing soonest first, with the last message sent to each."""
+    from app.reminders.models import ReminderSend
+
+    schedule_status = schedule_status_sql(literal(now)).label("wave_status")
+    last_sent = (
+        select(func.max(ReminderSend.sent_at))
+        .where(ReminderSend.participant_id == Schedule.participant_id, ReminderSend.wave == Schedule.wave,
+               ReminderSend.status == "sent")
+        .scalar_subquery()
+    )
+    last_kind = (
+        select(ReminderSend.kind)
+        .where(ReminderSend.participant_id == Schedule.participant_id, ReminderSend.wave == Schedule.wave,
+               ReminderSend.status == "sent")
+        .order_by(ReminderSend.sent_at.desc()).limit(1)
+        .scalar_subquery()
+    )
+    query = (
+        select(Participant.external_id, Participant.status, Participant.timezone, Schedule.wave, Schedule.opens_at,
+               Schedule.closes_at, Schedule.completed_at, schedule_status, last_sent.label("last_reminder_at"),
+               last_kind.label("last_reminder_kind"))
+        .join(Participant, Participant.id == Schedule.participant_id)
+        .where(Schedule.study_id == study_id, Schedule.wave == wave)
+        .order_by(Schedule.closes_at, Participant.external_id)
+        .limit(limit + 1).offset(offset)
+    )
+    if status is not None:
+        query = query.where(schedule_status_sql(literal(now)) == status)
+    return list(session.execute(query).all())
+
+
+def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
+    if n == 0:
+        return None, None
+    low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    return float(low), float(high)
+
+
+def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, by: str) -> list[dict[str, Any]]:
+    """Abstinence (derived abstinent_30d) per wave and baseline group, with 95 % Wilson intervals."""
+    baseline = _baseline(study_id, waves[0])
+    if by == "online_30d":
+        grp = func.coalesce(cast(baseline.c.derived["online_30d"].astext, String), UNKNOWN_GROUP)
+    else:
+        grp = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP)
+    abstinent = cast(Response.derived["abstinent_30d"].astext, Boolean)
+    query = (
+        select(Response.wave, grp.label("grp"), func.count(abstinent).label("n"),
+               func.count().filter(abstinent.is_(True)).label("abstinent"))
+        .outerjoin(baseline, baseline.c.participant_id == Response.participant_id)
+        .where(Response.study_id == study_id, Response.status == "complete", Response.completed_at <= as_of)
+        .group_by(Response.wave, grp)
+    )
+    rows = session.execute(query).all()
+    order = {w: i for i, w in enumerate(waves)}
+    out = []
+    for row in sorted(rows, key=lambda r: (order.get(r.wave, math.inf), str(r.grp))):
+        low, high = wilson(int(row.abstinent), int(row.n))
+        out.append({"wave": row.wave, "group": row.grp, "n": int(row.n), "abstinent": int(row.abstinent),
+                    "rate": row.abstinent / row.n if row.n else None, "ci_low": low, "ci_high": high})
+    return out
+

@@ -1,0 +1,218 @@
+"""Retention and outcomes for a generated cohort, against an independent count made here."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import auth, create_study, create_token, valid_answers
+
+pytestmark = pytest.mark.anyio
+
+NY = ZoneInfo("America/New_York")
+WINDOWS = {"baseline": (0, 30), "month6": (168, 228), "month12": (351, 411)}
+BASE = "/api/v1/studies/pal"
+
+
+@dataclass
+class Person:
+    ext: str
+    enrolled_at: datetime
+    completed: dict[str, datetime]
+    primary_group: str | None
+    online: bool | None
+    abstinent: dict[str, bool]
+    withdrawn_at: datetime | None = None
+
+    def window(self, wave: str) -> tuple[datetime, datetime]:
+        day0: date = self.enrolled_at.astimezone(NY).date()
+        first, last = WINDOWS[wave]
+
+        def midnight(d: date) -> datetime:
+            return datetime.combine(d, time(0), tzinfo=NY)
+
+        return midnight(day0 + timedelta(days=first)), midnight(day0 + timedelta(days=last + 1))
+
+    def status(self, wave: str, at: datetime) -> str:
+        opens, closes = self.window(wave)
+        done = self.completed.get(wave)
+        if done is not None and done <= at:
+            return "completed"
+        if self.withdrawn_at is not None and self.withdrawn_at <= at and self.withdrawn_at < closes:
+            return "withdrawn"
+        if at < opens:
+            return "scheduled"
+        return "open" if at < closes else "missed"
+
+
+def expected_retention(people: list[Person], at: datetime) -> list[dict[str, Any]]:
+    rows = []
+    for wave in WINDOWS:
+        eligible = completed = late = 0
+        counts = {"open": 0, "missed": 0, "withdrawn": 0}
+        for p in people:
+            if p.enrolled_at > at:
+                continue
+            opens, closes = p.window(wave)
+            done = p.completed.get(wave)
+            done_by = done is not None and done <= at
+            in_window = done_by and opens <= done < closes  # type: ignore[operator]
+            is_eligible = (closes <= at or in_window) and (p.withdrawn_at is None or p.withdrawn_at >= opens)
+            if is_eligible:
+                eligible += 1
+                completed += done_by
+                late += done_by and not in_window
+            status = p.status(wave, at)
+            if status in counts:
+                counts[status] += 1
+        rows.append({"wave": wave, "eligible": eligible, "completed": completed,
+                     "rate": completed / eligible if eligible else None, "late": late, **counts})
+    return rows
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def make_cohort(rng: random.Random, n: int, start: datetime) -> list[Person]:
+    people = []
+    groups = ["aa_12step", "smart", "lifering", "wfs", "none"]
+    for i in range(n):
+        enrolled = start + timedelta(days=rng.randint(0, 60), hours=rng.randint(0, 23))
+        p = Person(f"R{i:03d}", enrolled, {}, None, None, {})
+        for wave in WINDOWS:
+            opens, closes = p.window(wave)
+            roll = rng.random()
+            if roll < 0.6:
+                p.completed[wave] = opens + (closes - opens) * rng.random()
+            elif roll < 0.7:
+                p.completed[wave] = closes + timedelta(days=rng.randint(0, 20), hours=3)  # late
+        if "baseline" in p.completed or rng.random() < 0.3:
+            p.withdrawn_at = None
+        if rng.random() < 0.1:
+            p.withdrawn_at = enrolled + timedelta(days=rng.randint(10, 300))
+        if "baseline" in p.completed:
+            p.primary_group = rng.choice(groups)
+            p.online = rng.random() < 0.4
+        for wave in p.completed:
+            p.abstinent[wave] = rng.random() < 0.6
+        people.append(p)
+    return people
+
+
+def answers_for(p: Person, wave: str, rng: random.Random) -> dict[str, Any]:
+    fixed: dict[str, Any] = {
+        "alcohol_last_use": "over_1y" if p.abstinent[wave] else "within_30d",
+        "drug_last_use": "never",
+    }
+    if wave == "baseline":
+        fixed.update(primary_group=p.primary_group, meetings_30d=6, online_meetings_30d=3 if p.online else 0)
+    return valid_answers(wave, rng, **fixed)
+
+
+async def test_retention_and_outcomes_equal_an_independent_count(admin: httpx.AsyncClient) -> None:
+    rng = random.Random(2026)
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    coordinator = await create_token(admin, ADMIN_TOKEN, "coordinator")
+    analyst = await create_token(admin, ADMIN_TOKEN, "analyst")
+    start = datetime.now(UTC) - timedelta(days=500)
+    people = make_cohort(rng, 60, start)
+    r = await admin.post(f"{BASE}/participants:import", headers=auth(coordinator), json=[
+        {"external_id": p.ext, "enrolled_at": p.enrolled_at.isoformat()} for p in people])
+    assert r.json() == {"created": 60, "errors": []}
+    for p in people:
+        for wave, done in sorted(p.completed.items(), key=lambda kv: kv[1]):
+            r = await admin.post(f"{BASE}/responses", headers=auth(coordinator), json={
+                "external_id": p.ext, "wave": wave, "completed_at": done.isoformat(),
+                "answers": answers_for(p, wave, rng)})
+            assert r.status_code == 201, r.text
+        if p.withdrawn_at is not None:
+            r = await admin.post(f"{BASE}/participants/{p.ext}/withdraw", headers=auth(coordinator),
+                                 json={"reason": "test", "withdrawn_at": p.withdrawn_at.isoformat()})
+            assert r.status_code == 200
+
+    checkpoints = [start + timedelta(days=d) for d in (20, 100, 200, 250, 400, 480)] + [datetime.now(UTC)]
+    for at in checkpoints:
+        r = await admin.get(f"{BASE}/retention", params={"as_of": at.isoformat()}, headers=auth(analyst))
+        assert r.status_code == 200
+        assert r.json()["waves"] == expected_retention(people, at), at
+    assert any(w["late"] for w in r.json()["waves"]) and any(w["withdrawn"] for w in r.json()["waves"])
+
+    at = checkpoints[-1]
+    r = await admin.get(f"{BASE}/retention", params={"as_of": at.isoformat(), "by": "primary_group"},
+                        headers=auth(coordinator))
+    body = r.json()
+    assert body["by"] == "primary_group"
+    groups = {g["group"]: g["waves"] for g in body["groups"]}
+    for name, rows in groups.items():
+        members = [p for p in people if (p.primary_group or "unknown") == name]
+        assert rows == expected_retention(members, at), name
+    assert sum(len([p for p in people if (p.primary_group or "unknown") == g]) for g in groups) == 60
+
+    r = await admin.get(f"{BASE}/outcomes", params={"by": "online_30d"}, headers=auth(analyst))
+    assert r.status_code == 200
+    got = {(row["wave"], row["group"]): row for row in r.json()["items"]}
+    for wave in WINDOWS:
+        for online in (True, False):
+            members = [p for p in people if p.online is online and wave in p.completed]
+            n = len(members)
+            k = sum(p.abstinent[wave] for p in members)
+            row = got[(wave, "true" if online else "false")]
+            assert (row["n"], row["abstinent"]) == (n, k)
+            low, high = wilson(k, n)
+            assert row["ci_low"] == pytest.approx(low, abs=1e-9) and row["ci_high"] == pytest.approx(high, abs=1e-9)
+
+
+async def test_followup_worklist_orders_by_window_close(admin: httpx.AsyncClient) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    now = datetime.now(UTC)
+    for i, days_ago in enumerate((200, 175, 190, 10)):
+        r = await admin.post(f"{BASE}/participants", json={
+            "external_id": f"W{i}", "enrolled_at": (now - timedelta(days=days_ago)).isoformat(),
+            "contact": {"email": f"w{i}@example.org"}})
+        assert r.status_code == 201
+    r = await admin.get(f"{BASE}/followup", params={"wave": "month6", "status": "open"})
+    assert r.status_code == 200
+    items = r.json()["items"]
+    assert [i["external_id"] for i in items] == ["W0", "W2", "W1"]  # enrolled longest ago closes first
+    assert all(i["wave_status"] == "open" and i["last_reminder_at"] is None for i in items)
+    assert "w0@example.org" not in r.text
+    page = (await admin.get(f"{BASE}/followup", params={"wave": "month6", "limit": 2})).json()
+    rest = (await admin.get(f"{BASE}/followup", params={"wave": "month6", "cursor": page["next_cursor"]})).json()
+    assert len(page["items"]) == 2 and len(rest["items"]) == 2 and rest["next_cursor"] is None
+
+
+async def test_lost_after_both_follow_ups_are_missed_and_back_on_a_late_response(
+    admin: httpx.AsyncClient, database: Any
+) -> None:
+    from app.core.db import transaction
+    from app.participants.repository import advance_schedules
+
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    now = datetime.now(UTC)
+    for ext in ("GONE", "STAYS"):
+        await admin.post(f"{BASE}/participants", json={"external_id": ext,
+                                                       "enrolled_at": (now - timedelta(days=420)).isoformat()})
+    r = await admin.post(f"{BASE}/responses", json={"external_id": "STAYS", "wave": "month6",
+                                                    "answers": valid_answers("month6", random.Random(1)),
+                                                    "completed_at": (now - timedelta(days=230)).isoformat()})
+    assert r.status_code == 201
+    with transaction(database) as session:
+        advance_schedules(session, now)
+    statuses = {p["external_id"]: p["status"] for p in (await admin.get(f"{BASE}/participants")).json()["items"]}
+    assert statuses == {"GONE": "lost", "STAYS": "active"}
+    r = await admin.post(f"{BASE}/responses", json={"external_id": "GONE", "wave": "month6",
+                                                    "answers": valid_answers("month6", random.Random(2))})
+    assert r.status_code == 201 and r.json()["late"] is True
+    assert (await admin.get(f"{BASE}/participants/GONE")).json()["status"] == "active"
