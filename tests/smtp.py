@@ -35,14 +35,22 @@ class Capture:
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        # A slow exchange before the message (network, greylisting checks). Once the terminating
+        # dot arrives the message is accepted at once, as a queueing MTA does.
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         to = envelope.rcpt_tos[0]
         with self.lock:
             self.attempts[to] += 1
             if self.attempts[to] <= self.fail_first.get(to, 0):
                 return "451 4.3.0 try again later"
-        if self.delay:
-            await asyncio.sleep(self.delay)
         msg: Message = message_from_bytes(envelope.content)
         body = msg.get_payload(decode=True)
         with self.lock:

@@ -126,6 +126,7 @@ def test_a_killed_worker_and_two_schedulers_neither_lose_nor_repeat(fresh_db: UR
             client_app(broker).send_task("cohort.reminders.scan", queue="reminders")
             wait_for(lambda: len(smtp.capture.messages) >= 8, 60, "some messages before the kill")
         finally:
+            killed_at = time.time()
             kill_group(first)  # SIGKILL: no chance to finish or record anything
         delivered_before = len(smtp.capture.messages)
         assert delivered_before < 60, "the kill came too late to test anything"
@@ -155,7 +156,9 @@ def test_a_killed_worker_and_two_schedulers_neither_lose_nor_repeat(fresh_db: UR
     received = Counter(m.to for m in smtp.capture.messages)
     print(f"\nbroker {broker.split(':')[0]}; delivered before the kill {delivered_before}; "
           f"repeats {sum(received.values()) - len(received)}")
-    assert set(received) == set(addresses), f"lost: {sorted(set(addresses) - set(received))}"
+    assert set(received) == set(addresses), (
+        f"lost: {sorted(set(addresses) - set(received))} killed at {killed_at:.3f} "
+        f"last before kill {max(m.at for m in smtp.capture.messages if m.at <= killed_at):.3f} {_rows_of(fresh_db)}")
     repeats = {a: n for a, n in received.items() if n > 1}
     assert repeats == {}, repeats
     assert sent_rows(fresh_db)["sent"] == 60
@@ -191,6 +194,17 @@ def test_responses_are_accepted_while_redis_is_down_and_reminders_follow_its_ret
             kill_group(worker, 15)
         redis.stop()
     assert not smtp.capture.to(addresses[0])  # R000 completed the baseline: nothing to remind
+
+
+def _rows_of(db_url: URL) -> list[Any]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT p.external_id, r.status, r.attempts, r.last_error, "
+                                 "extract(epoch from r.updated_at) FROM reminder_sends r "
+                                 "JOIN participants p ON p.id = r.participant_id WHERE r.status <> 'sent' "
+                                 "OR r.last_error IS NOT NULL")).all()
+    engine.dispose()
+    return [tuple(r) for r in rows]
 
 
 def _rng() -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -132,6 +133,10 @@ def open_sender(smtp_url: str | None, outbox: Path, sender: str) -> Iterator[Sen
                 smtp.starttls(context=ssl.create_default_context())
         if parts.username:
             smtp.login(unquote(parts.username), unquote(parts.password or ""))
+        if smtp.sock is not None:
+            # The terminating dot is a small write after the body; without this, Nagle's algorithm
+            # holds it back until the body is acknowledged, widening the hand-over window.
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (smtplib.SMTPException, OSError) as exc:
         failure = str(exc) or type(exc).__name__
         yield _Unreachable(f"cannot reach the mail server: {failure}")
