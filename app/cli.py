@@ -245,6 +245,46 @@ def token_create(
 
 
 @cli.command()
+def simulate(
+    study: Annotated[str, typer.Option(help="study key (created from the pal-replication template if new)")],
+    participants: Annotated[int, typer.Option(min=10, help="cohort size")] = 647,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1,
+    timezone: Annotated[str, typer.Option(help="time zone of a new study")] = "America/New_York",
+) -> None:
+    """Write a synthetic PAL cohort with known true effects through the service layer."""
+    from app.analysis import simulate as sim
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database, transaction
+    from app.core.errors import DomainError
+    from app.core.timeutil import utcnow
+    from app.studies import repository as study_repository
+    from app.studies import service as studies
+    from app.studies.schemas import StudyCreate
+
+    with database_runtime() as settings:
+        _setup_logging(settings.log_level)
+        run_migrations(settings)
+        db = Database.from_settings(settings)
+        try:
+            cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
+            with transaction(db) as session:
+                if study_repository.by_key(session, study) is None:
+                    studies.create(session, StudyCreate(key=study, name=f"Simulated PAL cohort ({study})",
+                                                        timezone=timezone, template="pal-replication"))
+                ctx = studies.system_context(session, study)
+                written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow())
+                studies.remember_simulation(session, ctx, cohort.truth)
+        except DomainError as exc:
+            raise _fail(exc.detail) from None
+        finally:
+            db.dispose()
+        path = sim.save_truth(settings.data_dir, study, cohort.truth)
+    typer.echo(f"study {study}: {written['participants']} participants, {written['responses']} responses "
+               f"({cohort.truth['online_share']:.0%} online at baseline)")
+    typer.echo(f"true coefficients: {path} (also GET /api/v1/studies/{study}/simulation)")
+
+
+@cli.command()
 def openapi(
     output: Annotated[Path, typer.Option(help="where to write the document")] = ROOT / "openapi" / "openapi.json",
     check: Annotated[bool, typer.Option("--check", help="fail if the file is not current")] = False,

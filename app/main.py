@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.analysis.router import router as analysis_router
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
 from app.core.errors import install_error_handlers
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     install_error_handlers(app)
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
-                   reminders_router, retention_router, links_router):
+                   reminders_router, retention_router, analysis_router, links_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

@@ -46,12 +46,14 @@ def broker_for(db_url: URL, index: int) -> str:
 
 
 def worker_env(settings: Settings, broker: str) -> dict[str, str]:
-    env = env_for(DATABASE_URL=str(settings.database_url), SMTP_URL=str(settings.smtp_url),
-                  COHORT_SECRET_KEY=SECRET_KEY, COHORT_DATA_DIR=str(settings.data_dir),
+    env = env_for(DATABASE_URL=str(settings.database_url), COHORT_SECRET_KEY=SECRET_KEY,
+                  COHORT_DATA_DIR=str(settings.data_dir),
                   COHORT_REMINDER_LEASE_SECONDS=str(settings.reminder_lease_seconds),
                   COHORT_SCAN_INTERVAL_SECONDS=str(settings.scan_interval_seconds), COHORT_LOG_LEVEL="INFO")
     if broker.startswith("redis"):
         env["REDIS_URL"] = broker
+    if settings.smtp_url:
+        env["SMTP_URL"] = settings.smtp_url
     return env
 
 
@@ -211,3 +213,42 @@ def _rng() -> Any:
     import random
 
     return random.Random(5)
+
+
+def test_a_worker_fits_queued_analyses(fresh_db: URL, tmp_path: Path) -> None:
+    from app.analysis.simulate import default_start, generate, write
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database, transaction
+    from app.studies.service import system_context
+
+    broker = broker_for(fresh_db, 12)
+    settings = make_settings(fresh_db, tmp_path, redis_url=broker if broker.startswith("redis") else None)
+    with serve_app(settings, fresh_db) as server, httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN),
+                                                               timeout=60) as client:
+        client.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
+                                             "template": "pal-replication"})
+        db = Database.from_settings(settings)
+        with transaction(db) as session:
+            write(session, system_context(session, "pal"), generate(400, 9, enrolled_from=default_start()),
+                  settings_sealer(settings), datetime.now(UTC))
+        db.dispose()
+        analyst = client.post("/api/v1/tokens", json={"role": "analyst", "label": "PI"}).json()["token"]
+        ids = []
+        for body in ({"model": "table1"}, {"model": "online_attendance"}, {"model": "abstinence"},
+                     {"model": "abstinence", "variant": "model2"}):
+            r = client.post("/api/v1/studies/pal/analyses", json=body, headers=auth(analyst))
+            assert r.status_code == 202 and r.json()["status"] == "queued"
+            ids.append(r.json()["id"])
+        worker = start_worker(worker_env(settings, broker), tmp_path / "worker.log", "--queues", "analysis",
+                              "--concurrency", "1")
+        try:
+            def done() -> bool:
+                states = [client.get(f"/api/v1/analyses/{i}", headers=auth(analyst)).json()["status"] for i in ids]
+                return all(s in ("succeeded", "failed") for s in states)
+
+            wait_for(done, 120, "the worker to fit the four models", interval=1)
+        finally:
+            kill_group(worker, 15)
+        jobs = [client.get(f"/api/v1/analyses/{i}", headers=auth(analyst)).json() for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 4, [j["error"] for j in jobs]
+    assert {j["data"]["snapshot_sha256"] for j in jobs} == {jobs[0]["data"]["snapshot_sha256"]}

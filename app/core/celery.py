@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 QUEUES = ("reminders", "analysis")
 
 TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks",
-                "app.reminders.tasks"]
+                "app.reminders.tasks", "app.analysis.tasks"]
 
 
 def broker_url(settings: Settings) -> str | None:
@@ -33,8 +33,10 @@ def broker_url(settings: Settings) -> str | None:
 
 
 def configure(app: Celery, settings: Settings) -> None:
+    previous = app.conf.broker_url
+    url = broker_url(settings)
     app.conf.update(
-        broker_url=broker_url(settings),
+        broker_url=url,
         broker_connection_retry_on_startup=True,
         # Redis redelivers an unacknowledged task after the visibility timeout; it must exceed
         # the longest task. The SQLAlchemy transport passes these options to create_engine: none.
@@ -54,6 +56,10 @@ def configure(app: Celery, settings: Settings) -> None:
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         beat_schedule=beat_schedule(settings.scan_interval_seconds),
     )
+    if previous != url:
+        # Connection and producer pools are created on first use and keep their broker; a process
+        # that is configured again (an app factory called twice) must not publish to the old one.
+        app._after_fork()
 
 
 HEARTBEAT_SECONDS = 30.0
@@ -69,6 +75,7 @@ def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
     }
     schedule["reminder-scan"] = {"task": "cohort.reminders.scan", "schedule": scan_interval,
                                  "options": {"expires": max(scan_interval - 1, 1)}}
+    schedule["sweep-analyses"] = {"task": "cohort.analysis.sweep", "schedule": 60.0, "options": {"expires": 60}}
     schedule["advance-schedules"] = {"task": "cohort.reminders.advance_schedules", "schedule": 60.0,
                                      "options": {"expires": 60}}
     schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,

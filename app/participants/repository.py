@@ -3,9 +3,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ARRAY, ColumnElement, String, and_, any_, case, delete, exists, literal, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    literal,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from app.participants.models import Contact, Participant, Schedule
@@ -170,3 +185,24 @@ def mark_lost(session: Session, participant_ids: Sequence[uuid.UUID]) -> None:
                exists(has_follow_up), ~exists(follow_up_not_missed))
         .values(status="lost")
     )
+
+
+def complete_waves(session: Session, done: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
+    if done:
+        table = cast(Table, Schedule.__table__)
+        session.connection().execute(  # Core executemany: one statement, many parameter sets
+            update(table).where(table.c.participant_id == bindparam("p"), table.c.wave == bindparam("w"))
+            .values(status="completed", completed_at=bindparam("c")),
+            [{"p": p, "w": w, "c": c} for p, w, c in done],
+        )
+
+
+def set_statuses(session: Session, *, finished: Sequence[uuid.UUID], returned: Sequence[uuid.UUID]) -> None:
+    """After completions: the final wave completes a participant; any completion brings back the lost."""
+    if finished:
+        session.execute(update(Participant).where(Participant.id.in_(finished),
+                                                  Participant.status.in_(("active", "lost")))
+                        .values(status="completed"))
+    if returned:
+        session.execute(update(Participant).where(Participant.id.in_(returned), Participant.status == "lost")
+                        .values(status="active"))

@@ -3,9 +3,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -174,3 +174,14 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) ->
         .group_by(completions.c.wave, completions.c.kind)
     ).all()
 
+
+
+def cancel_pending_waves(session: Session, pairs: Sequence[tuple[uuid.UUID, str]]) -> None:
+    if pairs:
+        table = cast(Table, ReminderSend.__table__)
+        session.connection().execute(
+            update(table).where(table.c.participant_id == bindparam("p"), table.c.wave == bindparam("w"),
+                                table.c.status == "pending")
+            .values(status="cancelled", last_error="wave completed"),
+            [{"p": p, "w": w} for p, w in pairs],
+        )

@@ -94,3 +94,37 @@ def participants_with_stale_derived(session: Session, study_id: uuid.UUID, signa
                                               Response.derived_signature != signature)
         .group_by(Response.participant_id).limit(limit)
     ))
+
+
+def participants_by_external_id(session: Session, study_id: uuid.UUID,
+                                external_ids: set[str]) -> dict[str, Participant]:
+    if not external_ids:
+        return {}
+    rows = session.scalars(select(Participant).where(Participant.study_id == study_id,
+                                                     Participant.external_id.in_(sorted(external_ids))))
+    return {p.external_id: p for p in rows}
+
+
+def existing_waves(session: Session, participant_ids: Sequence[uuid.UUID]) -> set[tuple[uuid.UUID, str]]:
+    if not participant_ids:
+        return set()
+    rows = session.execute(select(Response.participant_id, Response.wave)
+                           .where(Response.participant_id.in_(participant_ids)))
+    return {(pid, wave) for pid, wave in rows}
+
+
+def derived_by_wave(session: Session,
+                    participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, dict[str, Any]]]:
+    out: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
+    if not participant_ids:
+        return out
+    rows = session.execute(select(Response.participant_id, Response.wave, Response.derived)
+                           .where(Response.participant_id.in_(participant_ids)))
+    for pid, wave, derived in rows:
+        out.setdefault(pid, {})[wave] = derived
+    return out
+
+
+def insert_many(session: Session, rows: list[dict[str, Any]]) -> None:
+    for start in range(0, len(rows), 1000):
+        session.execute(insert(Response), rows[start:start + 1000])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -232,3 +233,81 @@ def recompute_stale_derived(session: Session, ctx: StudyContext, *, batch: int =
             updated += 1
     session.flush()
     return updated
+
+
+# -- bulk submission (imports, the simulator) --------------------------------------------------
+
+
+@dataclass
+class NewResponse:
+    external_id: str
+    wave: str
+    answers: dict[str, Any]
+    completed_at: datetime | None = None
+    status: str = "complete"
+
+
+def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], submitted_by: uuid.UUID | None,
+                now: datetime) -> list[dict[str, Any]]:
+    """Validate every item as a first submission and store them all, or none.
+
+    Returns the problems (each located at [index, ...]); empty when everything was stored.
+    The same checks as `submit`: codebook validation, unknown participant or wave, withdrawn
+    participant, an answer already stored for that wave, completion in the future.
+    """
+    codebook = ctx.require_codebook()
+    people = repository.participants_by_external_id(session, ctx.study.id, {i.external_id for i in items})
+    stored = repository.existing_waves(session, [p.id for p in people.values()])
+    errors: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for index, item in enumerate(items):
+        problems: list[dict[str, Any]] = []
+        person = people.get(item.external_id)
+        if item.wave not in codebook.wave_keys:
+            problems.append({"loc": ["wave"], "code": "unknown_wave", "message": f"unknown wave {item.wave!r}"})
+        if person is None:
+            problems.append({"loc": ["external_id"], "code": "unknown_participant",
+                             "message": f"no participant {item.external_id!r}"})
+        elif person.status == "withdrawn":
+            problems.append({"loc": ["external_id"], "code": "withdrawn", "message": "the participant withdrew"})
+        elif (person.id, item.wave) in stored or (item.external_id, item.wave) in seen:
+            problems.append({"loc": ["wave"], "code": "exists",
+                             "message": f"a {item.wave} response is already stored for {item.external_id!r}"})
+        if item.completed_at is not None and item.completed_at > now + participants.CLOCK_SKEW:
+            problems.append({"loc": ["completed_at"], "code": "future", "message": "completed_at is in the future"})
+        if not problems:
+            problems = check_answers(codebook, item.wave, item.answers, item.answers, item.status)
+        seen.add((item.external_id, item.wave))
+        errors.extend({**p, "loc": [index, *p["loc"]]} for p in problems)
+    if errors:
+        return errors
+
+    order = {w: k for k, w in enumerate(codebook.wave_keys)}
+    carried_sources = repository.derived_by_wave(session, [p.id for p in people.values()])
+    rows: list[dict[str, Any]] = []
+    for item in sorted(items, key=lambda i: (i.external_id, order[i.wave])):
+        person = people[item.external_id]
+        mine = carried_sources.setdefault(person.id, {})
+        sources = carried_from(codebook, item.wave)
+        carried = {code: mine.get(src, {}).get(code) for code, src in sources.items()}
+        derived = compute_derived(codebook, item.wave, item.answers, carried)
+        mine[item.wave] = derived
+        completed_at = (item.completed_at or now) if item.status == "complete" else None
+        rows.append(dict(
+            id=uuid.uuid4(), study_id=ctx.study.id, participant_id=person.id, wave=item.wave, status=item.status,
+            answers=item.answers, derived=derived, derived_signature=codebook.derived_signature,
+            codebook_revision=ctx.revision or 1, late=_is_late(codebook, person, item.wave, completed_at or now),
+            completed_at=completed_at, received_at=now, updated_at=now, submitted_by=submitted_by,
+        ))
+    repository.insert_many(session, rows)
+    done = [r for r in rows if r["status"] == "complete"]
+    participants_repo.complete_waves(session, [(r["participant_id"], r["wave"], r["completed_at"]) for r in done])
+    reminders_repo.cancel_pending_waves(session, [(r["participant_id"], r["wave"]) for r in done])
+    final = codebook.wave_keys[-1]
+    participants_repo.set_statuses(
+        session,
+        finished=[r["participant_id"] for r in done if r["wave"] == final],
+        returned=[r["participant_id"] for r in done if r["wave"] != final],
+    )
+    session.flush()
+    return []

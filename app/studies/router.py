@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.core.db import SessionDep, on_commit
+from app.core.errors import NotFound
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
 from app.core.security import AnyRole, Coordinator, Reader
@@ -69,6 +70,14 @@ def put_codebook(document: dict[str, Any], principal: Coordinator, study: StudyF
         key = study.study.key
         on_commit(session, lambda: recompute_derived.delay(key))
     return service.to_out(ctx)
+
+
+@router.get("/{key}/simulation", summary="True coefficients of a simulated cohort (cohort simulate)")
+def get_simulation(principal: Reader, study: StudyFromPath) -> dict[str, Any]:
+    simulations = (study.study.settings or {}).get("simulations")
+    if not simulations:
+        raise NotFound(f"study {study.study.key!r} holds no simulated cohort")
+    return {"seeds": simulations}
 
 
 @router.get("/{key}/codebook", summary="The codebook in force, exactly as installed")

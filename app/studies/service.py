@@ -124,6 +124,15 @@ def install_codebook(session: Session, study: Study, codebook: Codebook) -> int:
     return revision
 
 
+def remember_simulation(session: Session, ctx: StudyContext, truth: dict[str, Any]) -> None:
+    study = session.get(Study, ctx.study.id)
+    assert study is not None
+    simulations = dict((study.settings or {}).get("simulations", {}))
+    simulations[str(truth["seed"])] = truth
+    study.settings = {**(study.settings or {}), "simulations": simulations}
+    session.flush()
+
+
 def to_out(ctx: StudyContext) -> StudyOut:
     cb = ctx.codebook
     return StudyOut(

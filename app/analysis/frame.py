@@ -1,0 +1,150 @@
+"""The analysis frame: one row per complete response, item codes and derived variables as columns.
+
+Built by one streaming query that pulls each item out of the stored raw answers (JSONB) and
+the derived values beside them; rows whose derived values were computed under older
+definitions are recomputed from the codebook in force. Participants appear as study-salted
+pseudonyms, never as external ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Text, bindparam, cast, func, select
+from sqlalchemy.orm import Session
+
+from app.core.crypto import pseudonym
+from app.instruments.codebook import Codebook
+from app.participants.models import Participant
+from app.responses.models import Response
+from app.responses.validation import carried_from, compute_derived
+
+ID_COLUMNS = ("participant", "wave", "completed_at")
+
+
+def columns_of(codebook: Codebook) -> tuple[list[str], list[str]]:
+    return list(codebook.items), [d.code for d in codebook.derived]
+
+
+def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
+                     as_of: datetime | None) -> str:
+    """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the snapshot."""
+    query = select(
+        func.count(),
+        func.coalesce(func.sum(func.hashtextextended(
+            cast(Response.id, Text) + cast(Response.updated_at, Text) + Response.derived_signature, 0)), 0),
+    ).where(Response.study_id == study_id, Response.status == "complete")
+    if as_of is not None:
+        query = query.where(Response.completed_at <= as_of)
+    count, digest = session.execute(query).one()
+    raw = f"{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _typed(values: list[Any], kind: str) -> pd.Series:
+    if kind == "boolean":
+        return pd.Series([None if v is None else v == "true" for v in values], dtype="boolean")
+    if kind == "integer":
+        return pd.Series(pd.to_numeric(pd.Series(values, dtype="object"), errors="coerce")).astype("Int64")
+    if kind == "number":
+        return pd.Series(pd.to_numeric(pd.Series(values, dtype="object"), errors="coerce"), dtype="float64")
+    return pd.Series(values, dtype="string")
+
+
+def load(session: Session, study_id: uuid.UUID, codebook: Codebook, secret: str, *,
+         as_of: datetime | None = None, batch: int = 20_000) -> pd.DataFrame:
+    items, derived = columns_of(codebook)
+    answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
+    derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
+    query = (
+        select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
+               Response.derived_signature, Response.answers, *answer_cols, *derived_cols)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Response.study_id == study_id, Response.status == "complete")
+        .order_by(Response.participant_id, Response.wave)
+    )
+    if as_of is not None:
+        query = query.where(Response.completed_at <= bindparam("as_of", as_of))
+    columns: dict[str, list[Any]] = {c: [] for c in (*ID_COLUMNS, *items, *derived)}
+    stale: list[int] = []
+    raw_answers: dict[int, tuple[str, str, dict[str, Any]]] = {}
+    salt = str(study_id)
+    names: dict[str, str] = {}
+    result = session.execute(query.execution_options(stream_results=True, yield_per=batch))
+    for i, row in enumerate(result):
+        pid = str(row[0])
+        if pid not in names:
+            names[pid] = pseudonym(secret, salt, row[1])
+        columns["participant"].append(names[pid])
+        columns["wave"].append(row[2])
+        columns["completed_at"].append(row[3])
+        for j, code in enumerate(items):
+            columns[code].append(row[6 + j])
+        for j, code in enumerate(derived):
+            columns[code].append(row[6 + len(items) + j])
+        if row[4] != codebook.derived_signature:
+            stale.append(i)
+            raw_answers[i] = (pid, row[2], row[5])
+    if stale:
+        _recompute(columns, stale, raw_answers, codebook, derived)
+    kinds = {code: item.type for code, item in codebook.items.items()}
+    kinds.update({d.code: d.type for d in codebook.derived})
+    frame = pd.DataFrame({
+        "participant": pd.Series(columns["participant"], dtype="string"),
+        "wave": pd.Series(columns["wave"], dtype="string"),
+        "completed_at": pd.to_datetime(pd.Series(columns["completed_at"], dtype="object"), utc=True),
+        **{code: _typed(columns[code], kinds[code]) for code in (*items, *derived)},
+    })
+    return frame
+
+
+def _recompute(columns: dict[str, list[Any]], stale: list[int], raw: dict[int, tuple[str, str, dict[str, Any]]],
+               codebook: Codebook, derived: list[str]) -> None:
+    """Rows computed under older definitions: derive again, source waves first for carried values."""
+    by_participant: dict[str, dict[str, dict[str, Any]]] = {}
+    for i in stale:
+        pid, wave, answers = raw[i]
+        by_participant.setdefault(pid, {})[wave] = answers
+    order = {w: k for k, w in enumerate(codebook.wave_keys)}
+    values: dict[tuple[str, str], dict[str, Any]] = {}
+    for pid, waves in by_participant.items():
+        done: dict[str, dict[str, Any]] = {}
+        for wave in sorted(waves, key=lambda w: order.get(w, 99)):
+            sources = carried_from(codebook, wave)
+            carried = {code: done.get(src, {}).get(code) for code, src in sources.items()}
+            done[wave] = compute_derived(codebook, wave, waves[wave], carried)
+            values[(pid, wave)] = done[wave]
+    for i in stale:
+        pid, wave, _ = raw[i]
+        for code in derived:
+            v = values[(pid, wave)].get(code)
+            columns[code][i] = None if v is None else (json.dumps(v) if isinstance(v, bool) else str(v))
+
+
+def snapshot_sha256(frame: pd.DataFrame) -> str:
+    """Content hash of the frame: columns, types and every value, independent of memory layout."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([(c, str(t)) for c, t in frame.dtypes.items()]).encode())
+    hashed = pd.util.hash_pandas_object(frame, index=False, categorize=False).to_numpy(dtype=np.uint64)
+    digest.update(hashed.tobytes())
+    return digest.hexdigest()
+
+
+def to_parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def from_parquet(data: bytes) -> pd.DataFrame:
+    frame: pd.DataFrame = pq.read_table(io.BytesIO(data)).to_pandas()
+    return frame

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.models import Base, created_at, uuid_pk
+
+ANALYSIS_STATUSES = ("queued", "running", "succeeded", "failed")
+MODELS = ("table1", "online_attendance", "abstinence")
+
+
+class Analysis(Base):
+    """One model fit: the request, its state, and once done the data snapshot and the results."""
+
+    __tablename__ = "analyses"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in ANALYSIS_STATUSES)})", name="status"),
+        CheckConstraint(f"model IN ({', '.join(repr(m) for m in MODELS)})", name="model"),
+        Index("ix_analyses_study_created", "study_id", "created_at"),
+        Index("ix_analyses_reuse", "study_id", "model", "variant", "data_fingerprint"),
+        Index("ix_analyses_queued", "created_at", postgresql_where="status = 'queued'"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+    )
+    model: Mapped[str] = mapped_column(String(40), nullable=False)
+    variant: Mapped[str] = mapped_column(String(40), nullable=False, default="")
+    as_of: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="queued")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    snapshot_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    software: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    results: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
+    requested_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Snapshot(Base):
+    """The exact analysis frame a fit used (Parquet), kept so a result can be cited and re-checked."""
+
+    __tablename__ = "analysis_snapshots"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    rows: Mapped[int] = mapped_column(Integer, nullable=False)
+    participants: Mapped[int] = mapped_column(Integer, nullable=False)
+    parquet: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = created_at()

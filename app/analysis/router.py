@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import select
+
+from app.analysis import frame as frames
+from app.analysis import service
+from app.analysis.models import Analysis
+from app.analysis.schemas import AnalysisData, AnalysisIn, AnalysisOut, AnalysisQueued
+from app.core.db import SessionDep
+from app.core.errors import Forbidden
+from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
+from app.core.routing import RoleRoute
+from app.core.security import Analyst, Principal, Reader
+from app.idempotency.service import IdempotencyDep
+from app.studies.deps import StudyFromPath
+
+router = APIRouter(tags=["analyses"], route_class=RoleRoute)
+
+_templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
+
+
+def to_out(job: Analysis, study_key: str) -> AnalysisOut:
+    return AnalysisOut(
+        id=job.id, study=study_key, model=job.model, variant=job.variant or None,
+        status=job.status,
+        error=job.error, requested_as_of=job.as_of,
+        data=AnalysisData(**job.data) if job.data else None, software=job.software, results=job.results,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+@router.post("/api/v1/studies/{key}/analyses", status_code=202, response_model=AnalysisQueued,
+             summary="Queue a model fit on the data as it stands",
+             description="Poll GET /api/v1/analyses/{id}. An identical request on unchanged data returns the "
+                         "existing job (possibly already succeeded) instead of fitting again.")
+def request_analysis(body: AnalysisIn, principal: Analyst, study: StudyFromPath, session: SessionDep,
+                     idem: IdempotencyDep) -> JSONResponse:
+    idem.check(body)
+    job, reused = service.request(session, study, model=body.model, variant=body.variant, as_of=body.as_of,
+                                  requested_by=principal.token_id)
+    out = AnalysisQueued(id=job.id, status=job.status, model=job.model,
+                         variant=job.variant or None, reused=reused)
+    return idem.remember(202, out, headers={"Location": f"/api/v1/analyses/{job.id}"})
+
+
+@router.get("/api/v1/studies/{key}/analyses", response_model=Page[AnalysisOut], summary="A study's analyses")
+def list_analyses(principal: Reader, study: StudyFromPath, session: SessionDep,
+                  model: Literal["table1", "online_attendance", "abstinence"] | None = None,
+                  limit: LimitQuery = 50, cursor: CursorQuery = None) -> Page[AnalysisOut]:
+    from sqlalchemy import tuple_
+
+    query = select(Analysis).where(Analysis.study_id == study.study.id)
+    if model is not None:
+        query = query.where(Analysis.model == model)
+    after = decode_time_id(cursor)
+    if after is not None:
+        query = query.where(tuple_(Analysis.created_at, Analysis.id) > tuple_(*after))
+    rows = list(session.scalars(query.order_by(Analysis.created_at, Analysis.id).limit(limit + 1)))
+    page = page_of(rows, limit, time_id_key)
+    return Page(items=[to_out(j, study.study.key) for j in page.items], next_cursor=page.next_cursor)
+
+
+def _visible(session: SessionDep, analysis_id: uuid.UUID, principal: Principal) -> tuple[Analysis, str]:
+    job, key = service.get(session, analysis_id)
+    if not principal.may_access_study(job.study_id):
+        raise Forbidden("this token is limited to another study")
+    return job, key
+
+
+@router.get("/api/v1/analyses/{analysis_id}", response_model=AnalysisOut, summary="An analysis and its results")
+def get_analysis(analysis_id: uuid.UUID, principal: Reader, session: SessionDep) -> AnalysisOut:
+    return to_out(*_visible(session, analysis_id, principal))
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
+
+
+def _pfmt(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+@router.get("/api/v1/analyses/{analysis_id}/report", response_class=HTMLResponse,
+            summary="The results as a readable HTML table (the same numbers)")
+def report(analysis_id: uuid.UUID, principal: Reader, session: SessionDep) -> HTMLResponse:
+    job, key = _visible(session, analysis_id, principal)
+    out = to_out(job, key)
+    title = {"table1": "Table 1", "online_attendance": "Online attendance (logistic regression)",
+             "abstinence": f"Abstinence over time (GEE, {job.variant})"}[job.model]
+    html = _templates.get_template("report.html").render(
+        title=title, study=key, id=job.id, status=job.status, error=job.error, data=out.data,
+        software=job.software, results=job.results, fmt=_fmt, pfmt=_pfmt)
+    return HTMLResponse(html)
+
+
+@router.get("/api/v1/analyses/{analysis_id}/frame", summary="The exact data snapshot the fit used",
+            response_class=Response,
+            responses={200: {"content": {"application/vnd.apache.parquet": {}, "text/csv": {}}}})
+def snapshot_frame(analysis_id: uuid.UUID, principal: Analyst, session: SessionDep,
+                   format: Annotated[Literal["parquet", "csv"], Query()] = "parquet") -> Response:
+    job, _ = _visible(session, analysis_id, principal)
+    if job.snapshot_sha256 is None:
+        from app.core.errors import Conflict
+
+        raise Conflict(f"analysis {analysis_id} has no data snapshot yet (status {job.status})")
+    snap = service.snapshot(session, job.snapshot_sha256)
+    name = f"analysis-{analysis_id}-{snap.sha256[:12]}"
+    if format == "parquet":
+        return Response(snap.parquet, media_type="application/vnd.apache.parquet",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.parquet"'})
+    buffer = io.StringIO()
+    frames.from_parquet(snap.parquet).to_csv(buffer, index=False)
+    return Response(buffer.getvalue(), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})

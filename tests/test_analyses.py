@@ -1,0 +1,314 @@
+"""The contract's models through the API, against statsmodels fitted here on the exported frame,
+and against a simulated cohort whose true effects are known."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy import stats as scipy_stats
+from statsmodels.genmod.cov_struct import Exchangeable
+from statsmodels.genmod.generalized_estimating_equations import GEE
+
+from app.analysis import service as analyses
+from app.analysis.simulate import default_start, generate, write
+from app.core.crypto import settings_sealer
+from app.core.db import Database, transaction
+from app.core.settings import Settings
+from app.studies.service import system_context
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import auth, create_study, create_token
+
+pytestmark = pytest.mark.anyio
+
+BASE = "/api/v1/studies/pal"
+ONLINE_TERMS = ["intercept", "woman", "age", "white", "hispanic", "married", "college", "employed", "alcohol_recent",
+                "drug_recent", "aud_severity", "self_efficacy_score", "multiple_groups", "goal_abstinence",
+                "primary_group[smart]", "primary_group[lifering]", "primary_group[wfs]"]
+GEE_TERMS = ["intercept", "online", "wave[month6]", "wave[month12]", "online:wave[month6]", "online:wave[month12]",
+             "woman", "age", "aud_severity"]
+MODEL2_TERMS = [*GEE_TERMS, "primary_group[smart]", "primary_group[lifering]", "primary_group[wfs]",
+                "multiple_groups"]
+
+
+def simulate_into(database: Database, settings: Settings, n: int, seed: int) -> dict[str, Any]:
+    cohort = generate(n, seed, enrolled_from=default_start())
+    with transaction(database) as session:
+        write(session, system_context(session, "pal"), cohort, settings_sealer(settings), datetime.now(UTC))
+    return cohort.truth
+
+
+@pytest.fixture
+async def analyst(admin: httpx.AsyncClient) -> str:
+    await create_study(admin, ADMIN_TOKEN, key="pal")
+    return await create_token(admin, ADMIN_TOKEN, "analyst")
+
+
+async def fit(client: httpx.AsyncClient, token: str, database: Database, settings: Settings,
+              body: dict[str, Any]) -> dict[str, Any]:
+    r = await client.post(f"{BASE}/analyses", json=body, headers=auth(token))
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/api/v1/analyses/{r.json()['id']}"
+    analyses.run(database, settings, r.json()["id"])  # what the worker does (a real worker: test_workers.py)
+    got = await client.get(f"/api/v1/analyses/{r.json()['id']}", headers=auth(token))
+    assert got.status_code == 200
+    job: dict[str, Any] = got.json()
+    return job
+
+
+# -- independent fits, written from the contract's definitions ------------------------------------
+
+
+def baseline_design(frame: pd.DataFrame) -> pd.DataFrame:
+    b = frame[frame["wave"] == "baseline"].set_index("participant").sort_index()
+    d = pd.DataFrame(index=b.index)
+    d["online"] = b["online_30d"].astype(float)
+    d["woman"] = (b["gender"] == "woman").astype(float)
+    d["age"] = b["age"].astype(float)
+    d["white"] = (b["race"] == "white").astype(float)
+    d["hispanic"] = b["hispanic"].astype(float)
+    d["married"] = (b["marital_status"] == "married_partnered").astype(float)
+    d["college"] = b["education"].isin(["bachelors", "graduate"]).astype(float)
+    d["employed"] = b["employment"].isin(["full_time", "part_time"]).astype(float)
+    d["alcohol_recent"] = (b["alcohol_last_use"] == "within_30d").astype(float)
+    d["drug_recent"] = b["drug_last_use"].isin(["within_30d", "30d_to_1y"]).astype(float)
+    d["aud_severity"] = b["aud_severity"].astype(float)
+    d["self_efficacy_score"] = b["self_efficacy_score"].astype(float)
+    d["multiple_groups"] = b["multiple_groups"].astype(float)
+    d["goal_abstinence"] = (b["recovery_goal"] == "abstinence_forever").astype(float)
+    d["group"] = b["primary_group"]
+    for g in ("smart", "lifering", "wfs"):
+        d[f"primary_group[{g}]"] = (b["primary_group"] == g).astype(float)
+    d["intercept"] = 1.0
+    return d
+
+
+def statsmodels_logit(frame: pd.DataFrame) -> Any:
+    d = baseline_design(frame)
+    d = d[~d["group"].isin(["other", "none"])].dropna(subset=["online", *ONLINE_TERMS[1:]])
+    return sm.Logit(d["online"], d[ONLINE_TERMS]).fit(disp=0, method="newton", maxiter=100)
+
+
+def statsmodels_gee(frame: pd.DataFrame, model2: bool) -> Any:
+    d = baseline_design(frame)
+    if model2:
+        d = d[~d["group"].isin(["other", "none"])]
+    long = frame[["participant", "wave", "abstinent_30d"]].merge(d, left_on="participant", right_index=True)
+    long["abstinent"] = long["abstinent_30d"].astype(float)
+    for w in ("month6", "month12"):
+        long[f"wave[{w}]"] = (long["wave"] == w).astype(float)
+        long[f"online:wave[{w}]"] = long["online"] * long[f"wave[{w}]"]
+    terms = MODEL2_TERMS if model2 else GEE_TERMS
+    long = long.dropna(subset=["abstinent", *terms])
+    long["w"] = long["wave"].map({"baseline": 0, "month6": 1, "month12": 2})
+    long = long.sort_values(["participant", "w"]).reset_index(drop=True)
+    model = GEE(long["abstinent"], long[terms], groups=pd.factorize(long["participant"])[0],
+                family=sm.families.Binomial(), cov_struct=Exchangeable())
+    return model.fit(maxiter=100)
+
+
+def assert_same(job: dict[str, Any], reference: Any, terms: list[str]) -> None:
+    coefficients = {c["term"]: c for c in job["results"]["coefficients"]}
+    assert list(coefficients) == terms  # the contract's names, in its order
+    for term in terms:
+        assert abs(coefficients[term]["estimate"] - reference.params[term]) < 1e-8, term
+        assert abs(coefficients[term]["std_error"] - reference.bse[term]) < 1e-8, term
+        assert abs(coefficients[term]["p_value"] - reference.pvalues[term]) < 1e-8, term
+        low, high = np.exp(reference.conf_int(0.05).loc[term])
+        assert coefficients[term]["ci_low"] == pytest.approx(low, rel=1e-9)
+        assert coefficients[term]["ci_high"] == pytest.approx(high, rel=1e-9)
+        assert coefficients[term]["odds_ratio"] == pytest.approx(math.exp(reference.params[term]), rel=1e-12)
+
+
+async def exported_frame(client: httpx.AsyncClient, token: str, job: dict[str, Any]) -> pd.DataFrame:
+    r = await client.get(f"/api/v1/analyses/{job['id']}/frame", headers=auth(token))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.apache.parquet"
+    frame = pd.read_parquet(io.BytesIO(r.content))
+    assert len(frame) == job["data"]["n_observations"]
+    assert frame["participant"].nunique() == job["data"]["n_participants"]
+    return frame
+
+
+@pytest.fixture
+async def cohort(app_client: httpx.AsyncClient, analyst: str, database: Database,
+                 settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    yield simulate_into(database, settings, 700, seed=11)
+
+
+async def test_online_attendance_equals_statsmodels_on_the_exported_frame(
+    app_client: httpx.AsyncClient, analyst: str, database: Database, settings: Settings, cohort: dict[str, Any]
+) -> None:
+    job = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["software"]["statsmodels"] == sm.__version__ and job["software"]["python"]
+    assert len(job["data"]["snapshot_sha256"]) == 64 and job["data"]["n_participants"] == 700
+    reference = statsmodels_logit(await exported_frame(app_client, analyst, job))
+    assert_same(job, reference, ONLINE_TERMS)
+    results = job["results"]
+    assert results["n"] == reference.nobs and results["converged"] is True
+    excluded = {e["reason"]: e["n"] for e in results["n_excluded"]}
+    assert set(excluded) <= {"primary_group is other", "primary_group is none", "missing a model variable"}
+    assert sum(excluded.values()) == 700 - results["n"]
+
+
+@pytest.mark.parametrize("variant", [None, "model2"])
+async def test_abstinence_gee_equals_statsmodels_on_the_exported_frame(
+    app_client: httpx.AsyncClient, analyst: str, database: Database, settings: Settings, cohort: dict[str, Any],
+    variant: str | None,
+) -> None:
+    body = {"model": "abstinence", **({"variant": variant} if variant else {})}
+    job = await fit(app_client, analyst, database, settings, body)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["variant"] == (variant or "model1")
+    reference = statsmodels_gee(await exported_frame(app_client, analyst, job), model2=variant == "model2")
+    assert_same(job, reference, MODEL2_TERMS if variant else GEE_TERMS)
+    results = job["results"]
+    assert results["n"] == reference.nobs
+    assert results["within_participant_correlation"] == pytest.approx(reference.model.cov_struct.dep_params, abs=1e-10)
+    assert results["working_correlation"] == "exchangeable" and results["family"] == "binomial"
+
+
+async def test_table1_matches_scipy(app_client: httpx.AsyncClient, analyst: str, database: Database,
+                                    settings: Settings, cohort: dict[str, Any]) -> None:
+    job = await fit(app_client, analyst, database, settings, {"model": "table1"})
+    assert job["status"] == "succeeded", job["error"]
+    frame = await exported_frame(app_client, analyst, job)
+    base = frame[frame["wave"] == "baseline"]
+    online = base["online_30d"].astype(bool)
+    rows = {v["variable"]: v for v in job["results"]["variables"]}
+    assert job["results"]["n"] == {"online": int(online.sum()), "not_online": int((~online).sum())}
+    age = rows["age"]
+    welch = scipy_stats.ttest_ind(base.loc[online, "age"].astype(float), base.loc[~online, "age"].astype(float),
+                                  equal_var=False)
+    assert age["test"] == "welch-t" and age["p_value"] == pytest.approx(welch.pvalue, rel=1e-9)
+    assert age["online"]["mean"] == pytest.approx(base.loc[online, "age"].astype(float).mean())
+    gender = rows["gender"]
+    table = pd.crosstab(base["gender"], online)
+    _, p, dof, _ = scipy_stats.chi2_contingency(table.to_numpy(), correction=False)
+    assert gender["test"] == "chi-square" and gender["p_value"] == pytest.approx(p, rel=1e-9) and gender["df"] == dof
+    woman = next(level for level in gender["levels"] if level["level"] == "woman")
+    assert woman["online"]["n"] == int(((base["gender"] == "woman") & online).sum())
+    report = await app_client.get(f"/api/v1/analyses/{job['id']}/report", headers=auth(analyst))
+    assert report.status_code == 200 and "Baseline characteristics" in report.text
+
+
+async def test_identical_requests_on_unchanged_data_reuse_the_result(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any],
+) -> None:
+    first = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    again = await app_client.post(f"{BASE}/analyses", json={"model": "online_attendance"}, headers=auth(analyst))
+    assert again.status_code == 202
+    assert again.json() == {"id": first["id"], "status": "succeeded", "model": "online_attendance", "variant": None,
+                            "reused": True}
+    # a correction changes the data: a new fit, with another snapshot
+    listed = (await admin.get(f"{BASE}/responses", params={"wave": "baseline", "limit": 1})).json()["items"][0]
+    r = await admin.patch(f"{BASE}/responses/{listed['id']}", json={"answers": {"age": 77}, "reason": "typo"})
+    assert r.status_code == 200
+    second = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert second["id"] != first["id"]
+    assert second["data"]["snapshot_sha256"] != first["data"]["snapshot_sha256"]
+    report = await app_client.get(f"/api/v1/analyses/{second['id']}/report", headers=auth(analyst))
+    woman = next(c for c in second["results"]["coefficients"] if c["term"] == "woman")
+    assert f"{woman['odds_ratio']:.3f}" in report.text and f"{woman['ci_low']:.3f}" in report.text
+    listing = (await app_client.get(f"{BASE}/analyses", headers=auth(analyst))).json()["items"]
+    assert [a["id"] for a in listing] == [first["id"], second["id"]]
+
+
+async def test_the_same_snapshot_gives_the_same_numbers(database: Database, settings: Settings,
+                                                        admin: httpx.AsyncClient) -> None:
+    from app.analysis import frame as frames
+    from app.analysis.stats import abstinence
+
+    await create_study(admin, ADMIN_TOKEN, key="pal")
+    simulate_into(database, settings, 300, seed=5)
+    with transaction(database) as session:
+        ctx = system_context(session, "pal")
+        one = frames.load(session, ctx.study.id, ctx.require_codebook(), settings.secret())
+        two = frames.load(session, ctx.study.id, ctx.require_codebook(), settings.secret())
+    assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
+    assert abstinence(one) == abstinence(two)
+    restored = frames.from_parquet(frames.to_parquet(one))
+    assert frames.snapshot_sha256(restored) == frames.snapshot_sha256(one)
+
+
+async def test_bad_data_fails_with_a_readable_message(app_client: httpx.AsyncClient, admin: httpx.AsyncClient,
+                                                      analyst: str, database: Database, settings: Settings) -> None:
+    empty = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert empty["status"] == "failed" and "no complete" in empty["error"]
+
+    cohort = generate(120, 3, enrolled_from=default_start())
+    for r in cohort.responses:  # everyone in the model's groups is in SMART Recovery
+        if r.answers.get("primary_group") not in (None, "none", "other"):
+            r.answers["primary_group"] = "smart"
+            r.answers["groups_30d"] = ["smart"]
+    with transaction(database) as session:
+        write(session, system_context(session, "pal"), cohort, settings_sealer(settings), datetime.now(UTC))
+    one_group = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert one_group["status"] == "failed" and "only one primary group" in one_group["error"]
+    model2 = await fit(app_client, analyst, database, settings, {"model": "abstinence", "variant": "model2"})
+    assert model2["status"] == "failed" and "only one primary group" in model2["error"]
+    model1 = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert model1["status"] == "succeeded"  # model 1 does not use primary_group
+
+
+async def test_perfect_separation_fails_cleanly(app_client: httpx.AsyncClient, analyst: str, database: Database,
+                                                settings: Settings) -> None:
+    cohort = generate(150, 4, enrolled_from=default_start())
+    rng = random.Random(4)
+    for r in cohort.responses:
+        if r.wave == "baseline":  # online attendance exactly when a woman: woman separates the outcome
+            woman = r.answers["gender"] == "woman"
+            r.answers["meetings_30d"] = max(r.answers["meetings_30d"], 1)
+            r.answers["online_meetings_30d"] = rng.randint(1, r.answers["meetings_30d"]) if woman else 0
+    with transaction(database) as session:
+        write(session, system_context(session, "pal"), cohort, settings_sealer(settings), datetime.now(UTC))
+    job = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert job["status"] == "failed"
+    assert "separation" in job["error"] or "converge" in job["error"]
+
+
+async def test_requests_are_validated(app_client: httpx.AsyncClient, analyst: str, admin: httpx.AsyncClient) -> None:
+    r = await app_client.post(f"{BASE}/analyses", json={"model": "cox"}, headers=auth(analyst))
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["model"]
+    r = await app_client.post(f"{BASE}/analyses", json={"model": "table1", "variant": "model2"}, headers=auth(analyst))
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["variant"]
+    collector = await create_token(admin, ADMIN_TOKEN, "collector")
+    r = await app_client.post(f"{BASE}/analyses", json={"model": "table1"}, headers=auth(collector))
+    assert r.status_code == 403
+    r = await app_client.get("/api/v1/analyses/00000000-0000-0000-0000-000000000000", headers=auth(analyst))
+    assert r.status_code == 404
+
+
+@pytest.mark.slow
+def test_simulated_true_effects_are_recovered() -> None:
+    """5,000 participants, three seeds: the true odds ratios fall inside the reported 95 % intervals."""
+    from app.analysis.stats import abstinence, online_attendance
+    from tests.simulated import frame_of
+
+    covered, total, misses = 0, 0, []
+    for seed in (101, 202, 303):
+        cohort = generate(5000, seed, enrolled_from=default_start())
+        frame = frame_of(cohort)
+        for key, result in (("online_attendance", online_attendance(frame)),
+                            ("abstinence", abstinence(frame)),
+                            ("abstinence_model2", abstinence(frame, "model2"))):
+            for c in result["coefficients"]:
+                true_or = math.exp(cohort.truth[key][c["term"]])
+                total += 1
+                if c["ci_low"] <= true_or <= c["ci_high"]:
+                    covered += 1
+                else:
+                    misses.append((seed, key, c["term"]))
+    assert total == 3 * (17 + 9 + 13)
+    assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 117 intervals
+    assert 0.30 <= cohort.truth["online_share"] <= 0.42  # close to the study's 36 % online
