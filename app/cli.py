@@ -270,7 +270,8 @@ def simulate(
             with transaction(db) as session:
                 if study_repository.by_key(session, study) is None:
                     studies.create(session, StudyCreate(key=study, name=f"Simulated PAL cohort ({study})",
-                                                        timezone=timezone, template="pal-replication"))
+                                                        timezone=timezone, template="pal-replication"),
+                                   settings_sealer(settings))
                 ctx = studies.system_context(session, study)
                 written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow())
                 studies.remember_simulation(session, ctx, cohort.truth)
@@ -282,6 +283,25 @@ def simulate(
     typer.echo(f"study {study}: {written['participants']} participants, {written['responses']} responses "
                f"({cohort.truth['online_share']:.0%} online at baseline)")
     typer.echo(f"true coefficients: {path} (also GET /api/v1/studies/{study}/simulation)")
+
+
+@cli.command("rotate-keys")
+def rotate_keys() -> None:
+    """Re-seal contact data and other sealed values under the current COHORT_SECRET_KEY."""
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database
+    from app.privacy.service import rotate
+
+    with database_runtime() as settings:
+        if not settings.old_secrets():
+            typer.echo("note: COHORT_OLD_SECRET_KEYS is empty, so only values sealed with the current key can be read")
+        db = Database.from_settings(settings)
+        try:
+            counts = rotate(db, settings_sealer(settings))
+        finally:
+            db.dispose()
+    for name, n in counts.items():
+        typer.echo(f"{name}: {n} re-sealed")
 
 
 @cli.command()

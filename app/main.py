@@ -10,11 +10,14 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.analysis.router import router as analysis_router
+from app.audit.router import router as audit_router
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
 from app.core.errors import install_error_handlers
 from app.core.middleware import BodyLimit, JsonOnly
+from app.core.ratelimit import RateLimit
 from app.core.settings import Settings, get_settings
+from app.exports.router import router as exports_router
 from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
@@ -72,7 +75,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     install_error_handlers(app)
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
-                   reminders_router, retention_router, analysis_router, links_router):
+                   reminders_router, retention_router, analysis_router, audit_router, exports_router,
+                   links_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:
@@ -80,4 +84,5 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     app.add_middleware(JsonOnly)
     app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url)
     return app

@@ -24,7 +24,7 @@ from app.analysis.simulate import default_start, generate, write
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.core.settings import Settings
-from app.studies.service import system_context
+from app.studies.service import pseudonymiser, system_context
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import auth, create_study, create_token
 
@@ -233,8 +233,9 @@ async def test_the_same_snapshot_gives_the_same_numbers(database: Database, sett
     simulate_into(database, settings, 300, seed=5)
     with transaction(database) as session:
         ctx = system_context(session, "pal")
-        one = frames.load(session, ctx.study.id, ctx.require_codebook(), settings.secret())
-        two = frames.load(session, ctx.study.id, ctx.require_codebook(), settings.secret())
+        pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
+        one = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
+        two = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
     assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
     assert abstinence(one) == abstinence(two)
     restored = frames.from_parquet(frames.to_parquet(one))

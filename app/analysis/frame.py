@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,6 @@ import pyarrow.parquet as pq
 from sqlalchemy import Text, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
-from app.core.crypto import pseudonym
 from app.instruments.codebook import Codebook
 from app.participants.models import Participant
 from app.responses.models import Response
@@ -60,7 +60,7 @@ def _typed(values: list[Any], kind: str) -> pd.Series:
     return pd.Series(values, dtype="string")
 
 
-def load(session: Session, study_id: uuid.UUID, codebook: Codebook, secret: str, *,
+def load(session: Session, study_id: uuid.UUID, codebook: Codebook, pseudonymise: Callable[[str], str], *,
          as_of: datetime | None = None, batch: int = 20_000) -> pd.DataFrame:
     items, derived = columns_of(codebook)
     answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
@@ -77,13 +77,12 @@ def load(session: Session, study_id: uuid.UUID, codebook: Codebook, secret: str,
     columns: dict[str, list[Any]] = {c: [] for c in (*ID_COLUMNS, *items, *derived)}
     stale: list[int] = []
     raw_answers: dict[int, tuple[str, str, dict[str, Any]]] = {}
-    salt = str(study_id)
     names: dict[str, str] = {}
     result = session.execute(query.execution_options(stream_results=True, yield_per=batch))
     for i, row in enumerate(result):
         pid = str(row[0])
         if pid not in names:
-            names[pid] = pseudonym(secret, salt, row[1])
+            names[pid] = pseudonymise(row[1])
         columns["participant"].append(names[pid])
         columns["wave"].append(row[2])
         columns["completed_at"].append(row[3])

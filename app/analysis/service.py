@@ -22,12 +22,13 @@ from app.analysis import frame as frames
 from app.analysis.models import Analysis, Snapshot
 from app.analysis.stats import run_model
 from app.analysis.variables import ModelError
+from app.core.crypto import settings_sealer
 from app.core.db import Database, on_commit, transaction
 from app.core.errors import Invalid, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.studies.models import Study
-from app.studies.service import StudyContext, system_context
+from app.studies.service import StudyContext, pseudonymiser, system_context
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ def _fit(db: Database, settings: Settings, study_id: uuid.UUID, model: str, vari
         key = session.scalar(select(Study.key).where(Study.id == study_id))
         assert key is not None
         ctx = system_context(session, key)
-        frame = frames.load(session, study_id, ctx.require_codebook(), settings.secret(), as_of=as_of)
+        pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
+        frame = frames.load(session, study_id, ctx.require_codebook(), pseudonymise, as_of=as_of)
     sha = frames.snapshot_sha256(frame)
     with transaction(db) as session:
         session.execute(insert(Snapshot).values(

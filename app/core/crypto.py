@@ -78,10 +78,31 @@ def sealer_for(current: str, old: tuple[str, ...] = ()) -> Sealer:
     return Sealer([current, *old])
 
 
-def pseudonym(secret: str, study_id: str, external_id: str) -> str:
-    """A stable, study-salted stand-in for an external id (HMAC-SHA256, 16 hex characters)."""
-    key = _derive(secret, b"pseudonym:" + study_id.encode())
-    return hmac.new(key, external_id.encode(), hashlib.sha256).hexdigest()[:16]
+PSEUDONYM_LENGTH = 16
+_BLOCK = 64  # SHA-256 block size, for the HMAC pads
+
+
+class Pseudonymiser:
+    """HMAC-SHA256 of an external id under the study's own random key: stable, not reversible
+    without the key, different in every study. 16 hex characters."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            raise ValueError("pseudonym keys are at most 64 bytes")
+        self.key = key
+
+    def __call__(self, external_id: str) -> str:
+        return hmac.new(self.key, external_id.encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_LENGTH]
+
+    def sql_pads(self) -> tuple[bytes, bytes]:
+        """RFC 2104's inner and outer keys, so SQL can compute the same HMAC with sha256() alone:
+        sha256(outer || sha256(inner || message))."""
+        padded = self.key.ljust(_BLOCK, b"\0")
+        return bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded)
+
+
+def new_pseudonym_key() -> bytes:
+    return os.urandom(32)
 
 
 def signing_key(secret: str, purpose: str) -> bytes:
@@ -90,3 +111,8 @@ def signing_key(secret: str, purpose: str) -> bytes:
 
 def settings_sealer(settings: Any) -> Sealer:
     return sealer_for(settings.secret(), tuple(settings.old_secrets()))
+
+
+def all_secrets(settings: Any) -> list[str]:
+    """Current key first, then the old ones still accepted for reading and verifying."""
+    return [settings.secret(), *settings.old_secrets()]

@@ -28,4 +28,6 @@ class IdempotencyRecord(Base):
     fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
     status_code: Mapped[int] = mapped_column(Integer, nullable=False)
     sealed_body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # what the request created, when the reply must be forgotten with it (an erased contact)
+    resource_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True, index=True)
     created_at: Mapped[datetime] = created_at()

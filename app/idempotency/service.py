@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -89,14 +90,14 @@ class Idempotency:
         raise Replay(record.status_code, self.sealer.open(record.sealed_body)["body"])
 
     def remember(self, status_code: int, body: BaseModel | dict[str, Any] | list[Any],
-                 headers: dict[str, str] | None = None) -> JSONResponse:
+                 headers: dict[str, str] | None = None, resource_id: uuid.UUID | None = None) -> JSONResponse:
         content = jsonable_encoder(body)
         if self.key is not None:
             assert self._fingerprint is not None, "check() must run before remember()"
             self.session.add(IdempotencyRecord(
                 token_id=self.principal.token_id, key=self.key, method=self.method, path=self.path,
                 fingerprint=self._fingerprint, status_code=status_code,
-                sealed_body=self.sealer.seal({"body": content}), created_at=self.now,
+                sealed_body=self.sealer.seal({"body": content}), created_at=self.now, resource_id=resource_id,
             ))
             self.session.flush()
         return JSONResponse(content, status_code=status_code, headers=headers)
@@ -123,6 +124,10 @@ IdempotencyDep = Annotated[Idempotency, Depends(idempotency)]
 async def replay_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Replay)
     return JSONResponse(exc.body, status_code=exc.status_code, headers={REPLAY_HEADER: "true"})
+
+
+def forget_resource(session: Session, resource_id: uuid.UUID) -> None:
+    session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.resource_id == resource_id))
 
 
 def purge_expired(session: Session, now: datetime) -> int:

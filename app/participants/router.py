@@ -47,7 +47,7 @@ def enrol(body: ParticipantIn, principal: Coordinator, study: StudyFromPath, ses
     now = utcnow()
     view = service.enrol(session, study, body, settings_sealer(settings), now)
     location = f"/api/v1/studies/{study.study.key}/participants/{body.external_id}"
-    return idem.remember(201, view.out(now), headers={"Location": location})
+    return idem.remember(201, view.out(now), headers={"Location": location}, resource_id=view.participant.id)
 
 
 @router.post(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.core.crypto import Sealer
 from app.core.db import add_unique, is_unique_violation
 from app.core.errors import Conflict, FieldError, Invalid, NotFound
+from app.idempotency import service as idempotency
 from app.instruments.codebook import Codebook
 from app.participants import repository
 from app.participants.models import Contact, Participant, Schedule
@@ -31,6 +32,7 @@ from app.participants.schemas import (
     WithdrawIn,
 )
 from app.reminders import repository as reminders_repo
+from app.studies import service as studies
 from app.studies.service import StudyContext
 
 CLOCK_SKEW = timedelta(minutes=5)
@@ -180,8 +182,12 @@ def withdraw(session: Session, ctx: StudyContext, external_id: str, data: Withdr
         participant.withdraw_reason = data.reason
         repository.withdraw_open_schedules(session, participant.id, withdrawn_at)
         reminders_repo.cancel_pending(session, participant.id, "participant withdrew")
+        if studies.withdrawal_policy(ctx.study) == "delete_responses":
+            repository.delete_responses(session, participant.id, withdrawn_at)
     if data.erase_contact:
         repository.erase_contact(session, participant.id)
+        # a stored reply to the enrolment request holds the contact too (sealed): forget it
+        idempotency.forget_resource(session, participant.id)
     session.flush()
     return participant
 

@@ -33,9 +33,11 @@ def make_token(secret: str, target: LinkTarget) -> str:
     return str(URLSafeSerializer(secret, salt=SALT).dumps(payload))
 
 
-def read_token(secret: str, token: str, now: datetime) -> LinkTarget:
+def read_token(secrets: list[str], token: str, now: datetime) -> LinkTarget:
+    """`secrets`: the current key first; links signed before a key rotation still resolve."""
     try:
-        payload = URLSafeSerializer(secret, salt=SALT).loads(token)
+        # itsdangerous signs with the last key of the list and accepts any of them
+        payload = URLSafeSerializer(list(reversed(secrets)), salt=SALT).loads(token)
         target = LinkTarget(str(payload["s"]), str(payload["p"]), str(payload["w"]),
                             datetime.fromtimestamp(int(payload["e"]), UTC))
     except (BadSignature, KeyError, TypeError, ValueError):

@@ -77,7 +77,7 @@ class SmtpSender:
         try:
             smtp.ehlo_or_helo_if_needed()
             self._expect(smtp.mail(self.sender), (250,), "MAIL FROM")
-            self._expect(smtp.rcpt(email.to), (250, 251), "RCPT TO")
+            self._expect(smtp.rcpt(email.to), (250, 251), "RCPT TO", email.to)
             self._expect(smtp.docmd("DATA"), (354,), "DATA")
             smtp.send(payload)
             on_handover()
@@ -90,10 +90,12 @@ class SmtpSender:
             raise DeliveryError(f"SMTP failure: {type(exc).__name__}", permanent=False) from None
 
     @staticmethod
-    def _expect(reply: tuple[int, bytes], ok: tuple[int, ...], step: str) -> None:
+    def _expect(reply: tuple[int, bytes], ok: tuple[int, ...], step: str, address: str | None = None) -> None:
         code, message = reply
         if code not in ok:
             text = message.decode(errors="replace")[:200]
+            if address:  # servers often echo the recipient; it must not reach logs or the database
+                text = text.replace(address, "<recipient>")
             raise DeliveryError(f"{step}: {code} {text}", permanent=500 <= code < 600)
 
     def _reset(self) -> None:

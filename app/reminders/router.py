@@ -8,6 +8,7 @@ from pydantic import AwareDatetime
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from app.core.crypto import all_secrets
 from app.core.db import DatabaseDep, SessionDep
 from app.core.deps import SettingsDep
 from app.core.errors import Gone, Invalid, NotFound
@@ -131,7 +132,7 @@ def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep
 def resolve_link(token: Annotated[str, Path(max_length=2000)], session: SessionDep,
                  settings: SettingsDep) -> LinkResolved:
     try:
-        target = read_token(settings.secret(), token, utcnow())
+        target = read_token(all_secrets(settings), token, utcnow())
     except LinkInvalid as exc:
         raise NotFound(str(exc)) from None
     except LinkExpired as exc:

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import uuid
-from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
-from app.core.crypto import pseudonym
+from app.core.crypto import Pseudonymiser, settings_sealer
 from app.core.db import SessionDep
 from app.core.deps import SettingsDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of
@@ -18,14 +18,15 @@ from app.core.timeutil import utcnow
 from app.idempotency.service import IdempotencyDep
 from app.responses import repository, service
 from app.responses.schemas import CorrectionIn, ResponseCreated, ResponseIn, ResponseOut
+from app.studies import service as studies
 from app.studies.deps import StudyFromPath
 from app.studies.service import StudyContext
 
 router = APIRouter(prefix="/api/v1/studies/{key}/responses", tags=["responses"], route_class=RoleRoute)
 
 
-def _pseudonymiser(settings: Settings, study: StudyContext) -> partial[str]:
-    return partial(pseudonym, settings.secret(), str(study.study.id))
+def _pseudonymiser(session: Session, settings: Settings, study: StudyContext) -> Pseudonymiser:
+    return studies.pseudonymiser(session, study.study, settings_sealer(settings))
 
 
 def _sees_external_id(principal: Principal) -> bool:
@@ -54,7 +55,7 @@ def list_responses(
                            external_id=external_id, wave=wave, status=status)
     page = page_of(rows, limit, lambda r: (r[0].received_at.isoformat(), str(r[0].id)))
     items = service.to_out(session, study, page.items, show_external_id=_sees_external_id(principal),
-                           pseudonymise=_pseudonymiser(settings, study))
+                           pseudonymise=_pseudonymiser(session, settings, study))
     return Page(items=items, next_cursor=page.next_cursor)
 
 
@@ -63,7 +64,7 @@ def get_response(response_id: uuid.UUID, principal: Reader, study: StudyFromPath
                  settings: SettingsDep) -> ResponseOut:
     row = service.get(session, study, response_id)
     return service.to_out(session, study, [row], show_external_id=_sees_external_id(principal),
-                          pseudonymise=_pseudonymiser(settings, study))[0]
+                          pseudonymise=_pseudonymiser(session, settings, study))[0]
 
 
 @router.patch("/{response_id}", response_model=ResponseOut, summary="Correct answers (coordinator, audited)")
@@ -71,4 +72,4 @@ def correct_response(response_id: uuid.UUID, body: CorrectionIn, principal: Coor
                      session: SessionDep, settings: SettingsDep) -> ResponseOut:
     row = service.correct(session, study, response_id, body, principal, utcnow())
     return service.to_out(session, study, [row], show_external_id=True,
-                          pseudonymise=_pseudonymiser(settings, study))[0]
+                          pseudonymise=_pseudonymiser(session, settings, study))[0]

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -23,6 +23,9 @@ class Study(Base):
     timezone: Mapped[str] = mapped_column(String(64), nullable=False)
     template: Mapped[str | None] = mapped_column(String(64), nullable=True)
     settings: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    # Random per-study key of the pseudonyms in exports and analyses, sealed with the service key
+    # (so rotating COHORT_SECRET_KEY does not change anyone's pseudonym).
+    pseudonym_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = created_at()
 
 

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, true, tuple_
+from sqlalchemy import select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.instruments.models import CodebookRevision
@@ -59,3 +59,12 @@ def page(
     if only is not None:
         query = query.where(Study.id == only)
     return list(session.scalars(query))
+
+
+def set_pseudonym_key(session: Session, study_id: uuid.UUID, sealed: bytes) -> bytes:
+    """Store a key unless another request stored one first; return the one in force."""
+    session.execute(update(Study).where(Study.id == study_id, Study.pseudonym_key.is_(None))
+                    .values(pseudonym_key=sealed))
+    stored = session.scalars(select(Study.pseudonym_key).where(Study.id == study_id)).one()
+    assert stored is not None
+    return stored

@@ -5,7 +5,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.core.crypto import settings_sealer
 from app.core.db import SessionDep, on_commit
+from app.core.deps import SettingsDep
 from app.core.errors import NotFound
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
@@ -13,16 +15,16 @@ from app.core.security import AnyRole, Coordinator, Reader
 from app.idempotency.service import IdempotencyDep
 from app.studies import repository, service
 from app.studies.deps import StudyFromPath
-from app.studies.schemas import InstrumentList, StudyCreate, StudyOut, WaveList, WaveOut
+from app.studies.schemas import InstrumentList, StudyCreate, StudyOut, StudyUpdate, WaveList, WaveOut
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"], route_class=RoleRoute)
 
 
 @router.post("", status_code=201, response_model=StudyOut, summary="Create a study")
-def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep,
+def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep, settings: SettingsDep,
                  idem: IdempotencyDep) -> JSONResponse:
     idem.check(body)
-    ctx = service.create(session, body)
+    ctx = service.create(session, body, settings_sealer(settings))
     return idem.remember(201, service.to_out(ctx), headers={"Location": f"/api/v1/studies/{ctx.study.key}"})
 
 
@@ -38,6 +40,11 @@ def list_studies(principal: Reader, session: SessionDep, limit: LimitQuery = 100
 @router.get("/{key}", response_model=StudyOut, summary="Get a study")
 def get_study(principal: Reader, study: StudyFromPath) -> StudyOut:
     return service.to_out(study)
+
+
+@router.patch("/{key}", response_model=StudyOut, summary="Rename a study or set its withdrawal policy")
+def update_study(body: StudyUpdate, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> StudyOut:
+    return service.to_out(service.update(session, study, body))
 
 
 @router.get("/{key}/waves", response_model=WaveList, summary="The study's waves and their windows")

@@ -23,6 +23,17 @@ class StudyCreate(BaseModel):
     )
 
 
+WithdrawalPolicy = Literal["keep_responses", "delete_responses"]
+
+
+class StudyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    withdrawal_policy: WithdrawalPolicy | None = Field(
+        default=None, description="what happens to a withdrawing participant's answers")
+
+
 class CodebookRef(BaseModel):
     key: str
     version: int
@@ -38,6 +49,7 @@ class StudyOut(BaseModel):
     template: str | None
     codebook: CodebookRef | None
     waves: list[str]
+    withdrawal_policy: WithdrawalPolicy = "keep_responses"
     created_at: datetime
 
 

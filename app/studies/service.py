@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.core.crypto import Pseudonymiser, Sealer, new_pseudonym_key
 from app.core.db import add_unique
 from app.core.errors import Conflict, Forbidden, Invalid, NotFound
 from app.core.security import Principal
@@ -17,7 +19,7 @@ from app.instruments.codebook import Codebook, load_codebook, parse_codebook, te
 from app.instruments.models import CodebookRevision
 from app.studies import repository
 from app.studies.models import Study, Wave
-from app.studies.schemas import CodebookRef, StudyCreate, StudyOut
+from app.studies.schemas import CodebookRef, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def replace_codebook(session: Session, ctx: StudyContext, document: Any, has_par
     return StudyContext(ctx.study, codebook, revision)
 
 
-def create(session: Session, data: StudyCreate) -> StudyContext:
+def create(session: Session, data: StudyCreate, sealer: Sealer) -> StudyContext:
     zone(data.timezone, loc=["timezone"])
     if data.template and data.codebook:
         raise Invalid("give either a template or a codebook, not both",
@@ -94,7 +96,8 @@ def create(session: Session, data: StudyCreate) -> StudyContext:
         document = data.codebook
     codebook = parse_codebook(document, loc_prefix=("codebook",)) if document is not None else None
 
-    study = Study(key=data.key, name=data.name, timezone=data.timezone, template=data.template, settings={})
+    study = Study(key=data.key, name=data.name, timezone=data.timezone, template=data.template, settings={},
+                  pseudonym_key=sealer.seal({"key": base64.b64encode(new_pseudonym_key()).decode()}))
     add_unique(session, study, f"a study with key {data.key!r} already exists")
     revision = install_codebook(session, study, codebook) if codebook is not None else None
     return StudyContext(study, codebook, revision)
@@ -124,6 +127,15 @@ def install_codebook(session: Session, study: Study, codebook: Codebook) -> int:
     return revision
 
 
+def pseudonymiser(session: Session, study: Study, sealer: Sealer) -> Pseudonymiser:
+    """The study's pseudonym function; a study created before keys existed gets one now, once."""
+    sealed = study.pseudonym_key
+    if sealed is None:
+        sealed = repository.set_pseudonym_key(session, study.id, sealer.seal(
+            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
+    return Pseudonymiser(base64.b64decode(sealer.open(sealed)["key"]))
+
+
 def remember_simulation(session: Session, ctx: StudyContext, truth: dict[str, Any]) -> None:
     study = session.get(Study, ctx.study.id)
     assert study is not None
@@ -131,6 +143,22 @@ def remember_simulation(session: Session, ctx: StudyContext, truth: dict[str, An
     simulations[str(truth["seed"])] = truth
     study.settings = {**(study.settings or {}), "simulations": simulations}
     session.flush()
+
+
+def withdrawal_policy(study: Study) -> WithdrawalPolicy:
+    policy: WithdrawalPolicy = (study.settings or {}).get("withdrawal_policy", "keep_responses")
+    return policy
+
+
+def update(session: Session, ctx: StudyContext, data: StudyUpdate) -> StudyContext:
+    study = session.get(Study, ctx.study.id)
+    assert study is not None
+    if data.name is not None:
+        study.name = data.name
+    if data.withdrawal_policy is not None:
+        study.settings = {**(study.settings or {}), "withdrawal_policy": data.withdrawal_policy}
+    session.flush()
+    return StudyContext(study, ctx.codebook, ctx.revision)
 
 
 def to_out(ctx: StudyContext) -> StudyOut:
@@ -141,5 +169,6 @@ def to_out(ctx: StudyContext) -> StudyOut:
         codebook=CodebookRef(key=cb.key, version=cb.version, revision=ctx.revision or 1, sha256=cb.sha256)
         if cb is not None else None,
         waves=list(cb.wave_keys) if cb is not None else [],
+        withdrawal_policy=withdrawal_policy(ctx.study),
         created_at=ctx.study.created_at,
     )

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response, StreamingResponse
+
+from app.core.crypto import settings_sealer
+from app.core.db import DatabaseDep, SessionDep
+from app.core.deps import SettingsDep
+from app.core.routing import RoleRoute
+from app.core.security import Analyst
+from app.exports import service
+from app.studies.deps import StudyFromPath
+from app.studies.service import pseudonymiser
+
+router = APIRouter(prefix="/api/v1/studies/{key}", tags=["exports"], route_class=RoleRoute)
+
+MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
+
+
+@router.get(
+    "/export", response_class=StreamingResponse,
+    summary="De-identified data: item codes and derived variables, pseudonymous participants, no contact data",
+    responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}},
+)
+def export(principal: Analyst, study: StudyFromPath, session: SessionDep, db: DatabaseDep, settings: SettingsDep,
+           format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
+           layout: Annotated[Literal["long", "wide"], Query(description="long: per participant-wave; wide: "
+                                                                          "per participant")] = "long",
+           ) -> StreamingResponse:
+    codebook = study.require_codebook()
+    pseudonymise = pseudonymiser(session, study.study, settings_sealer(settings))
+    stream = service.stream_csv if format == "csv" else service.stream_parquet
+    body = stream(db, study.study.id, codebook, pseudonymise, layout)
+    name = f"{study.study.key}-{layout}.{format}"
+    return StreamingResponse(body, media_type=MEDIA[format],
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/export/dictionary", response_class=Response, summary="The data dictionary of the export (CSV)",
+            responses={200: {"content": {"text/csv": {}}}})
+def dictionary(principal: Analyst, study: StudyFromPath) -> Response:
+    return Response(service.dictionary_csv(study.require_codebook()), media_type=MEDIA["csv"],
+                    headers={"Content-Disposition": f'attachment; filename="{study.study.key}-dictionary.csv"'})
