@@ -102,8 +102,8 @@ def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: P
                chunk: int = 1 << 16) -> Iterator[bytes]:
     statement, _ = query(codebook, layout)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
-    with db.engine.connect() as conn:
-        raw = conn.connection.dbapi_connection
+    with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
+        raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         buffer = bytearray()
         with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser)) as stream:
@@ -114,7 +114,6 @@ def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: P
                     buffer.clear()
         if buffer:
             yield bytes(buffer)
-        conn.rollback()
 
 
 class _Drain(io.RawIOBase):
@@ -167,8 +166,8 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
     schema = _schema(cols, layout)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
-    with db.engine.connect() as conn:
-        raw = conn.connection.dbapi_connection
+    with db.sessions() as session:
+        raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(name="cohort_export") as cur:  # server-side cursor: rows arrive in batches
             cur.itersize = PARQUET_BATCH
@@ -177,7 +176,6 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
                 writer.write_table(_batch([tuple(str(v).lower() if isinstance(v, bool) else v for v in r)
                                            for r in rows], schema))
                 yield sink.take()
-        conn.rollback()
     writer.close()
     yield sink.take()
 

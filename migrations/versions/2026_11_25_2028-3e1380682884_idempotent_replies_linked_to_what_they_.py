@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = '3e1380682884'
 down_revision: str | None = '23561b7ab87b'
 branch_labels: str | Sequence[str] | None = None
