@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
 from app.core.errors import install_error_handlers
 from app.core.middleware import BodyLimit, JsonOnly
+from app.core.openapi_problems import document_problems
 from app.core.ratelimit import RateLimit
 from app.core.settings import Settings, get_settings
 from app.exports.router import router as exports_router
@@ -82,6 +84,14 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     def body_limit(path: str) -> int:
         return settings.max_import_bytes if path.endswith(":import") else settings.max_body_bytes
 
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(JsonOnly)
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url)

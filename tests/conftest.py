@@ -218,3 +218,13 @@ def serve_app(settings: Settings, db_url: URL) -> Iterator[LiveServer]:
 def live_server(fresh_db: URL, tmp_path: Path) -> Iterator[LiveServer]:
     with serve_app(make_settings(fresh_db, tmp_path), fresh_db) as server:
         yield server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--deep", action="store_true", default=False,
+                     help="longer reliability runs (more generated API examples)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--deep", default=False):
+        os.environ.setdefault("COHORT_SCHEMATHESIS_EXAMPLES", "100")
