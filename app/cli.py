@@ -285,6 +285,20 @@ def simulate(
     typer.echo(f"true coefficients: {path} (also GET /api/v1/studies/{study}/simulation)")
 
 
+@cli.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="every scenario at a small scale (about two minutes)")] = False,
+    only: Annotated[list[str] | None, typer.Option("--only", help="run just these scenarios")] = None,
+    output: Annotated[Path | None, typer.Option(help="where to write the JSON results")] = None,
+) -> None:
+    """Measure the service against same-run baselines (see bench/ and the README's table)."""
+    from bench.run import main as run_bench
+
+    report = run_bench(quick, only, output)
+    if report["errors"]:
+        raise typer.Exit(code=1)
+
+
 @cli.command("rotate-keys")
 def rotate_keys() -> None:
     """Re-seal contact data and other sealed values under the current COHORT_SECRET_KEY."""

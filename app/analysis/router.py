@@ -9,7 +9,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
 
-from app.analysis import frame as frames
 from app.analysis import service
 from app.analysis.models import Analysis
 from app.analysis.schemas import AnalysisData, AnalysisIn, AnalysisOut, AnalysisQueued
@@ -112,6 +111,8 @@ def snapshot_frame(analysis_id: uuid.UUID, principal: Analyst, session: SessionD
         from app.core.errors import Conflict
 
         raise Conflict(f"analysis {analysis_id} has no data snapshot yet (status {job.status})")
+    from app.analysis import frame as frames  # pandas and pyarrow, only for this download
+
     snap = service.snapshot(session, job.snapshot_sha256)
     name = f"analysis-{analysis_id}-{snap.sha256[:12]}"
     if format == "parquet":

@@ -18,10 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.analysis import frame as frames
+from app.analysis.errors import ModelError
 from app.analysis.models import Analysis, Snapshot
-from app.analysis.stats import run_model
-from app.analysis.variables import ModelError
 from app.core.crypto import settings_sealer
 from app.core.db import Database, on_commit, transaction
 from app.core.errors import Invalid, NotFound
@@ -48,6 +46,8 @@ def software() -> dict[str, str]:
 
 def request(session: Session, ctx: StudyContext, *, model: str, variant: str | None, as_of: datetime | None,
             requested_by: uuid.UUID) -> tuple[Analysis, bool]:
+    from app.analysis import frame as frames
+
     codebook = ctx.require_codebook()
     if variant is not None and model != "abstinence":
         raise Invalid("only the abstinence model has variants", errors=[
@@ -112,6 +112,10 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID) -> str:
 
 def _fit(db: Database, settings: Settings, study_id: uuid.UUID, model: str, variant: str | None,
          as_of: datetime | None) -> dict[str, Any]:
+    # pandas and statsmodels are imported here, in the worker, not by every API process
+    from app.analysis import frame as frames
+    from app.analysis.stats import run_model
+
     taken_at = as_of or utcnow()
     with transaction(db) as session:
         key = session.scalar(select(Study.key).where(Study.id == study_id))

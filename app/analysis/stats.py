@@ -21,11 +21,11 @@ from statsmodels.genmod.cov_struct import Exchangeable
 from statsmodels.genmod.generalized_estimating_equations import GEE
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
 
+from app.analysis.errors import ModelError
 from app.analysis.variables import (
     BASELINE,
     GROUP_TERMS,
     ONLINE_PREDICTORS,
-    ModelError,
     add_group_dummies,
     baseline_predictors,
     check_design,

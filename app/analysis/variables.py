@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from app.analysis.errors import ModelError
+
 BASELINE = "baseline"
 GROUP_REFERENCE = "aa_12step"
 GROUP_LEVELS = ("smart", "lifering", "wfs")  # dummies, in the contract's order
@@ -19,10 +21,6 @@ ONLINE_PREDICTORS = (
     "aud_severity", "self_efficacy_score", "multiple_groups", "goal_abstinence",
 )
 GROUP_TERMS = tuple(f"primary_group[{g}]" for g in GROUP_LEVELS)
-
-
-class ModelError(ValueError):
-    """The data cannot support the model; the message says why, for the PI."""
 
 
 def _flag(series: pd.Series, test: pd.Series) -> pd.Series:

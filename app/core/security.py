@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
-from sqlalchemy import String, cast, func, select
 
 from app.core.db import SessionDep, remember_actor
 from app.core.errors import Forbidden, Unauthorized
@@ -54,16 +53,9 @@ def _bearer(request: Request) -> str:
 
 
 def authenticate(request: Request, session: SessionDep) -> Principal:
-    from app.tokens.models import ApiToken  # the tokens domain owns the table
+    from app.tokens.repository import principal_row  # the tokens domain owns the table
 
-    digest = hash_secret(_bearer(request))
-    # One round trip: find the token and name it as the transaction's actor for the audit trail.
-    row = session.execute(
-        select(ApiToken.id, ApiToken.role, ApiToken.study_id,
-               func.set_config("cohort.actor", cast(ApiToken.id, String), True)).where(
-            ApiToken.secret_hash == digest, ApiToken.revoked_at.is_(None)
-        )
-    ).one_or_none()
+    row = principal_row(session, hash_secret(_bearer(request)))
     if row is None:
         raise Unauthorized("the token is unknown or revoked")
     principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-import pyarrow as pa
-import pyarrow.parquet as pq
 from psycopg import sql
 
 from app.core.crypto import Pseudonymiser
@@ -25,7 +23,6 @@ from app.core.db import Database
 from app.instruments.codebook import Codebook
 
 PARQUET_BATCH = 50_000
-_ARROW = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
 
 @dataclass(frozen=True)
@@ -141,15 +138,20 @@ class _Drain(io.RawIOBase):
         return out
 
 
-def _schema(cols: list[Column], layout: str) -> pa.Schema:
+def _schema(cols: list[Column], layout: str) -> Any:
+    import pyarrow as pa
+
+    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
     fields = [pa.field("participant", pa.string())]
     if layout == "long":
         fields += [pa.field("wave", pa.string()), pa.field("completed_at", pa.string()), pa.field("late", pa.bool_())]
-    fields += [pa.field(c.name, _ARROW.get(c.type, pa.string())) for c in cols]
+    fields += [pa.field(c.name, arrow.get(c.type, pa.string())) for c in cols]
     return pa.schema(fields)
 
 
-def _batch(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
+def _batch(rows: list[tuple[Any, ...]], schema: Any) -> Any:
+    import pyarrow as pa
+
     arrays = []
     for index, field in enumerate(schema):
         values = [row[index] for row in rows]
@@ -162,6 +164,9 @@ def _batch(rows: list[tuple[Any, ...]], schema: pa.Schema) -> pa.Table:
 
 def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser,
                    layout: str) -> Iterator[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     statement, cols = query(codebook, layout)
     schema = _schema(cols, layout)
     sink = _Drain()

@@ -12,13 +12,13 @@ import hashlib
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, bindparam, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.core.crypto import Sealer, settings_sealer
@@ -37,6 +37,13 @@ class Replay(Exception):
     def __init__(self, status_code: int, body: Any) -> None:
         self.status_code = status_code
         self.body = body
+
+
+_keys = cast(Table, IdempotencyRecord.__table__)
+_TRY_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("k")))
+_RECORD = select(IdempotencyRecord).where(IdempotencyRecord.token_id == bindparam("t"),
+                                          IdempotencyRecord.key == bindparam("k"))
+_STORE = insert(_keys)
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
@@ -68,13 +75,12 @@ class Idempotency:
             return
         self._fingerprint = fingerprint(self.method, self.path, payload)
         token_id = str(self.principal.token_id)
-        locked = self.session.scalar(select(func.pg_try_advisory_xact_lock(_lock_id(token_id, self.key))))
-        if not locked:
+        conn = self.session.connection()
+        if not conn.execute(_TRY_LOCK, {"k": _lock_id(token_id, self.key)}).scalar():
             raise Conflict("a request with this Idempotency-Key is still in flight; retry when it has finished")
         # A statement of its own, so its snapshot is taken after the lock: a request that held the
         # key and has just committed is seen here, and replayed rather than run twice.
-        record = self.session.scalar(select(IdempotencyRecord).where(
-            IdempotencyRecord.token_id == self.principal.token_id, IdempotencyRecord.key == self.key))
+        record = self.session.scalar(_RECORD, {"t": self.principal.token_id, "k": self.key})
         if record is not None and record.created_at < self.now - RETENTION:
             self.session.delete(record)
             self.session.flush()
@@ -94,12 +100,11 @@ class Idempotency:
         content = jsonable_encoder(body)
         if self.key is not None:
             assert self._fingerprint is not None, "check() must run before remember()"
-            self.session.add(IdempotencyRecord(
-                token_id=self.principal.token_id, key=self.key, method=self.method, path=self.path,
-                fingerprint=self._fingerprint, status_code=status_code,
-                sealed_body=self.sealer.seal({"body": content}), created_at=self.now, resource_id=resource_id,
-            ))
-            self.session.flush()
+            self.session.connection().execute(_STORE, {
+                "id": uuid.uuid4(), "token_id": self.principal.token_id, "key": self.key, "method": self.method,
+                "path": self.path, "fingerprint": self._fingerprint, "status_code": status_code,
+                "sealed_body": self.sealer.seal({"body": content}), "created_at": self.now,
+                "resource_id": resource_id})
         return JSONResponse(content, status_code=status_code, headers=headers)
 
 

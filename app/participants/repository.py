@@ -41,12 +41,15 @@ def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]
     )
 
 
+_BY_EXTERNAL_ID = select(Participant).where(Participant.study_id == bindparam("study"),
+                                            Participant.external_id == bindparam("external_id"))
+_BY_EXTERNAL_ID_LOCKED = _BY_EXTERNAL_ID.with_for_update()
+
+
 def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,
                    for_update: bool = False) -> Participant | None:
-    query = select(Participant).where(Participant.study_id == study_id, Participant.external_id == external_id)
-    if for_update:
-        query = query.with_for_update()
-    return session.scalar(query)
+    query = _BY_EXTERNAL_ID_LOCKED if for_update else _BY_EXTERNAL_ID
+    return session.scalar(query, {"study": study_id, "external_id": external_id})
 
 
 def schedules_of(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Schedule]]:
@@ -143,12 +146,14 @@ def copy_rows(session: Session, table: str, columns: Sequence[tuple[str, str]], 
             copy.write_row(row)
 
 
+_schedules = cast(Table, Schedule.__table__)
+_COMPLETE_WAVE = (update(_schedules)
+                  .where(_schedules.c.participant_id == bindparam("p"), _schedules.c.wave == bindparam("w"))
+                  .values(status="completed", completed_at=bindparam("c")))
+
+
 def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
-    session.execute(
-        update(Schedule)
-        .where(Schedule.participant_id == participant_id, Schedule.wave == wave)
-        .values(status="completed", completed_at=completed_at)
-    )
+    session.connection().execute(_COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at})
 
 
 def withdraw_open_schedules(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
@@ -202,13 +207,8 @@ def mark_lost(session: Session, participant_ids: Sequence[uuid.UUID]) -> None:
 
 
 def complete_waves(session: Session, done: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
-    if done:
-        table = cast(Table, Schedule.__table__)
-        session.connection().execute(  # Core executemany: one statement, many parameter sets
-            update(table).where(table.c.participant_id == bindparam("p"), table.c.wave == bindparam("w"))
-            .values(status="completed", completed_at=bindparam("c")),
-            [{"p": p, "w": w, "c": c} for p, w, c in done],
-        )
+    if done:  # Core executemany: one statement, many parameter sets
+        session.connection().execute(_COMPLETE_WAVE, [{"p": p, "w": w, "c": c} for p, w, c in done])
 
 
 def set_statuses(session: Session, *, finished: Sequence[uuid.UUID], returned: Sequence[uuid.UUID]) -> None:

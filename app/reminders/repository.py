@@ -83,6 +83,29 @@ def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...]
     return bool(getattr(result, "rowcount", 0))
 
 
+def close_many(session: Session, ids: list[uuid.UUID], status: str, reason: str) -> None:
+    if ids:
+        session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
+                        .values(status=status, last_error=reason, updated_at=func.now()))
+
+
+def defer_many(session: Session, moves: list[tuple[uuid.UUID, datetime]]) -> None:
+    if moves:
+        table = cast(Table, ReminderSend.__table__)
+        session.connection().execute(
+            update(table).where(table.c.id == bindparam("i"), table.c.status == "pending")
+            .values(due_at=bindparam("d"), updated_at=func.now()),
+            [{"i": i, "d": d} for i, d in moves],
+        )
+
+
+def lease_many(session: Session, ids: list[uuid.UUID], owner: uuid.UUID, until: datetime) -> None:
+    if ids:
+        session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
+                        .values(status="sending", attempts=ReminderSend.attempts + 1, lease_until=until,
+                                claimed_by=owner, updated_at=func.now()))
+
+
 def renew_lease(session: Session, send_id: uuid.UUID, owner: uuid.UUID, until: datetime) -> bool:
     """Still ours? Extend the lease just before sending; False if another scanner took it over."""
     result = session.execute(
@@ -137,12 +160,17 @@ def replan_wave(session: Session, study_id: uuid.UUID, wave: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+_sends = cast(Table, ReminderSend.__table__)
+_CANCEL = (update(_sends).where(_sends.c.participant_id == bindparam("p"), _sends.c.status == "pending")
+           .values(status="cancelled", last_error=bindparam("reason"), updated_at=func.now()))
+_CANCEL_WAVE = _CANCEL.where(_sends.c.wave == bindparam("w"))
+
+
 def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wave: str | None = None) -> None:
-    query = update(ReminderSend).where(ReminderSend.participant_id == participant_id,
-                                       ReminderSend.status == "pending")
-    if wave is not None:
-        query = query.where(ReminderSend.wave == wave)
-    session.execute(query.values(status="cancelled", last_error=reason, updated_at=func.now()))
+    if wave is None:
+        session.connection().execute(_CANCEL, {"p": participant_id, "reason": reason})
+    else:
+        session.connection().execute(_CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
 
 
 def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
@@ -178,10 +206,4 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) ->
 
 def cancel_pending_waves(session: Session, pairs: Sequence[tuple[uuid.UUID, str]]) -> None:
     if pairs:
-        table = cast(Table, ReminderSend.__table__)
-        session.connection().execute(
-            update(table).where(table.c.participant_id == bindparam("p"), table.c.wave == bindparam("w"),
-                                table.c.status == "pending")
-            .values(status="cancelled", last_error="wave completed"),
-            [{"p": p, "w": w} for p, w in pairs],
-        )
+        session.connection().execute(_CANCEL_WAVE, [{"p": p, "w": w, "reason": "wave completed"} for p, w in pairs])

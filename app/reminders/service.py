@@ -120,35 +120,38 @@ def claim(session: Session, now: datetime, *, owner: uuid.UUID, study_id: uuid.U
         pair = (key.participant_id, key.wave)
         latest[pair] = max(latest.get(pair, rank), rank)
     claims: list[Claim] = []
-    real_now = utcnow()
+    closed: dict[str, list[uuid.UUID]] = defaultdict(list)  # final outcome -> rows, written in one UPDATE each
+    deferred: list[tuple[uuid.UUID, datetime]] = []
     for r in rows:
         zone = ZoneInfo(r.timezone)
         if r.withdrawn_at is not None:
-            repository.set_outcome(session, r.id, status="cancelled", last_error="participant withdrew")
+            closed["cancelled:participant withdrew"].append(r.id)
             result.cancelled += 1
         elif r.completed_at is not None:
-            repository.set_outcome(session, r.id, status="cancelled", last_error="wave completed")
+            closed["cancelled:wave completed"].append(r.id)
             result.cancelled += 1
         elif now >= r.closes_at:
-            repository.set_outcome(session, r.id, status="skipped", last_error="the window closed before it was sent")
+            closed["skipped:the window closed before it was sent"].append(r.id)
             result.skipped += 1
         elif (r.due_at, kind_rank(r.kind)) < latest[(r.participant_id, r.wave)]:
-            repository.set_outcome(session, r.id, status="skipped", last_error="a later message of this wave was due")
+            closed["skipped:a later message of this wave was due"].append(r.id)
             result.skipped += 1
         elif not in_sending_hours(now, zone):
             later = into_sending_hours(now, zone)
             if later >= r.closes_at:
-                repository.set_outcome(session, r.id, status="skipped",
-                                       last_error="no sending hours left in the window")
+                closed["skipped:no sending hours left in the window"].append(r.id)
                 result.skipped += 1
             else:
-                repository.set_outcome(session, r.id, due_at=later)
+                deferred.append((r.id, later))
                 result.deferred += 1
         else:
-            repository.set_outcome(session, r.id, status="sending", attempts=r.attempts + 1,
-                                   lease_until=real_now + lease, claimed_by=owner)
             claims.append(Claim(r.id, r.study_id, r.participant_id, r.external_id, r.wave, r.kind,
                                 r.attempts + 1, r.timezone, r.closes_at))
+    for outcome, ids in closed.items():
+        status, reason = outcome.split(":", 1)
+        repository.close_many(session, ids, status, reason)
+    repository.defer_many(session, deferred)
+    repository.lease_many(session, [c.send_id for c in claims], owner, utcnow() + lease)
     return claims, result, len(rows)
 
 

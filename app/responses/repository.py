@@ -3,9 +3,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Table, bindparam, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -19,14 +19,15 @@ def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Respon
     )
 
 
+_responses = cast(Table, Response.__table__)
+_INSERT_IF_ABSENT = (insert(_responses)
+                     .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
+                     .returning(_responses.c.id))
+
+
 def insert_if_absent(session: Session, values: dict[str, Any]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING: the unique (participant, wave) decides, not a prior read."""
-    stmt = (
-        insert(Response).values(**values)
-        .on_conflict_do_nothing(index_elements=[Response.participant_id, Response.wave])
-        .returning(Response.id)
-    )
-    return session.execute(stmt).scalar_one_or_none() is not None
+    return session.connection().execute(_INSERT_IF_ABSENT, values).scalar_one_or_none() is not None
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,
@@ -40,6 +41,14 @@ def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UU
         query = query.with_for_update(of=Response)
     row = session.execute(query).one_or_none()
     return None if row is None else (row[0], row[1])
+
+
+_DEPENDENTS = (select(Response).where(Response.participant_id == bindparam("p"),
+                                     Response.wave.in_(bindparam("waves", expanding=True))).with_for_update())
+
+
+def dependents(session: Session, participant_id: uuid.UUID, waves: Sequence[str]) -> list[Response]:
+    return list(session.scalars(_DEPENDENTS, {"p": participant_id, "waves": list(waves)}))
 
 
 def of_participant(session: Session, participant_id: uuid.UUID, *, waves: Sequence[str] | None = None,

@@ -50,7 +50,7 @@ def _refresh_dependents(session: Session, codebook: Codebook, source: Response) 
     waves = dependent_waves(codebook, source.wave)
     if not waves:
         return
-    for other in repository.of_participant(session, source.participant_id, waves=waves, for_update=True):
+    for other in repository.dependents(session, source.participant_id, waves):
         carried = _carried_values(session, codebook, other.participant_id, other.wave, [source])
         other.derived = compute_derived(codebook, other.wave, other.answers, carried)
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import Boolean, String, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
-from statsmodels.stats.proportion import proportion_confint
 
 from app.participants.models import Participant, Schedule
 from app.participants.repository import schedule_status_sql
@@ -122,6 +121,8 @@ def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | 
 def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
     if n == 0:
         return None, None
+    from statsmodels.stats.proportion import proportion_confint  # heavy import, only when asked
+
     low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
     return float(low), float(high)
 

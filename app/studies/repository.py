@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, true, tuple_, update
+from sqlalchemy import bindparam, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.instruments.models import CodebookRevision
@@ -15,21 +15,24 @@ def by_key(session: Session, key: str) -> Study | None:
     return session.scalar(select(Study).where(Study.key == key))
 
 
+_latest = (
+    select(CodebookRevision.id, CodebookRevision.revision)
+    .where(CodebookRevision.study_id == Study.id)
+    .order_by(CodebookRevision.revision.desc())
+    .limit(1)
+    .lateral()
+)
+_WITH_REVISION = (select(Study, _latest.c.id, _latest.c.revision).outerjoin(_latest, true())
+                  .where(Study.key == bindparam("key")))
+
+
 def with_revision(session: Session, key: str) -> tuple[Study, uuid.UUID | None, int | None] | None:
     """The study and the id and revision of its codebook in force, in one round trip.
 
     The document itself is fetched only when this process has not compiled that revision yet
     (revisions never change once stored).
     """
-    latest = (
-        select(CodebookRevision.id, CodebookRevision.revision)
-        .where(CodebookRevision.study_id == Study.id)
-        .order_by(CodebookRevision.revision.desc())
-        .limit(1)
-        .lateral()
-    )
-    query = select(Study, latest.c.id, latest.c.revision).outerjoin(latest, true()).where(Study.key == key)
-    row = session.execute(query).one_or_none()
+    row = session.execute(_WITH_REVISION, {"key": key}).one_or_none()
     return None if row is None else (row[0], row[1], row[2])
 
 

@@ -1,0 +1,112 @@
+"""`cohort bench`: run the scenarios, print a table, write bench/results/<time>.json (and latest.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, Databases, default_server
+from bench.scenarios import FULL, QUICK, SCENARIOS, Scale
+
+TARGETS = {
+    "ingest": "service rate >= bare FastAPI endpoint at 32 clients; p99 <= 50 ms",
+    "import": ">= 30 % of COPY of the same rows",
+    "reminder_claims": "< 10 ms per 1,000 claimed at 1M participants",
+    "retention": "< 100 ms at 1M participants",
+    "refit": "API <= 1.3 x statsmodels alone at 10,000 participants",
+    "export": "peak RSS < 300 MB; >= 50 % of COPY TO speed",
+}
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/meminfo") as fh:
+        mem_kb = int(fh.readline().split()[1])
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "memory_gb": round(mem_kb / 1e6, 1),
+            "platform": platform.platform()}
+
+
+def broker() -> str | None:
+    import redis
+
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/11"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        return url
+    except redis.RedisError:
+        return None
+
+
+def run(scale: Scale, only: list[str] | None, output: Path) -> dict[str, Any]:
+    report: dict[str, Any] = {"scale": scale.name, "started_at": datetime.now(UTC).isoformat(), "machine": machine(),
+                              "targets": TARGETS, "results": {}, "errors": {}}
+    with Databases(default_server()) as dbs:
+        for name, scenario in SCENARIOS.items():
+            if only and name not in only:
+                continue
+            started = time.perf_counter()
+            try:
+                result = scenario(dbs, scale, broker()) if name == "refit" else scenario(dbs, scale)  # type: ignore[operator]
+                report["results"][name] = {**result, "wall_seconds": time.perf_counter() - started}
+            except Exception as exc:
+                report["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+            print_row(name, report)
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(report, indent=2, default=str)
+    (output / f"{scale.name}-{stamp}.json").write_text(text)
+    (output / f"latest-{scale.name}.json").write_text(text)
+    return report
+
+
+def _fmt(value: float, unit: str = "") -> str:
+    return f"{value:,.2f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def summary(name: str, r: dict[str, Any]) -> str:
+    if name == "ingest":
+        top = max(r["levels"], key=int)
+        level = r["levels"][top]
+        return (f"{top} clients: {level['service']['rate']:.0f} req/s (p99 {level['service']['p99_ms']:.0f} ms); "
+                f"bare FastAPI {level['bare_fastapi']['rate']:.0f}, raw INSERT {level['raw_insert']['rate']:.0f}; "
+                f"ratio to bare {level['ratio_to_bare_fastapi']:.2f}, to raw {level['ratio_to_raw_insert']:.2f}")
+    if name == "import":
+        return (f"{r['rows']:,} rows in {r['import_seconds']:.1f} s; COPY of the same rows "
+                f"{r['copy_same_rows_seconds']:.1f} s -> ratio {r['ratio_to_copy']:.2f} "
+                f"(participant rows alone {r['ratio_to_copy_participant_rows_only']:.2f})")
+    if name == "reminder_claims":
+        return (f"{r['reminder_rows']:,} send rows: claim query {r['claim_query_ms_per_1000']:.1f} ms/1000, "
+                f"claim+decide {r['claim_and_decide_ms_per_1000']:.1f} ms/1000 "
+                f"(bare SKIP LOCKED {r['baseline_bare_skip_locked_ms_per_1000']:.1f})")
+    if name == "retention":
+        return (f"{r['schedule_rows']:,} schedule rows: {r['retention_ms']:.0f} ms "
+                f"(by group {r['retention_by_group_ms']:.0f} ms; "
+                f"bare count {r['baseline_count_by_stored_status_ms']:.0f} ms)")
+    if name == "refit":
+        return "; ".join(f"{n:,}: API {v['api_seconds']:.2f} s vs statsmodels {v['statsmodels_fit_seconds']:.2f} s "
+                         f"= {v['ratio_api_to_statsmodels']:.2f}x" for n, v in r.items() if isinstance(v, dict))
+    if name == "export":
+        return (f"{r['rows']:,} rows: CSV {r['csv']['seconds']:.1f} s ({r['csv']['ratio_to_copy_to']:.2f} of COPY TO), "
+                f"peak RSS {r['csv']['server_peak_rss_mb']:.0f} MB; Parquet {r['parquet']['seconds']:.1f} s, "
+                f"peak RSS {r['parquet']['server_peak_rss_mb']:.0f} MB")
+    return json.dumps(r)[:200]
+
+
+def print_row(name: str, report: dict[str, Any]) -> None:
+    import typer
+
+    if name in report["errors"]:
+        typer.secho(f"{name:16s} FAILED: {report['errors'][name].splitlines()[0]}", fg=typer.colors.RED)
+        return
+    result = report["results"][name]
+    typer.echo(f"{name:16s} {summary(name, result)}  [{result['wall_seconds']:.0f} s]")
+    typer.echo(f"{'':16s} target: {TARGETS[name]}")
+
+
+def main(quick: bool, only: list[str] | None, output: Path | None) -> dict[str, Any]:
+    return run(QUICK if quick else FULL, only, output or ROOT / "bench" / "results")

@@ -1,0 +1,432 @@
+"""The benchmark scenarios. Each measures the service and a baseline in the same run, on real PostgreSQL.
+
+Absolute numbers move between runs and machines; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy.engine import URL
+
+from bench.common import (
+    SECRET,
+    Databases,
+    conninfo,
+    http_connect,
+    peak_rss_mb,
+    request,
+    run_load,
+    scalar,
+    serve,
+    service_env,
+    timed,
+    worker,
+)
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    posts: int
+    levels: tuple[int, ...]
+    import_rows: int
+    participants_scan: int
+    refit_sizes: tuple[int, ...]
+    export_rows: int
+
+
+QUICK = Scale("quick", posts=150, levels=(1, 8), import_rows=3_000, participants_scan=10_000,
+              refit_sizes=(300,), export_rows=15_000)
+FULL = Scale("full", posts=3_000, levels=(1, 8, 32), import_rows=100_000, participants_scan=1_000_000,
+             refit_sizes=(647, 10_000), export_rows=1_000_000)
+
+
+def _baseline_answers(n: int) -> list[dict[str, Any]]:
+    from app.analysis.simulate import default_start, generate
+
+    return [r.answers for r in generate(n, 3, enrolled_from=default_start()).responses if r.wave == "baseline"]
+
+
+def _study(base: str, key: str = "bench") -> None:
+    status, body = request(base, "POST", "/api/v1/studies",
+                           {"key": key, "name": "Bench", "timezone": "UTC", "template": "pal-replication"})
+    assert status == 201, body
+
+
+# -- 1. response ingest --------------------------------------------------------------------------
+
+
+def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    db = dbs.new("ingest")
+    with psycopg.connect(conninfo(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, participant text, wave text, answers jsonb)")
+    levels = scale.levels
+    total = scale.posts * len(levels)
+    answers = _baseline_answers(total)
+    people = [f"B{i:06d}" for i in range(total)]
+    bodies = [{"external_id": p, "wave": "baseline", "answers": a} for p, a in zip(people, answers, strict=False)]
+    out: dict[str, Any] = {"posts_per_level": scale.posts, "levels": {}}
+    env = service_env(db)
+    with serve(env) as api:
+        _study(api.url)
+        status, _ = request(api.url, "POST", "/api/v1/studies/bench/participants:import", [
+            {"external_id": p, "enrolled_at": datetime.now(UTC).isoformat()} for p in people])
+        assert status == 200
+        _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "collector", "label": "bench"})
+        collector = made["token"]
+
+        def post_response(conn: Any, body: dict[str, Any]) -> bool:
+            conn.request("POST", "/api/v1/studies/bench/responses", body=json.dumps(body), headers={
+                "Authorization": f"Bearer {collector}", "Content-Type": "application/json",
+                "Idempotency-Key": str(uuid.uuid4())})
+            response = conn.getresponse()
+            response.read()
+            return bool(response.status == 201)
+
+        for i, clients in enumerate(levels):
+            chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
+            load = run_load(chunk, clients, post_response, http_connect(api.url))
+            out["levels"][clients] = {"service": load.__dict__}
+
+    bare_env = {**env, "BENCH_RAW_DSN": conninfo(db)}
+    with serve(bare_env, "--log-level", "warning",
+               command=[__import__("sys").executable, "-m", "uvicorn", "bench.bare_app:app"]) as bare:
+
+        def post_bare(conn: Any, body: dict[str, Any]) -> bool:
+            conn.request("POST", "/store", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            return bool(response.status == 201)
+
+        for i, clients in enumerate(levels):
+            chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
+            out["levels"][clients]["bare_fastapi"] = run_load(chunk, clients, post_bare,
+                                                              http_connect(bare.url)).__dict__
+
+    def raw_insert(conn: psycopg.Connection[Any], body: dict[str, Any]) -> bool:
+        conn.execute("INSERT INTO bench_raw (id, participant, wave, answers) VALUES (%s, %s, %s, %s)",
+                     (uuid.uuid4(), body["external_id"], body["wave"], Jsonb(body["answers"])))
+        return True
+
+    for i, clients in enumerate(levels):
+        chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
+        load = run_load(chunk, clients, raw_insert, lambda: psycopg.connect(conninfo(db), autocommit=True))
+        level = out["levels"][clients]
+        level["raw_insert"] = load.__dict__
+        level["ratio_to_bare_fastapi"] = level["service"]["rate"] / level["bare_fastapi"]["rate"]
+        level["ratio_to_raw_insert"] = level["service"]["rate"] / load.rate
+    return out
+
+
+# -- 2. participant import -----------------------------------------------------------------------
+
+
+def participant_import(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    db = dbs.new("import")
+    n = scale.import_rows
+    start = datetime(2026, 1, 5, 14, tzinfo=UTC)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["external_id", "enrolled_at", "timezone", "email", "phone", "name"])
+    for i in range(n):
+        writer.writerow([f"I{i:07d}", (start + timedelta(hours=i % 500)).isoformat(), "" if i % 3 else "Europe/Paris",
+                         f"i{i}@example.org", "", f"Person {i}"])
+    body = buffer.getvalue().encode()
+    with serve(service_env(db)) as api:
+        _study(api.url, "imp")
+        _study(api.url, "copy")
+        seconds, (status, result) = timed(lambda: request(api.url, "POST", "/api/v1/studies/imp/participants:import",
+                                                          raw=body, content_type="text/csv"))
+        assert status == 200 and result["created"] == n, result
+    # Baseline: COPY of the same rows the import writes (participants, their schedules and sealed
+    # contacts, same sizes) into the same tables, under another study.
+    with psycopg.connect(conninfo(db)) as conn:
+        study = scalar(conn, "SELECT id FROM studies WHERE key = 'copy'")
+        copied = scalar(conn, "SELECT id FROM studies WHERE key = 'imp'")
+        schedules = conn.execute("SELECT participant_id, wave, opens_at, due_at, closes_at, status FROM schedules "
+                                 "WHERE study_id = %s", (copied,)).fetchall()
+        sealed_size = scalar(conn, "SELECT avg(length(sealed))::int FROM participant_contacts")
+        ids = {pid: uuid.uuid4() for pid, *_ in schedules}
+        now = datetime.now(UTC)
+
+        def copy_all() -> None:
+            with conn.cursor() as cur:
+                conn.execute("SET session_replication_role = DEFAULT")
+                with cur.copy("COPY participants (id, study_id, external_id, status, enrolled_at, timezone, created_at)"
+                              " FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(["uuid", "uuid", "text", "text", "timestamptz", "text", "timestamptz"])
+                    for i, new in enumerate(ids.values()):
+                        cp.write_row((new, study, f"I{i:07d}", "active", now, "UTC", now))
+                with cur.copy("COPY schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status)"
+                              " FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(["uuid", "uuid", "text", "timestamptz", "timestamptz", "timestamptz", "text"])
+                    for pid, wave, opens, due, closes, status_ in schedules:
+                        cp.write_row((study, ids[pid], wave, opens, due, closes, status_))
+                with cur.copy("COPY participant_contacts (participant_id, sealed, updated_at) FROM STDIN "
+                              "(FORMAT BINARY)") as cp:
+                    cp.set_types(["uuid", "bytea", "timestamptz"])
+                    blob = b"\0" * sealed_size
+                    for new in ids.values():
+                        cp.write_row((new, blob, now))
+            conn.commit()
+
+        copy_seconds, _ = timed(copy_all)
+        participants_only = _copy_participants_only(conn, n)
+    return {"rows": n, "import_seconds": seconds, "copy_same_rows_seconds": copy_seconds,
+            "ratio_to_copy": copy_seconds / seconds, "copy_participant_rows_only_seconds": participants_only,
+            "ratio_to_copy_participant_rows_only": participants_only / seconds}
+
+
+def _copy_participants_only(conn: psycopg.Connection[Any], n: int) -> float:
+    conn.execute("CREATE TEMP TABLE import_copy (external_id text, enrolled_at timestamptz, timezone text, "
+                 "email text, phone text, name text)")
+    started = time.perf_counter()
+    with conn.cursor() as cur, cur.copy("COPY import_copy FROM STDIN (FORMAT BINARY)") as cp:
+        cp.set_types(["text", "timestamptz", "text", "text", "text", "text"])
+        now = datetime.now(UTC)
+        for i in range(n):
+            cp.write_row((f"I{i:07d}", now, "", f"i{i}@example.org", "", f"Person {i}"))
+    conn.commit()
+    return time.perf_counter() - started
+
+
+# -- 3 and 4. reminder claims and retention at scale ---------------------------------------------
+
+
+def _populate(db: URL, participants: int, with_responses: bool) -> uuid.UUID:
+    """A large study written straight in SQL (triggers and FK checks off: setup, not measured)."""
+    from app.analysis.simulate import default_start, generate
+
+    cohort = generate(60, 5, enrolled_from=default_start())
+    templates = {w: next(r.answers for r in cohort.responses if r.wave == w) for w in ("baseline", "month6", "month12")}
+    with psycopg.connect(conninfo(db)) as conn:
+        conn.execute("SET session_replication_role = replica")
+        study = scalar(conn, "INSERT INTO studies (id, key, name, timezone, settings) VALUES "
+                             "(gen_random_uuid(), 'big', 'Big', 'UTC', '{}') RETURNING id")
+        with open(__import__("app").__path__[0] + "/instruments/codebooks/pal-v1.json") as fh:
+            codebook = json.load(fh)
+        conn.execute("INSERT INTO codebooks (id, study_id, revision, document, sha256, derived_signature) VALUES "
+                     "(gen_random_uuid(), %s, 1, %s, 'x', 'x')", (study, Jsonb(codebook)))
+        for i, w in enumerate(codebook["waves"]):
+            conn.execute("INSERT INTO waves (id, study_id, key, label, position, offset_days, window_open_days, "
+                         "window_close_days, reminder_policy) VALUES (gen_random_uuid(), %s, %s, %s, %s, %s, %s, %s, "
+                         "%s)", (study, w["key"], w["label"], i, w["offset_days"], w["window_open_days"],
+                                 w["window_close_days"], Jsonb(codebook["reminder_policy"])))
+        conn.execute("""
+            INSERT INTO participants (id, study_id, external_id, status, enrolled_at, timezone, created_at)
+            SELECT gen_random_uuid(), %s, 'P' || g, 'active',
+                   date_trunc('day', now()) - (g %% 500) * interval '1 day' + interval '15 hours', 'UTC', now()
+            FROM generate_series(1, %s) g""", (study, participants))
+        conn.execute("""
+            INSERT INTO schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status)
+            SELECT p.study_id, p.id, w.key, date_trunc('day', p.enrolled_at) + w.window_open_days * interval '1 day',
+                   date_trunc('day', p.enrolled_at) + w.offset_days * interval '1 day',
+                   date_trunc('day', p.enrolled_at) + (w.window_close_days + 1) * interval '1 day', 'scheduled'
+            FROM participants p JOIN waves w ON w.study_id = p.study_id WHERE p.study_id = %s""", (study,))
+        conn.execute("""
+            INSERT INTO reminder_sends (id, study_id, participant_id, wave, kind, due_at, status, attempts,
+                                        created_at, updated_at)
+            SELECT gen_random_uuid(), study_id, participant_id, wave, 'invitation', opens_at + interval '9 hours',
+                   'pending', 0, now(), now() FROM schedules WHERE study_id = %s""", (study,))
+        if with_responses:
+            for wave, keep in (("baseline", 100), ("month6", 81), ("month12", 83)):
+                conn.execute("""
+                    INSERT INTO responses (id, study_id, participant_id, wave, status, answers, derived,
+                                           derived_signature, codebook_revision, late, completed_at, received_at,
+                                           updated_at)
+                    SELECT gen_random_uuid(), s.study_id, s.participant_id, s.wave, 'complete',
+                           %s::jsonb || jsonb_build_object('age', 18 + (abs(hashtext(s.participant_id::text)) %% 60)),
+                           jsonb_build_object('abstinent_30d', abs(hashtext(s.participant_id::text || s.wave)) %% 3 > 0,
+                                              'online_30d', abs(hashtext(s.participant_id::text)) %% 3 = 0),
+                           'x', 1, false, s.opens_at + interval '3 days', now(), now()
+                    FROM schedules s WHERE s.study_id = %s AND s.wave = %s AND s.closes_at < now()
+                      AND abs(hashtext(s.participant_id::text || 'r')) %% 100 < %s""",
+                             (Jsonb(templates[wave]), study, wave, keep))
+            conn.execute("""UPDATE schedules s SET completed_at = r.completed_at, status = 'completed'
+                            FROM responses r WHERE r.participant_id = s.participant_id AND r.wave = s.wave
+                              AND s.study_id = %s""", (study,))
+        conn.execute("ANALYZE")
+        conn.commit()
+    return uuid.UUID(str(study))
+
+
+def reminder_claims(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    from app.core.db import make_engine, make_sessionmaker
+    from app.reminders import repository, service
+
+    db = dbs.new("claims")
+    _populate(db, scale.participants_scan, with_responses=False)
+    engine = make_engine(db)
+    sessions = make_sessionmaker(engine)
+    now = datetime.now(UTC)
+    query_ms, claim_ms, raw_ms = [], [], []
+    with psycopg.connect(conninfo(db)) as conn:
+        due = scalar(conn, "SELECT count(*) FROM reminder_sends WHERE status = 'pending' AND due_at <= %s",
+                           (now,))
+        rows = scalar(conn, "SELECT count(*) FROM reminder_sends")
+        for _ in range(5):
+            started = time.perf_counter()
+            conn.execute("SELECT id FROM reminder_sends WHERE status = 'pending' AND due_at <= %s ORDER BY due_at "
+                         "LIMIT 1000 FOR UPDATE SKIP LOCKED", (now,)).fetchall()
+            raw_ms.append(1000 * (time.perf_counter() - started))
+            conn.rollback()
+    for _ in range(5):
+        with sessions() as session:
+            started = time.perf_counter()
+            found = repository.due(session, now=now, study_id=None, limit=1000)
+            query_ms.append(1000 * (time.perf_counter() - started))
+            session.rollback()
+        with sessions() as session:
+            started = time.perf_counter()
+            _, _, seen = service.claim(session, now, owner=uuid.uuid4(), limit=1000)
+            claim_ms.append(1000 * (time.perf_counter() - started))
+            session.rollback()
+    engine.dispose()
+    return {"participants": scale.participants_scan, "reminder_rows": rows, "due_rows": due, "claimed": len(found),
+            "claim_query_ms_per_1000": statistics.median(query_ms),
+            "claim_and_decide_ms_per_1000": statistics.median(claim_ms),
+            "baseline_bare_skip_locked_ms_per_1000": statistics.median(raw_ms), "decided": seen}
+
+
+def retention_at_scale(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    from app.core.db import make_engine, make_sessionmaker
+    from app.retention.service import retention
+
+    db = dbs.new("retention")
+    study = _populate(db, scale.participants_scan, with_responses=True)
+    engine = make_engine(db)
+    sessions = make_sessionmaker(engine)
+    waves = ["baseline", "month6", "month12"]
+    service_ms, by_group_ms = [], []
+    for _ in range(3):
+        with sessions() as session:
+            started = time.perf_counter()
+            result = retention(session, study, waves, datetime.now(UTC))
+            service_ms.append(1000 * (time.perf_counter() - started))
+            started = time.perf_counter()
+            retention(session, study, waves, datetime.now(UTC), by="primary_group")
+            by_group_ms.append(1000 * (time.perf_counter() - started))
+    engine.dispose()
+    with psycopg.connect(conninfo(db)) as conn:
+        schedules = scalar(conn, "SELECT count(*) FROM schedules")
+        started = time.perf_counter()
+        conn.execute("SELECT wave, count(*) FILTER (WHERE status = 'completed') FROM schedules WHERE study_id = %s "
+                     "GROUP BY wave", (study,)).fetchall()
+        bare_ms = 1000 * (time.perf_counter() - started)
+    return {"participants": scale.participants_scan, "schedule_rows": schedules,
+            "retention_ms": statistics.median(service_ms), "retention_by_group_ms": statistics.median(by_group_ms),
+            "baseline_count_by_stored_status_ms": bare_ms, "eligible_month6": result[None][1]["eligible"]}
+
+
+# -- 5. model refit through the API --------------------------------------------------------------
+
+
+def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
+    import pandas as pd
+    import statsmodels.api as sm
+    from statsmodels.genmod.cov_struct import Exchangeable
+    from statsmodels.genmod.generalized_estimating_equations import GEE
+
+    from app.analysis.simulate import default_start, generate, write
+    from app.analysis.stats import abstinence_data
+    from app.analysis.variables import design
+    from app.core.crypto import Sealer
+    from app.core.db import Database, transaction
+    from app.core.settings import Settings
+    from app.studies import service as studies
+    from app.studies.schemas import StudyCreate
+
+    out: dict[int, Any] = {}
+    for n in scale.refit_sizes:
+        db = dbs.new(f"refit{n}")
+        database = Database.from_settings(Settings.model_construct(
+            database_url=db.render_as_string(hide_password=False), db_pool_size=2))
+        sealer = Sealer([SECRET])
+        with transaction(database) as session:
+            ctx = studies.create(session, StudyCreate(key="sim", name="Sim", timezone="UTC",
+                                                      template="pal-replication"), sealer)
+            write(session, ctx, generate(n, 21, enrolled_from=default_start()), sealer, datetime.now(UTC))
+        database.dispose()
+        env = service_env(db, **({"REDIS_URL": broker} if broker else {}))
+        with serve(env) as api, worker(env, "--queues", "analysis", "--concurrency", "1"):
+            _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "analyst", "label": "bench"})
+            analyst = made["token"]
+            # Warm up: the first task of a fresh worker pays for its imports; a running service's is warm.
+            _, warm = request(api.url, "POST", "/api/v1/studies/sim/analyses", {"model": "table1"}, token=analyst)
+            while request(api.url, "GET", f"/api/v1/analyses/{warm['id']}", token=analyst)[1]["status"] in (
+                    "queued", "running"):
+                time.sleep(0.05)
+            started = time.perf_counter()
+            status, job = request(api.url, "POST", "/api/v1/studies/sim/analyses", {"model": "abstinence"},
+                                  token=analyst)
+            assert status == 202, job
+            while True:
+                _, state = request(api.url, "GET", f"/api/v1/analyses/{job['id']}", token=analyst)
+                if state["status"] in ("succeeded", "failed"):
+                    break
+                time.sleep(0.02)
+            api_seconds = time.perf_counter() - started
+            assert state["status"] == "succeeded", state
+            _, frame_bytes = request(api.url, "GET", f"/api/v1/analyses/{job['id']}/frame", token=analyst)
+        frame = pd.read_parquet(io.BytesIO(frame_bytes))
+        long, terms, _ = abstinence_data(frame, None)
+        x = design(long, terms)
+        groups = pd.factorize(long["participant"])[0]
+        model = GEE(long["abstinent"], x, groups=groups, family=sm.families.Binomial(), cov_struct=Exchangeable())
+        fit_seconds, _ = timed(partial(model.fit, maxiter=100))
+        out[n] = {"participants": n, "observations": len(long), "api_seconds": api_seconds,
+                  "statsmodels_fit_seconds": fit_seconds, "ratio_api_to_statsmodels": api_seconds / fit_seconds}
+    return out
+
+
+# -- 6. export -----------------------------------------------------------------------------------
+
+
+def export(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    db = dbs.new("export")
+    participants = max(1, scale.export_rows * 100 // 264)  # about 2.64 responses each (81 % / 83 % follow-up)
+    study = _populate(db, participants, with_responses=True)
+    with psycopg.connect(conninfo(db)) as conn:
+        rows = scalar(conn, "SELECT count(*) FROM responses")
+        conn.execute("UPDATE studies SET key = 'big' WHERE id = %s", (study,))
+        conn.commit()
+        started = time.perf_counter()
+        size = 0
+        with conn.cursor() as cur, cur.copy("COPY (SELECT * FROM responses WHERE study_id = %s) TO STDOUT "
+                                            "(FORMAT csv, HEADER)", (study,)) as cp:
+            for data in cp:
+                size += len(data)
+        copy_seconds = time.perf_counter() - started
+    out: dict[str, Any] = {"rows": rows, "copy_to_seconds": copy_seconds, "copy_to_mb": size / 1e6}
+    for fmt in ("csv", "parquet"):
+        with serve(service_env(db)) as api:
+            before = peak_rss_mb(api.proc.pid)
+            _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "analyst", "label": "bench"})
+            path = f"/api/v1/studies/big/export?format={fmt}&layout=long"
+            seconds, (status, body) = timed(partial(request, api.url, "GET", path, token=made["token"]))
+            assert status == 200
+            out[fmt] = {"seconds": seconds, "mb": len(body) / 1e6, "server_peak_rss_mb": peak_rss_mb(api.proc.pid),
+                        "server_rss_before_mb": before, "ratio_to_copy_to": copy_seconds / seconds}
+    return out
+
+
+SCENARIOS = {
+    "ingest": ingest,
+    "import": participant_import,
+    "reminder_claims": reminder_claims,
+    "retention": retention_at_scale,
+    "refit": refit,
+    "export": export,
+}
