@@ -205,8 +205,11 @@ def _copy_participants_only(conn: psycopg.Connection[Any], n: int) -> float:
 # -- 3 and 4. reminder claims and retention at scale ---------------------------------------------
 
 
-def _populate(db: URL, participants: int, with_responses: bool) -> uuid.UUID:
-    """A large study written straight in SQL (triggers and FK checks off: setup, not measured)."""
+def _populate(db: URL, participants: int, with_responses: bool, enrolled_days_ago: int = 0) -> uuid.UUID:
+    """A large study written straight in SQL (triggers and FK checks off: setup, not measured).
+
+    Enrolment spreads over the 500 days before `enrolled_days_ago` days ago; 0 gives a study in
+    every stage, 420 one whose follow-ups have all closed."""
     from app.analysis.simulate import default_start, generate
 
     cohort = generate(60, 5, enrolled_from=default_start())
@@ -227,8 +230,8 @@ def _populate(db: URL, participants: int, with_responses: bool) -> uuid.UUID:
         conn.execute("""
             INSERT INTO participants (id, study_id, external_id, status, enrolled_at, timezone, created_at)
             SELECT gen_random_uuid(), %s, 'P' || g, 'active',
-                   date_trunc('day', now()) - (g %% 500) * interval '1 day' + interval '15 hours', 'UTC', now()
-            FROM generate_series(1, %s) g""", (study, participants))
+                   date_trunc('day', now()) - (%s + g %% 500) * interval '1 day' + interval '15 hours', 'UTC', now()
+            FROM generate_series(1, %s) g""", (study, enrolled_days_ago, participants))
         conn.execute("""
             INSERT INTO schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status)
             SELECT p.study_id, p.id, w.key, date_trunc('day', p.enrolled_at) + w.window_open_days * interval '1 day',
@@ -397,7 +400,7 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
 def export(dbs: Databases, scale: Scale) -> dict[str, Any]:
     db = dbs.new("export")
     participants = max(1, scale.export_rows * 100 // 264)  # about 2.64 responses each (81 % / 83 % follow-up)
-    study = _populate(db, participants, with_responses=True)
+    study = _populate(db, participants, with_responses=True, enrolled_days_ago=420)
     with psycopg.connect(conninfo(db)) as conn:
         rows = scalar(conn, "SELECT count(*) FROM responses")
         conn.execute("UPDATE studies SET key = 'big' WHERE id = %s", (study,))

@@ -49,7 +49,8 @@ def worker_env(settings: Settings, broker: str) -> dict[str, str]:
     env = env_for(DATABASE_URL=str(settings.database_url), COHORT_SECRET_KEY=SECRET_KEY,
                   COHORT_DATA_DIR=str(settings.data_dir),
                   COHORT_REMINDER_LEASE_SECONDS=str(settings.reminder_lease_seconds),
-                  COHORT_SCAN_INTERVAL_SECONDS=str(settings.scan_interval_seconds), COHORT_LOG_LEVEL="INFO")
+                  COHORT_SCAN_INTERVAL_SECONDS=str(settings.scan_interval_seconds),
+                  COHORT_ANALYSIS_LEASE_SECONDS=str(settings.analysis_lease_seconds), COHORT_LOG_LEVEL="INFO")
     if broker.startswith("redis"):
         env["REDIS_URL"] = broker
     if settings.smtp_url:

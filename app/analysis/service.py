@@ -30,8 +30,7 @@ from app.studies.service import StudyContext, pseudonymiser, system_context
 
 log = logging.getLogger(__name__)
 
-STALE_QUEUED = timedelta(minutes=2)
-STALE_RUNNING = timedelta(minutes=35)
+MAX_ATTEMPTS = 3
 
 
 def software() -> dict[str, str]:
@@ -154,18 +153,24 @@ def snapshot(session: Session, sha256: str) -> Snapshot:
     return found
 
 
-def sweep(db: Database) -> dict[str, int]:
-    """Queued jobs whose message was lost (broker down at commit) are sent again; jobs whose
-    worker died while running are failed with a message, never left running forever."""
+def sweep(db: Database, lease: timedelta) -> dict[str, int]:
+    """Jobs the broker lost (down at commit, or restarted empty) are sent again; jobs whose worker
+    died mid-fit (running past the lease) are queued again, up to MAX_ATTEMPTS, then failed with a
+    message. The claim (queued -> running) keeps every job to one fit at a time."""
     now = utcnow()
     with transaction(db) as session:
-        stuck = list(session.scalars(select(Analysis.id).where(Analysis.status == "queued",
-                                                               Analysis.created_at < now - STALE_QUEUED)))
-        dead = session.execute(
-            update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - STALE_RUNNING)
-            .values(status="failed", finished_at=now, error="the worker stopped before the fit finished; "
-                                                            "request it again")
+        session.execute(
+            update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease,
+                                   Analysis.attempts >= MAX_ATTEMPTS)
+            .values(status="failed", finished_at=now,
+                    error=f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
         )
+        revived = session.execute(
+            update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease)
+            .values(status="queued", started_at=None)
+        )
+        stuck = list(session.scalars(select(Analysis.id).where(
+            Analysis.status == "queued", Analysis.created_at < now - min(lease, timedelta(minutes=2)))))
     for analysis_id in stuck:
         enqueue(str(analysis_id))
-    return {"requeued": len(stuck), "failed": int(getattr(dead, "rowcount", 0) or 0)}
+    return {"requeued": len(stuck), "revived": int(getattr(revived, "rowcount", 0) or 0)}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from celery import shared_task
 
@@ -16,4 +17,4 @@ def run_analysis(analysis_id: str) -> str:
 
 @shared_task(name="cohort.analysis.sweep", ignore_result=True)
 def sweep_analyses() -> dict[str, int]:
-    return service.sweep(task_database())
+    return service.sweep(task_database(), timedelta(seconds=get_settings().analysis_lease_seconds))

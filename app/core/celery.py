@@ -75,7 +75,8 @@ def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
     }
     schedule["reminder-scan"] = {"task": "cohort.reminders.scan", "schedule": scan_interval,
                                  "options": {"expires": max(scan_interval - 1, 1)}}
-    schedule["sweep-analyses"] = {"task": "cohort.analysis.sweep", "schedule": 60.0, "options": {"expires": 60}}
+    schedule["sweep-analyses"] = {"task": "cohort.analysis.sweep", "schedule": min(60.0, scan_interval),
+                                  "options": {"expires": 60}}
     schedule["advance-schedules"] = {"task": "cohort.reminders.advance_schedules", "schedule": 60.0,
                                      "options": {"expires": 60}}
     schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,

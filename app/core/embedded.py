@@ -83,6 +83,9 @@ class EmbeddedPostgres:
 
             log.info("starting embedded PostgreSQL in %s", self.pgdata)
             server = get_server(self.pgdata, cleanup_mode=None)
+            # The wheel keeps one handle per data dir for the life of the process; a server this
+            # process stopped earlier is started again through the same handle.
+            server.ensure_postgres_running()
             uri = server.get_uri()
             self.owned = True
         url = make_url(uri).set(drivername="postgresql+psycopg")

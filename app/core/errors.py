@@ -61,6 +61,18 @@ class Conflict(DomainError):
     status_code, slug = 409, "conflict"
 
 
+class InFlight(Conflict):
+    """Another request with the same Idempotency-Key is still running: retry shortly."""
+
+    slug = "idempotency-key-in-flight"
+
+
+class AlreadyComplete(Conflict):
+    """The response is complete; a coordinator corrects it with PATCH."""
+
+    slug = "response-complete"
+
+
 class PayloadTooLarge(DomainError):
     status_code, slug = 413, "payload-too-large"
 
@@ -126,8 +138,18 @@ def validation_errors(exc: RequestValidationError) -> list[FieldError]:
     return out
 
 
-async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+def _as_page(request: Request, exc: Exception) -> Any:
+    """Pages (the dashboard under /ui) show errors as pages; the app registers how in `state.page_errors`."""
+    render = getattr(request.app.state, "page_errors", None)
+    if render is not None and request.url.path.startswith("/ui/"):
+        return render(request, exc)
+    return None
+
+
+async def _domain_error(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, DomainError)
+    if (as_page := _as_page(request, exc)) is not None:
+        return as_page
     return problem(
         exc.status_code, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers,
         instance=request.url.path,
@@ -144,9 +166,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(exc.status_code, detail, headers=exc.headers, instance=request.url.path)
 
 
-async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
+async def _request_validation(request: Request, exc: Exception) -> Any:
     assert isinstance(exc, RequestValidationError)
     errors = validation_errors(exc)
+    if (as_page := _as_page(request, exc)) is not None:
+        return as_page
     if any(e["code"] == "json_invalid" for e in errors):
         return problem(400, "the request body is not valid JSON", slug="malformed", errors=errors,
                        instance=request.url.path)

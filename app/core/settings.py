@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     max_import_bytes: Annotated[int, Field(validation_alias="COHORT_MAX_IMPORT_BYTES", ge=1024)] = 64 * 1_048_576
     reminder_lease_seconds: Annotated[int, Field(validation_alias="COHORT_REMINDER_LEASE_SECONDS", ge=1)] = 600
     scan_interval_seconds: Annotated[float, Field(validation_alias="COHORT_SCAN_INTERVAL_SECONDS", gt=0)] = 60.0
+    analysis_lease_seconds: Annotated[int, Field(validation_alias="COHORT_ANALYSIS_LEASE_SECONDS", ge=1)] = 1800
     rate_limit_per_minute: Annotated[int, Field(validation_alias="COHORT_RATE_LIMIT", ge=0)] = 3000
     db_pool_size: Annotated[int, Field(validation_alias="COHORT_DB_POOL_SIZE", ge=1, le=200)] = 20
     log_level: Annotated[str, Field(validation_alias="COHORT_LOG_LEVEL")] = "INFO"

@@ -22,7 +22,7 @@ from app.core.crypto import Pseudonymiser
 from app.core.db import Database
 from app.instruments.codebook import Codebook
 
-PARQUET_BATCH = 50_000
+PARQUET_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -149,17 +149,22 @@ def _schema(cols: list[Column], layout: str) -> Any:
     return pa.schema(fields)
 
 
+def _array(values: tuple[Any, ...], kind: Any) -> Any:
+    import pyarrow as pa
+
+    if pa.types.is_string(kind):
+        return pa.array(values, type=kind)
+    if pa.types.is_boolean(kind) and any(isinstance(v, bool) for v in values):
+        return pa.array(values, type=kind)  # a column the query already types (late)
+    return pa.array(values, type=pa.string()).cast(kind)  # text from JSON ("3", "true"): cast, vectorised
+
+
 def _batch(rows: list[tuple[Any, ...]], schema: Any) -> Any:
     import pyarrow as pa
 
-    arrays = []
-    for index, field in enumerate(schema):
-        values = [row[index] for row in rows]
-        if pa.types.is_string(field.type):
-            arrays.append(pa.array(values, type=pa.string()))
-        else:  # text from JSON ("3", "true"): cast, vectorised
-            arrays.append(pa.array(values, type=pa.string()).cast(field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    columns = zip(*rows, strict=False)  # one pass over the rows; no per-column copies of them
+    return pa.Table.from_arrays([_array(values, field.type) for values, field in zip(columns, schema, strict=True)],
+                                schema=schema)
 
 
 def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser,
@@ -178,8 +183,8 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
             cur.itersize = PARQUET_BATCH
             cur.execute(statement, _params(study_id, pseudonymiser))
             while rows := cur.fetchmany(PARQUET_BATCH):
-                writer.write_table(_batch([tuple(str(v).lower() if isinstance(v, bool) else v for v in r)
-                                           for r in rows], schema))
+                writer.write_table(_batch(rows, schema))
+                del rows
                 yield sink.take()
     writer.close()
     yield sink.take()

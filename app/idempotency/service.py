@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.core.crypto import Sealer, settings_sealer
 from app.core.db import SessionDep
 from app.core.deps import SettingsDep
-from app.core.errors import Conflict, Invalid
+from app.core.errors import InFlight, Invalid
 from app.core.security import CurrentPrincipal, Principal
 from app.core.timeutil import utcnow
 from app.idempotency.models import IdempotencyRecord
@@ -77,7 +77,7 @@ class Idempotency:
         token_id = str(self.principal.token_id)
         conn = self.session.connection()
         if not conn.execute(_TRY_LOCK, {"k": _lock_id(token_id, self.key)}).scalar():
-            raise Conflict("a request with this Idempotency-Key is still in flight; retry when it has finished")
+            raise InFlight("a request with this Idempotency-Key is still in flight; retry when it has finished")
         # A statement of its own, so its snapshot is taken after the lock: a request that held the
         # key and has just committed is seen here, and replayed rather than run twice.
         record = self.session.scalar(_RECORD, {"t": self.principal.token_id, "k": self.key})

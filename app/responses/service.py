@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, Invalid, NotFound
+from app.core.errors import AlreadyComplete, Conflict, Invalid, NotFound
 from app.core.security import Principal
 from app.instruments.codebook import Codebook
 from app.participants import repository as participants_repo
@@ -115,8 +115,8 @@ def submit(
         if existing is None:
             raise _invalid(as_new)
         if existing.status == "complete":
-            raise Conflict(f"the {data.wave} response of {data.external_id!r} is already complete; "
-                           "a coordinator corrects it with PATCH")
+            raise AlreadyComplete(f"the {data.wave} response of {data.external_id!r} is already complete; "
+                                  "a coordinator corrects it with PATCH")
         merged = {**existing.answers, **data.answers}
         errors = check_answers(codebook, data.wave, data.answers, merged, data.status)
         if errors:
