@@ -19,6 +19,9 @@ from app.core.middleware import BodyLimit, JsonOnly
 from app.core.openapi_problems import document_problems
 from app.core.ratelimit import RateLimit
 from app.core.settings import Settings, get_settings
+from app.dashboard import auth as dashboard_auth
+from app.dashboard.router import error_page
+from app.dashboard.router import router as dashboard_router
 from app.exports.router import router as exports_router
 from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
@@ -75,10 +78,13 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.state.page_errors = error_page
+    for page_error in (dashboard_auth.SignInRequired, dashboard_auth.NotAllowed):
+        app.add_exception_handler(page_error, error_page)
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
                    reminders_router, retention_router, analysis_router, audit_router, exports_router,
-                   links_router):
+                   links_router, dashboard_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

@@ -4,6 +4,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -15,10 +16,12 @@ from app.core.errors import Gone, Invalid, NotFound
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator
 from app.core.timeutil import utcnow
+from app.idempotency.service import IdempotencyDep
 from app.participants import service as participants
 from app.participants.models import Participant, Schedule
 from app.reminders import repository, service, templates
 from app.reminders.links import LinkExpired, LinkInvalid, read_token
+from app.reminders.models import ReminderSend
 from app.reminders.policy import Policy, planned_sends
 from app.reminders.schemas import (
     Funnel,
@@ -27,6 +30,7 @@ from app.reminders.schemas import (
     PolicyIn,
     RunResult,
     SendList,
+    SendNowIn,
     SendOut,
     TemplateIn,
     TemplateOut,
@@ -54,15 +58,34 @@ async def run_reminders(
                                    ("sent", "skipped", "failed", "cancelled", "deferred", "retried", "planned")})
 
 
+def send_out(row: ReminderSend) -> SendOut:
+    status = "pending" if row.status in ("sending", "handed_over") else row.status
+    return SendOut(wave=row.wave, kind=row.kind, status=status, due_at=row.due_at,
+                   sent_at=row.sent_at, attempts=row.attempts, last_error=row.last_error, planned=True)
+
+
+@router.post("/participants/{external_id}/reminders", status_code=201, response_model=SendOut,
+             summary="Send a reminder now (within sending hours; otherwise it waits for the morning)",
+             description="One more message for a wave whose window is open, through the same scan as the "
+                         "scheduled ones: 409 if the participant withdrew, the wave is complete or its window "
+                         "is not open. `status` says whether it went (`sent`) or waits (`pending`).")
+def send_reminder_now(external_id: str, body: SendNowIn, principal: Coordinator, study: StudyFromPath,
+                      session: SessionDep, db: DatabaseDep, settings: SettingsDep,
+                      idem: IdempotencyDep) -> JSONResponse:
+    idem.check(body)
+    participant = participants.find(session, study, external_id)
+    row = service.send_now(db, settings, study.study.id, participant.id, body.wave, utcnow(),
+                           actor=str(principal.token_id))
+    return idem.remember(201, send_out(row))
+
+
 @router.get("/participants/{external_id}/reminders", response_model=SendList,
             summary="Messages to one participant: sent, pending, failed, cancelled")
 def participant_reminders(external_id: str, principal: Coordinator, study: StudyFromPath,
                           session: SessionDep) -> SendList:
     participant = participants.find(session, study, external_id)
     rows = repository.of_participant(session, participant.id)
-    items = [SendOut(wave=r.wave, kind=r.kind, status="pending" if r.status in ("sending", "handed_over") else r.status,
-                     due_at=r.due_at, sent_at=r.sent_at, attempts=r.attempts, last_error=r.last_error,
-                     planned=True) for r in rows]
+    items = [send_out(r) for r in rows]
     # Windows further ahead are not rows yet: show what the current policy will send.
     policies = {w.key: Policy.from_dict(w.reminder_policy) for w in
                 session.scalars(select(Wave).where(Wave.study_id == study.study.id))}

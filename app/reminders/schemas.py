@@ -28,6 +28,10 @@ class SendOut(BaseModel):
     planned: bool = Field(description="false for a message computed from the policy, not yet a stored row")
 
 
+class SendNowIn(BaseModel):
+    wave: str = Field(max_length=63, description="the wave whose window is open")
+
+
 class SendList(BaseModel):
     items: list[SendOut]
 

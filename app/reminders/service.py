@@ -22,7 +22,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,9 +31,11 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
+from app.core.errors import Conflict, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.participants import repository as participants_repo
+from app.participants.models import Participant, Schedule
 from app.reminders import repository, templates
 from app.reminders.links import LinkTarget, link_for, make_token
 from app.reminders.mailer import DeliveryError, Email, Sender, message_id, open_sender
@@ -249,6 +251,41 @@ def scan(db: Database, settings: Settings, now: datetime, *, study_id: uuid.UUID
                         total.failed += 1
         if seen == 0:
             return total
+
+
+def send_now(db: Database, settings: Settings, study_id: uuid.UUID, participant_id: uuid.UUID, wave: str,
+             now: datetime, *, actor: str | None = None) -> ReminderSend:
+    """A coordinator's "send a reminder now": one more message of the wave, due at `now`.
+
+    It is an ordinary send row (kind `manual_<time>`) run through the same scan, so every rule
+    holds: never to a withdrawn participant or a completed wave, only while the window is open and
+    within sending hours (outside them it waits for the next morning), recorded once.
+    """
+    kind = f"manual_{now.astimezone(UTC):%Y%m%dT%H%M%S}"
+    with transaction(db, actor=actor) as session:
+        window = session.execute(
+            select(Schedule.opens_at, Schedule.closes_at, Schedule.completed_at, Participant.withdrawn_at)
+            .join(Participant, Participant.id == Schedule.participant_id)
+            .where(Schedule.participant_id == participant_id, Schedule.wave == wave)
+        ).one_or_none()
+        if window is None:
+            raise NotFound(f"the participant has no {wave!r} wave")
+        if window.withdrawn_at is not None:
+            raise Conflict("the participant has withdrawn; no message is ever sent to them")
+        if window.completed_at is not None:
+            raise Conflict(f"the {wave} response is already complete")
+        if not window.opens_at <= now < window.closes_at:
+            raise Conflict(f"the {wave} window is not open (it runs {window.opens_at:%Y-%m-%d} to "
+                           f"{window.closes_at:%Y-%m-%d})")
+        repository.add_sends(session, [{"id": uuid.uuid4(), "study_id": study_id, "participant_id": participant_id,
+                                        "wave": wave, "kind": kind, "due_at": now, "status": "pending"}])
+    scan(db, settings, now, study_id=study_id, actor=actor)
+    with transaction(db) as session:
+        row = session.scalar(select(ReminderSend).where(ReminderSend.participant_id == participant_id,
+                                                        ReminderSend.wave == wave, ReminderSend.kind == kind))
+        assert row is not None
+        session.expunge(row)
+        return row
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | 
         .scalar_subquery()
     )
     query = (
-        select(Participant.external_id, Participant.status, Participant.timezone, Schedule.wave, Schedule.opens_at,
+        select(Participant.id.label("participant_id"), Participant.external_id, Participant.status,
+               Participant.timezone, Schedule.wave, Schedule.opens_at,
                Schedule.closes_at, Schedule.completed_at, schedule_status, last_sent.label("last_reminder_at"),
                last_kind.label("last_reminder_kind"))
         .join(Participant, Participant.id == Schedule.participant_id)
@@ -116,6 +117,14 @@ def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | 
     if status is not None:
         query = query.where(schedule_status_sql(literal(now)) == status)
     return list(session.execute(query).all())
+
+
+def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str) -> list[tuple[str, int]]:
+    """Participants enrolled per calendar month of the study's time zone, oldest first."""
+    month = func.to_char(func.timezone(zone, Participant.enrolled_at), "YYYY-MM")
+    rows = session.execute(select(month, func.count()).where(Participant.study_id == study_id)
+                           .group_by(month).order_by(month))
+    return [(str(m), int(n)) for m, n in rows]
 
 
 def wilson(successes: int, n: int) -> tuple[float | None, float | None]:

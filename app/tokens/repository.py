@@ -56,3 +56,13 @@ PRINCIPAL = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
 
 def principal_row(session: Session, digest: str) -> Any:
     return session.connection().execute(PRINCIPAL, {"digest": digest}).one_or_none()
+
+
+# The same, by token id: a dashboard session names its token by id, never by secret.
+PRINCIPAL_BY_ID = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
+                         func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
+    _tokens.c.id == bindparam("token_id"), _tokens.c.revoked_at.is_(None))
+
+
+def active_by_id(session: Session, token_id: uuid.UUID) -> Any:
+    return session.connection().execute(PRINCIPAL_BY_ID, {"token_id": token_id}).one_or_none()

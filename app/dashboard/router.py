@@ -1,0 +1,317 @@
+"""Dashboard pages under /ui: the same numbers as the API, because they come from the same functions.
+
+Every page reads through the API's own endpoint functions or services with the signed-in
+token's principal, so role checks, study scoping and every number are the API's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, time, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.analysis import service as analyses
+from app.analysis.models import Analysis
+from app.analysis.router import to_out as analysis_out
+from app.core.crypto import settings_sealer
+from app.core.db import DatabaseDep, SessionDep
+from app.core.deps import SettingsDep
+from app.core.errors import DomainError, validation_errors
+from app.core.security import Role
+from app.core.timeutil import utcnow
+from app.dashboard import charts
+from app.dashboard.auth import (
+    COOKIE,
+    MAX_AGE,
+    FormViewer,
+    NotAllowed,
+    SignInRequired,
+    Viewer,
+    ViewerDep,
+    sign_in,
+)
+from app.exports import router as exports_api
+from app.participants import repository as participants_repo
+from app.participants import service as participants
+from app.participants.schemas import WithdrawIn
+from app.reminders import service as reminders
+from app.retention import router as retention_api
+from app.retention import service as retention
+from app.studies import service as studies
+from app.studies.models import Study
+from app.studies.service import StudyContext
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
+MODELS: tuple[tuple[str, str | None, str], ...] = (
+    ("online_attendance", None, "Who attends online (logistic regression)"),
+    ("abstinence", "model1", "Abstinence over time (GEE, model 1)"),
+    ("abstinence", "model2", "Abstinence over time (GEE, model 2: + primary group, multiple groups)"),
+)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
+
+
+def _p(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.isoformat(timespec="seconds")
+
+
+templates.filters.update(pct=_pct, num=_num, p=_p, when=_when)
+
+
+def page(request: Request, name: str, viewer: Viewer | None, status_code: int = 200, **values: Any) -> HTMLResponse:
+    html = templates.get_template(name).render(request=request, viewer=viewer, **values)
+    return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
+
+
+def _study(session: Session, viewer: Viewer, key: str, *roles: Role) -> StudyContext:
+    if roles and not viewer.may(*roles):
+        raise NotAllowed(f"the {viewer.role} role cannot open this page")
+    return studies.context(session, key, viewer.principal)
+
+
+def _as_of(day: date | None, zone: str) -> datetime:
+    """A chosen day means the end of that day in the study's time zone; no day means now."""
+    if day is None:
+        return utcnow()
+    return datetime.combine(day + timedelta(days=1), time(0), ZoneInfo(zone)) - timedelta(microseconds=1)
+
+
+def _back(url: str, message: str) -> RedirectResponse:
+    from urllib.parse import quote
+
+    sep = "&" if "?" in url else "?"
+    return RedirectResponse(f"{url}{sep}notice={quote(message)}", status_code=303)
+
+
+# -- signing in ------------------------------------------------------------------------------------
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> HTMLResponse:
+    return page(request, "ui/login.html", None)
+
+
+@router.post("/login")
+def login(request: Request, session: SessionDep, settings: SettingsDep,
+          token: Annotated[str, Form(max_length=200)] = "") -> Response:
+    found = sign_in(session, settings, token) if token.strip() else None
+    if found is None:
+        return page(request, "ui/login.html", None, status_code=401,
+                    error="That token is unknown or has been revoked.")
+    value, _ = found
+    response = RedirectResponse("/ui/", status_code=303)
+    response.set_cookie(COOKIE, value, max_age=MAX_AGE, httponly=True, samesite="strict", path="/ui",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.post("/logout")
+def logout(viewer: FormViewer) -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+# -- pages -----------------------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    query = select(Study).order_by(Study.key)
+    if viewer.principal.study_id is not None:
+        query = query.where(Study.id == viewer.principal.study_id)
+    return page(request, "ui/home.html", viewer, studies=list(session.scalars(query)))
+
+
+@router.get("/studies/{key}", response_class=HTMLResponse)
+def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
+             as_of: Annotated[date | None, Query(description="a day (end of day, study time zone)")] = None,
+             ) -> HTMLResponse:
+    ctx = _study(session, viewer, key, "coordinator", "analyst")
+    when = _as_of(as_of, ctx.study.timezone)
+    overall = retention_api.get_retention(viewer.principal, ctx, session, as_of=when, by="primary_group")
+    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone)
+    retention_chart = charts.bars("Retention per wave (completed / eligible)",
+                                  [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
+                                  maximum=100)
+    enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
+    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
+                chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
+                retention_chart=retention_chart, enrolment_chart=enrolment_chart)
+
+
+@router.get("/studies/{key}/followup", response_class=HTMLResponse)
+def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep, settings: SettingsDep,
+             wave: Annotated[str | None, Query(max_length=63)] = None,
+             status: Annotated[Literal["open", "scheduled", "missed", "completed", "withdrawn"] | None,
+                               Query()] = "open",
+             page_no: Annotated[int, Query(alias="page", ge=1, le=10_000)] = 1,
+             notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
+    ctx = _study(session, viewer, key, "coordinator")
+    waves = list(ctx.require_codebook().wave_keys)
+    chosen = wave if wave in waves else (waves[1] if len(waves) > 1 else waves[0])
+    per_page = 50
+    rows = retention.followup(session, ctx.study.id, wave=chosen, status=status, now=utcnow(), limit=per_page,
+                              offset=(page_no - 1) * per_page)
+    shown = rows[:per_page]
+    sealer = settings_sealer(settings)
+    sealed = participants_repo.sealed_contacts(session, [r.participant_id for r in shown])
+    contacts = {pid: sealer.open(blob) for pid, blob in sealed.items()}  # coordinators may see contact data
+    return page(request, "ui/followup.html", viewer, study=ctx.study, waves=waves, wave=chosen, status=status,
+                rows=shown, contacts=contacts, page_no=page_no, has_next=len(rows) > per_page, notice=notice)
+
+
+@router.post("/studies/{key}/followup/{external_id}/remind")
+def remind(key: str, external_id: str, viewer: FormViewer, session: SessionDep, db: DatabaseDep,
+           settings: SettingsDep, wave: Annotated[str, Form(max_length=63)],
+           back: Annotated[str, Form(max_length=500)] = "") -> Response:
+    ctx = _study(session, viewer, key, "coordinator")
+    participant = participants.find(session, ctx, external_id)
+    row = reminders.send_now(db, settings, ctx.study.id, participant.id, wave, utcnow(),
+                             actor=str(viewer.principal.token_id))
+    if row.status == "sent":
+        message = f"Reminder sent to {external_id} ({wave})."
+    elif row.status == "pending":
+        message = f"Reminder for {external_id} queued: it goes at {_when(row.due_at)} (sending hours)."
+    else:
+        message = f"Reminder to {external_id} not sent: {row.last_error or row.status}."
+    return _back(_safe_back(back, key), message)
+
+
+@router.post("/studies/{key}/followup/{external_id}/withdraw")
+def withdraw(key: str, external_id: str, viewer: FormViewer, session: SessionDep,
+             reason: Annotated[str, Form(min_length=1, max_length=2000)],
+             erase_contact: Annotated[bool, Form()] = False,
+             back: Annotated[str, Form(max_length=500)] = "") -> Response:
+    ctx = _study(session, viewer, key, "coordinator")
+    participants.withdraw(session, ctx, external_id, WithdrawIn(reason=reason, erase_contact=erase_contact),
+                          utcnow())
+    return _back(_safe_back(back, key), f"{external_id} is withdrawn; no further reminders will be sent.")
+
+
+def _safe_back(back: str, key: str) -> str:
+    """Only a page of this dashboard (never another site) is a place to return to."""
+    return back if back.startswith("/ui/") and "//" not in back else f"/ui/studies/{key}/followup"
+
+
+def _latest(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:
+    rows = session.scalars(select(Analysis).where(Analysis.study_id == study_id, Analysis.status == "succeeded")
+                           .order_by(Analysis.finished_at.desc()))
+    latest: dict[tuple[str, str], Analysis] = {}
+    for row in rows:
+        latest.setdefault((row.model, row.variant or ""), row)
+    return latest
+
+
+def forest(results: dict[str, Any], label: str) -> str:
+    items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
+             for c in results.get("coefficients", []) if c["term"] != "Intercept"]
+    return charts.intervals(label, items, log_scale=True, reference=1.0, axis="odds ratio (log scale), 95 % CI")
+
+
+@router.get("/studies/{key}/outcomes", response_class=HTMLResponse)
+def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
+             as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
+    ctx = _study(session, viewer, key, "coordinator", "analyst")
+    when = _as_of(as_of, ctx.study.timezone)
+    result = retention_api.get_outcomes(viewer.principal, ctx, session, by="online_30d", as_of=when)
+    names = {"true": "attended online", "false": "did not attend online"}
+    rate_chart = charts.intervals(
+        "Abstinent in the last 30 days, by wave and baseline online attendance (95 % Wilson CI)",
+        [charts.Interval(f"{r.wave} · {names.get(r.group, r.group)}", names.get(r.group, r.group),
+                         r.rate, r.ci_low, r.ci_high) for r in result.items],
+        axis="proportion abstinent", fmt="{:.2f}")
+    latest = _latest(session, ctx.study.id)
+    models = []
+    for model, variant, title in MODELS:
+        job = latest.get((model, variant or ""))
+        out = analysis_out(job, ctx.study.key) if job is not None else None
+        models.append({"model": model, "variant": variant, "title": title, "job": out,
+                       "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
+    return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of)
+
+
+@router.post("/studies/{key}/analyses")
+def refit(key: str, viewer: FormViewer, session: SessionDep,
+          model: Annotated[Literal["table1", "online_attendance", "abstinence"], Form()],
+          variant: Annotated[Literal["", "model1", "model2"], Form()] = "") -> Response:
+    ctx = _study(session, viewer, key, "analyst")
+    job, _ = analyses.request(session, ctx, model=model, variant=variant or None, as_of=None,
+                              requested_by=viewer.principal.token_id)
+    return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+
+
+@router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
+def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    job, key = analyses.get(session, analysis_id)
+    _study(session, viewer, key, "coordinator", "analyst")
+    out = analysis_out(job, key)
+    plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
+    return page(request, "ui/analysis.html", viewer, job=out, study_key=key, plot=plot,
+                done=job.status in ("succeeded", "failed"))
+
+
+@router.get("/studies/{key}/data", response_class=HTMLResponse)
+def data(request: Request, key: str, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    ctx = _study(session, viewer, key, "analyst")
+    return page(request, "ui/data.html", viewer, study=ctx.study)
+
+
+@router.get("/studies/{key}/export")
+def export(key: str, viewer: ViewerDep, session: SessionDep, db: DatabaseDep, settings: SettingsDep,
+           format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
+           layout: Annotated[Literal["long", "wide"], Query()] = "long") -> Response:
+    ctx = _study(session, viewer, key, "analyst")
+    return exports_api.export(viewer.principal, ctx, session, db, settings, format=format, layout=layout)
+
+
+@router.get("/studies/{key}/dictionary")
+def dictionary(key: str, viewer: ViewerDep, session: SessionDep) -> Response:
+    ctx = _study(session, viewer, key, "analyst")
+    return exports_api.dictionary(viewer.principal, ctx)
+
+
+# -- errors as pages ---------------------------------------------------------------------------------
+
+
+def error_page(request: Request, exc: Exception) -> Response:
+    """What a /ui request shows instead of problem+json."""
+    if isinstance(exc, SignInRequired):
+        return RedirectResponse("/ui/login", status_code=303)
+    viewer: Viewer | None = None
+    if isinstance(exc, NotAllowed):
+        status, detail = 403, exc.detail
+    elif isinstance(exc, DomainError):
+        status, detail = exc.status_code, exc.detail
+        if exc.errors:
+            detail += ": " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['message']}" for e in exc.errors)
+    elif isinstance(exc, RequestValidationError):
+        status = 422
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['message']}" for e in validation_errors(exc))
+    else:
+        status, detail = 500, "internal error; nothing was changed"
+    return page(request, "ui/error.html", viewer, status_code=status, status=status, detail=detail)
+

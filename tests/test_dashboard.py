@@ -1,0 +1,336 @@
+"""The dashboard under /ui, as a browser and as plain HTTP: sign-in, CSRF, roles, and numbers equal to the API's."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import URL
+
+from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
+from tests.factories import auth
+from tests.processes import kill_group, start_worker
+from tests.smtp import SmtpServer
+from tests.test_workers import broker_for, midday_zone, worker_env
+
+SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+EMAIL = re.compile(r"[\w.+-]+@example\.org")
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(fresh_db: URL, tmp_path: Path, smtp: SmtpServer) -> Iterator[LiveServer]:
+    settings = make_settings(fresh_db, tmp_path, smtp_url=smtp.url, rate_limit_per_minute=0,
+                             redis_url=None)
+    with serve_app(settings, fresh_db) as live:
+        yield live
+
+
+def simulated_study(server: LiveServer, n: int = 300, seed: int = 5) -> None:
+    """A PAL study with a simulated cohort whose windows have all closed (contacts included)."""
+    from app.analysis.simulate import default_start, generate, write
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database, transaction
+    from app.studies.service import system_context
+
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as client:
+        assert client.post("/api/v1/studies", json={"key": "pal", "name": "PAL replication", "timezone": "UTC",
+                                                    "template": "pal-replication"}).status_code == 201
+    db = Database.from_settings(server.settings)
+    with transaction(db) as session:
+        write(session, system_context(session, "pal"), generate(n, seed, enrolled_from=default_start()),
+              settings_sealer(server.settings), datetime.now(UTC))
+    db.dispose()
+
+
+def token(server: LiveServer, role: str) -> str:
+    r = httpx.post(f"{server.url}/api/v1/tokens", json={"role": role, "label": f"dashboard {role}"},
+                   headers=auth(ADMIN_TOKEN))
+    assert r.status_code == 201
+    return str(r.json()["token"])
+
+
+def signed_in(server: LiveServer, secret: str) -> httpx.Client:
+    client = httpx.Client(base_url=server.url, follow_redirects=False, timeout=60)
+    r = client.post("/ui/login", data={"token": secret})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/"
+    return client
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "the page has no CSRF field"
+    return found.group(1)
+
+
+def table_cells(html: str, table_id: str) -> dict[str, dict[str, str]]:
+    """{data-wave (and data-group): {data-field: text or data-value}} from one table of a page."""
+    body = re.search(rf'<table id="{re.escape(table_id)}">(.*?)</table>', html, re.S)
+    assert body, f"no table {table_id}"
+    out: dict[str, dict[str, str]] = {}
+    for row in re.finditer(r'<tr data-wave="([^"]+)"(?: data-group="([^"]+)")?>(.*?)</tr>', body.group(1), re.S):
+        key = row.group(1) + (f"/{row.group(2)}" if row.group(2) else "")
+        cells = {}
+        for cell in re.finditer(r'<td data-field="(\w+)"(?: data-value="([^"]*)")?>([^<]*)</td>', row.group(3)):
+            cells[cell.group(1)] = cell.group(2) if cell.group(2) is not None else cell.group(3)
+        out[key] = cells
+    return out
+
+
+def as_of_instant(html: str) -> str:
+    found = re.search(r'<time id="as-of-instant" datetime="([^"]+)"', html)
+    assert found
+    return found.group(1)
+
+
+# -- plain HTTP ------------------------------------------------------------------------------------
+
+
+def test_sign_in_keeps_a_signed_httponly_cookie_never_the_token(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url, follow_redirects=False) as anonymous:
+        assert anonymous.get("/ui/").headers["location"] == "/ui/login"
+        refused = anonymous.post("/ui/login", data={"token": "coh_not-a-token"})
+        assert refused.status_code == 401 and "unknown or has been revoked" in refused.text
+        assert "set-cookie" not in refused.headers
+    secret = token(server, "coordinator")
+    client = signed_in(server, secret)
+    cookie = client.cookies.jar
+    raw = next(c for c in cookie if c.name == "cohort_session")
+    header = httpx.post(f"{server.url}/ui/login", data={"token": secret}).headers["set-cookie"].lower()
+    assert "httponly" in header and "samesite=strict" in header and "path=/ui" in header
+    assert raw.value is not None and secret not in raw.value and secret[4:20] not in raw.value
+    home = client.get("/ui/")
+    assert home.status_code == 200 and "Signed in as coordinator" in home.text
+    tampered = httpx.get(f"{server.url}/ui/", cookies={"cohort_session": raw.value[:-2] + "xx"},
+                         follow_redirects=False)
+    assert tampered.status_code == 303 and tampered.headers["location"] == "/ui/login"
+
+
+def test_revoking_the_token_ends_its_dashboard_sessions(server: LiveServer) -> None:
+    secret = token(server, "analyst")
+    client = signed_in(server, secret)
+    assert client.get("/ui/").status_code == 200
+    token_id = httpx.get(f"{server.url}/api/v1/tokens", headers=auth(ADMIN_TOKEN)).json()["items"][-1]["id"]
+    assert httpx.delete(f"{server.url}/api/v1/tokens/{token_id}", headers=auth(ADMIN_TOKEN)).status_code in (200, 204)
+    assert client.get("/ui/").headers["location"] == "/ui/login"
+
+
+def test_a_form_without_the_sessions_csrf_value_changes_nothing(server: LiveServer) -> None:
+    simulated_study(server, n=40)
+    client = signed_in(server, token(server, "coordinator"))
+    ext, other = "SIM000001", "SIM000002"
+    forged = client.post(f"/ui/studies/pal/followup/{ext}/withdraw", data={"reason": "forged", "csrf": "guess"})
+    assert forged.status_code == 403 and "did not come from this dashboard" in forged.text
+    missing = client.post(f"/ui/studies/pal/followup/{ext}/withdraw", data={"reason": "forged"})
+    assert missing.status_code == 403
+    participant = httpx.get(f"{server.url}/api/v1/studies/pal/participants/{ext}", headers=auth(ADMIN_TOKEN))
+    assert participant.status_code == 200 and participant.json()["status"] != "withdrawn"
+    # with the value from the page, the same form works, and it is audited under the coordinator's token
+    page = client.get("/ui/studies/pal/followup?wave=month6&status=missed")
+    done = client.post(f"/ui/studies/pal/followup/{ext}/withdraw",
+                       data={"reason": "moved abroad", "csrf": csrf_of(page.text)})
+    assert done.status_code == 303 and "withdrawn" in client.get(done.headers["location"]).text
+    after = httpx.get(f"{server.url}/api/v1/studies/pal/participants/{ext}", headers=auth(ADMIN_TOKEN)).json()
+    assert after["status"] == "withdrawn"
+    # a bad form (no reason) is a page naming the field, not a 500, and changes nothing
+    empty = client.post(f"/ui/studies/pal/followup/{other}/withdraw", data={"csrf": csrf_of(page.text)})
+    assert empty.status_code == 422 and "reason" in empty.text
+    assert httpx.get(f"{server.url}/api/v1/studies/pal/participants/{other}",
+                     headers=auth(ADMIN_TOKEN)).json()["status"] != "withdrawn"
+
+
+def test_overview_and_outcomes_show_the_apis_numbers(server: LiveServer) -> None:
+    simulated_study(server)
+    analyst = token(server, "analyst")
+    client = signed_in(server, analyst)
+    for day in (None, (datetime.now(UTC) - timedelta(days=200)).date().isoformat()):
+        html = client.get("/ui/studies/pal", params={"as_of": day} if day else {}).text
+        when = as_of_instant(html)
+        api = httpx.get(f"{server.url}/api/v1/studies/pal/retention",
+                        params={"as_of": when, "by": "primary_group"}, headers=auth(analyst)).json()
+        shown = table_cells(html, "retention")
+        assert shown.keys() == {w["wave"] for w in api["waves"]}
+        for w in api["waves"]:
+            cells = shown[w["wave"]]
+            for field in ("eligible", "completed", "open", "missed", "withdrawn", "late"):
+                assert int(cells[field]) == w[field], (day, w["wave"], field)
+            assert (float(cells["rate"]) if cells["rate"] else None) == w["rate"]
+        for group in api["groups"]:
+            per_group = table_cells(html, f"retention-{group['group']}")
+            assert {k: int(v["completed"]) for k, v in per_group.items()} == {
+                w["wave"]: w["completed"] for w in group["waves"]}
+    assert sum(int(v["completed"]) for v in table_cells(html, "retention").values()) > 0  # not an empty study
+    html = client.get("/ui/studies/pal/outcomes").text
+    api = httpx.get(f"{server.url}/api/v1/studies/pal/outcomes",
+                    params={"as_of": as_of_instant(html), "by": "online_30d"}, headers=auth(analyst)).json()
+    shown = table_cells(html, "outcomes")
+    assert len(shown) == len(api["items"]) > 0
+    for item in api["items"]:
+        cells = shown[f"{item['wave']}/{item['group']}"]
+        assert (int(cells["n"]), int(cells["abstinent"])) == (item["n"], item["abstinent"])
+        assert float(cells["rate"]) == item["rate"]
+
+
+def test_roles_without_contact_rights_see_no_contact_data_on_any_page(server: LiveServer) -> None:
+    simulated_study(server, n=60)
+    coordinator = signed_in(server, token(server, "coordinator"))
+    worklist = coordinator.get("/ui/studies/pal/followup?wave=month6&status=completed").text
+    assert EMAIL.search(worklist), "the coordinator's worklist shows contact details"
+    for role in ("analyst", "collector"):
+        client = signed_in(server, token(server, role))
+        pages = ["/ui/", "/ui/studies/pal", "/ui/studies/pal/outcomes", "/ui/studies/pal/data",
+                 "/ui/studies/pal/followup", "/ui/studies/pal/followup?wave=month6&status=completed",
+                 "/ui/studies/pal/export?format=csv&layout=long", "/ui/studies/pal/dictionary"]
+        for path in pages:
+            r = client.get(path)
+            assert r.status_code in (200, 403), (role, path, r.status_code)
+            assert not EMAIL.search(r.text) and "Participant " not in r.text, (role, path)
+        assert client.get("/ui/studies/pal/followup").status_code == 403  # the worklist is the coordinator's
+    collector = signed_in(server, token(server, "collector"))
+    assert collector.get("/ui/studies/pal").status_code == 403
+
+
+def test_send_a_reminder_now_from_the_worklist_and_over_the_api(server: LiveServer, smtp: SmtpServer) -> None:
+    now = datetime.now(UTC)
+    zone = midday_zone(now)
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        admin.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
+                                            "template": "pal-replication"})
+        for i, ext in enumerate(("N1", "N2")):
+            r = admin.post("/api/v1/studies/pal/participants", json={
+                "external_id": ext, "enrolled_at": (now - timedelta(days=3)).isoformat(), "timezone": zone,
+                "contact": {"email": f"n{i + 1}@example.org", "name": f"Nora {i + 1}"}})
+            assert r.status_code == 201
+    coordinator = token(server, "coordinator")
+    client = signed_in(server, coordinator)
+    page = client.get("/ui/studies/pal/followup?wave=baseline&status=open")
+    assert "Send reminder now" in page.text and "n1@example.org" in page.text
+    sent = client.post("/ui/studies/pal/followup/N1/remind",
+                       data={"wave": "baseline", "csrf": csrf_of(page.text),
+                             "back": "/ui/studies/pal/followup?wave=baseline&status=open"})
+    assert sent.status_code == 303
+    assert "Reminder sent to N1" in client.get(sent.headers["location"]).text
+    assert [m.to for m in smtp.capture.messages if m.to == "n1@example.org"]
+    listed = httpx.get(f"{server.url}/api/v1/studies/pal/participants/N1/reminders", headers=auth(coordinator))
+    assert [s["status"] for s in listed.json()["items"] if s["kind"].startswith("manual_")] == ["sent"]
+    # the API does the same, and refuses what the rules refuse
+    r = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "baseline"},
+                   headers=auth(coordinator))
+    assert r.status_code == 201 and r.json()["status"] == "sent" and r.json()["kind"].startswith("manual_")
+    closed = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "month6"},
+                        headers=auth(coordinator))
+    assert closed.status_code == 409 and "not open" in closed.json()["detail"]
+    httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/withdraw", json={"reason": "asked"},
+               headers=auth(coordinator))
+    refused = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "baseline"},
+                         headers=auth(coordinator))
+    assert refused.status_code == 409 and refused.headers["content-type"].startswith("application/problem+json")
+    # the scan behind "send now" is the ordinary one: N2's overdue invitation went with it, while N1's
+    # overdue invitation was superseded by the message sent now (only the latest of a wave goes)
+    assert sorted(m.to for m in smtp.capture.messages) == ["n1@example.org", "n2@example.org", "n2@example.org"]
+
+
+# -- in a real browser -----------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    path = os.environ.get("COHORT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium); .ci/run installs it")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is not installed (it is in the dev extras)")
+    return path
+
+
+def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium()
+    settings = make_settings(fresh_db, tmp_path, rate_limit_per_minute=0)
+    broker = broker_for(fresh_db, 13)
+    with serve_app(settings.model_copy(update={"redis_url": broker if broker.startswith("redis") else None}),
+                   fresh_db) as server:
+        simulated_study(server, n=400, seed=11)
+        analyst = token(server, "analyst")
+        worker = start_worker(worker_env(settings, broker), tmp_path / "worker.log", "--queues", "analysis",
+                              "--concurrency", "1")
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+                context = browser.new_context(accept_downloads=True, viewport={"width": 1366, "height": 900})
+                page = context.new_page()
+                page.goto(f"{server.url}/ui/")
+                assert page.url.endswith("/ui/login")
+                page.get_by_label("API token").fill(analyst)
+                page.get_by_role("button", name="Sign in").click()
+                page.get_by_role("link", name="PAL replication").click()
+
+                # retention as the API reports it
+                when = page.locator("#as-of-instant").get_attribute("datetime")
+                api = httpx.get(f"{server.url}/api/v1/studies/pal/retention", params={"as_of": when},
+                                headers=auth(analyst)).json()
+                for w in api["waves"]:
+                    row = page.locator(f'#retention tr[data-wave="{w["wave"]}"]')
+                    assert row.locator('[data-field="eligible"]').inner_text() == str(w["eligible"])
+                    assert row.locator('[data-field="completed"]').inner_text() == str(w["completed"])
+                SCREENSHOTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+
+                # a refit, watched until it finishes
+                page.get_by_role("link", name="Outcomes", exact=True).click()
+                section = page.locator('section[data-model="abstinence"][data-variant="model1"]')
+                assert "Not fitted yet" in section.inner_text()
+                section.get_by_role("button", name="Refit on the data as it stands").click()
+                status = page.locator("#job-status")
+                assert status.get_attribute("data-status") in ("queued", "running", "succeeded")
+                page.wait_for_function(
+                    "document.querySelector('#job-status') && "
+                    "['succeeded','failed'].includes(document.querySelector('#job-status').dataset.status)",
+                    timeout=120_000, polling=500)
+                assert status.get_attribute("data-status") == "succeeded", status.inner_text()
+                analysis_id = page.url.rsplit("/", 1)[-1]
+                job = httpx.get(f"{server.url}/api/v1/analyses/{analysis_id}", headers=auth(analyst)).json()
+                for c in job["results"]["coefficients"]:
+                    shown = page.locator(f'tr[data-term="{c["term"]}"] [data-field="odds_ratio"]')
+                    assert shown.inner_text() == f"{c['odds_ratio']:.3f}"
+                assert page.locator("svg[role=img]").count() >= 1  # the forest plot
+                page.screenshot(path=str(SCREENSHOTS / "analysis.png"), full_page=True)
+                page.get_by_role("link", name="Back to the outcomes").click()
+                assert job["data"]["snapshot_sha256"] in page.locator(
+                    'section[data-model="abstinence"][data-variant="model1"]').inner_text()
+                page.screenshot(path=str(SCREENSHOTS / "outcomes.png"), full_page=True)
+
+                # an export download
+                page.get_by_role("link", name="Data", exact=True).click()
+                with page.expect_download() as info:
+                    page.get_by_role("link", name="CSV, long").click()
+                saved = tmp_path / "export.csv"
+                info.value.save_as(saved)
+                rows = list(csv.DictReader(io.StringIO(saved.read_text())))
+                assert len(rows) == job_rows(server, analyst)
+                assert "alcohol_last_use" in rows[0] and not any(EMAIL.search(str(v)) for v in rows[0].values())
+                browser.close()
+        finally:
+            kill_group(worker, 15)
+
+
+def job_rows(server: LiveServer, analyst: str) -> int:
+    r = httpx.get(f"{server.url}/api/v1/studies/pal/export", params={"format": "csv", "layout": "long"},
+                  headers=auth(analyst), timeout=60)
+    return len(list(csv.DictReader(io.StringIO(r.text))))
+
