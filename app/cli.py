@@ -162,6 +162,7 @@ def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *
     base = f"http://{host}:{port}"
     typer.echo(f"cohort is starting on {base}")
     typer.echo(f"  API docs:   {base}/docs")
+    typer.echo(f"  dashboard:  {base}/ui/ (sign in with a token)")
     where = f"embedded PostgreSQL, data in {settings.data_dir}" if embedded else "DATABASE_URL"
     typer.echo(f"  database:   {where}")
     if admin_token and not settings.bootstrap_token:

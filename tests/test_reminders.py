@@ -253,3 +253,20 @@ async def test_survey_links_resolve_for_a_front_end(api: httpx.AsyncClient, smtp
     assert r.json()["external_id"] == "L1" and r.json()["wave"] == "baseline" and r.json()["wave_label"] == "Baseline"
     assert "l1@example.org" not in r.text
     assert (await api.get(f"/s/{token.group(1)[:-2]}xx")).status_code == 404
+
+
+async def test_the_audit_trail_records_each_sends_outcome_not_its_leases(api: httpx.AsyncClient,
+                                                                        smtp: SmtpServer) -> None:
+    await create_study(api, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    day0 = (datetime.now(UTC) - timedelta(days=3)).date()
+    await enrol(api, "AUD", datetime.combine(day0, time(14), tzinfo=NY), "aud@example.org")
+    assert (await run(api, datetime.combine(day0, time(15), tzinfo=NY)))["sent"] == 1
+    r = await api.get(f"{BASE}/audit", params={"table": "reminder_sends", "limit": 500})
+    entries = r.json()["items"]
+    invitation = next(i for i in await sends(api, "AUD") if i["kind"] == "invitation")
+    assert invitation["status"] == "sent"
+    history = [e for e in entries if (e["after"] or {}).get("kind") == "invitation"]
+    statuses = [e["after"]["status"] for e in reversed(history)]
+    assert statuses[0] == "pending" and statuses[-1] == "sent"  # planned, then what became of it
+    assert "sending" not in statuses  # the lease taken on the way is bookkeeping, not history
+    assert all(e["actor"] for e in history if e["action"] == "UPDATE")

