@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Text, bindparam, cast, func, select
+from sqlalchemy import Text, bindparam, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from app.instruments.codebook import Codebook
@@ -65,35 +65,38 @@ def load(session: Session, study_id: uuid.UUID, codebook: Codebook, pseudonymise
     items, derived = columns_of(codebook)
     answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
     derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
+    # the raw answers travel (and are decoded) only for rows whose derived values are stale
+    stale_answers = case((Response.derived_signature.is_distinct_from(codebook.derived_signature), Response.answers),
+                         else_=None)
     query = (
         select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
-               Response.derived_signature, Response.answers, *answer_cols, *derived_cols)
+               stale_answers, *answer_cols, *derived_cols)
         .join(Participant, Participant.id == Response.participant_id)
         .where(Response.study_id == study_id, Response.status == "complete")
         .order_by(Response.participant_id, Response.wave)
     )
     if as_of is not None:
         query = query.where(Response.completed_at <= bindparam("as_of", as_of))
-    columns: dict[str, list[Any]] = {c: [] for c in (*ID_COLUMNS, *items, *derived)}
-    stale: list[int] = []
-    raw_answers: dict[int, tuple[str, str, dict[str, Any]]] = {}
+    # Core rows, transposed into columns in one pass (no ORM loading, no per-cell appends)
+    result = session.connection().execute(query.execution_options(stream_results=True, yield_per=batch))
+    rows = result.all()
+    n_fixed = 5
+    transposed: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * (n_fixed + len(items)
+                                                                                           + len(derived))
     names: dict[str, str] = {}
-    result = session.execute(query.execution_options(stream_results=True, yield_per=batch))
-    for i, row in enumerate(result):
-        pid = str(row[0])
+    for pid, ext in zip(transposed[0], transposed[1], strict=True):
         if pid not in names:
-            names[pid] = pseudonymise(row[1])
-        columns["participant"].append(names[pid])
-        columns["wave"].append(row[2])
-        columns["completed_at"].append(row[3])
-        for j, code in enumerate(items):
-            columns[code].append(row[6 + j])
-        for j, code in enumerate(derived):
-            columns[code].append(row[6 + len(items) + j])
-        if row[4] != codebook.derived_signature:
-            stale.append(i)
-            raw_answers[i] = (pid, row[2], row[5])
+            names[pid] = pseudonymise(ext)
+    columns: dict[str, list[Any]] = {
+        "participant": [names[pid] for pid in transposed[0]],
+        "wave": list(transposed[2]),
+        "completed_at": list(transposed[3]),
+        **{code: list(transposed[n_fixed + j]) for j, code in enumerate(items)},
+        **{code: list(transposed[n_fixed + len(items) + j]) for j, code in enumerate(derived)},
+    }
+    stale = [i for i, answers in enumerate(transposed[4]) if answers is not None]
     if stale:
+        raw_answers = {i: (str(transposed[0][i]), transposed[2][i], transposed[4][i]) for i in stale}
         _recompute(columns, stale, raw_answers, codebook, derived)
     kinds = {code: item.type for code, item in codebook.items.items()}
     kinds.update({d.code: d.type for d in codebook.derived})
