@@ -90,14 +90,16 @@ def close_many(session: Session, ids: list[uuid.UUID], status: str, reason: str)
                         .values(status=status, last_error=reason, updated_at=func.now()))
 
 
+_DEFER = text("""
+    UPDATE reminder_sends AS r SET due_at = v.due_at, updated_at = now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:dues AS timestamptz[])) AS v(id, due_at)
+    WHERE r.id = v.id AND r.status = 'pending'""")
+
+
 def defer_many(session: Session, moves: list[tuple[uuid.UUID, datetime]]) -> None:
+    """Move sends to the next sending hours: one statement (and one audit trigger run) for the batch."""
     if moves:
-        table = cast(Table, ReminderSend.__table__)
-        session.connection().execute(
-            update(table).where(table.c.id == bindparam("i"), table.c.status == "pending")
-            .values(due_at=bindparam("d"), updated_at=func.now()),
-            [{"i": i, "d": d} for i, d in moves],
-        )
+        session.execute(_DEFER, {"ids": [i for i, _ in moves], "dues": [d for _, d in moves]})
 
 
 _QUIET = text("SELECT set_config('cohort.audit_quiet', :table, true)")
