@@ -26,6 +26,7 @@ from app.exports.router import router as exports_router
 from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
+from app.redcap.router import router as redcap_router
 from app.reminders.router import links as links_router
 from app.reminders.router import router as reminders_router
 from app.responses.router import router as responses_router
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
                    reminders_router, retention_router, analysis_router, audit_router, exports_router,
-                   links_router, dashboard_router):
+                   links_router, dashboard_router, redcap_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=RoleRou
 def create_token(body: TokenCreate, principal: AdminOnly, session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
     idem.check(body)
     created = service.create(session, role=body.role, label=body.label, study_key=body.study_key,
-                             created_by=principal.token_id)
+                             created_by=principal.token_id, redcap=body.format == "redcap")
     return idem.remember(201, created)
 
 

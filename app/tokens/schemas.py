@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +15,9 @@ class TokenCreate(BaseModel):
     role: Role
     label: str = Field(min_length=1, max_length=200)
     study_key: str | None = Field(default=None, description="restrict the token to one study")
+    format: Literal["cohort", "redcap"] = Field(
+        default="cohort", description="`redcap`: a 32-character token for the REDCap-compatible API at "
+                                      "/redcap/api/ (needs `study_key`: the study is the REDCap project)")
 
 
 class TokenOut(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from datetime import UTC, datetime
 
@@ -17,16 +18,19 @@ from app.tokens.schemas import TokenCreated, TokenOut
 
 def create(
     session: Session, *, role: Role, label: str, study_key: str | None = None,
-    created_by: uuid.UUID | None = None, secret: str | None = None,
+    created_by: uuid.UUID | None = None, secret: str | None = None, redcap: bool = False,
 ) -> TokenCreated:
     study_id = None
+    if redcap and study_key is None:
+        raise Invalid("a REDCap token belongs to one study (its project): give study_key", errors=[
+            {"loc": ["study_key"], "code": "required", "message": "required when format is redcap"}])
     if study_key is not None:
         study = studies.by_key(session, study_key)
         if study is None:
             raise Invalid(f"no study {study_key!r}",
                           errors=[{"loc": ["study_key"], "code": "unknown_study", "message": "no such study"}])
         study_id = study.id
-    secret = secret or new_secret()
+    secret = secret or (secrets.token_hex(16).upper() if redcap else new_secret())
     token = repository.add(session, ApiToken(
         secret_hash=hash_secret(secret), role=role, label=label, study_id=study_id, created_by=created_by,
     ))

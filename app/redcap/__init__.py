@@ -1,0 +1,1 @@
+"""REDCap-compatible API: a study as a REDCap project (PyCap, REDCapR and redcapAPI work unchanged)."""

@@ -1,0 +1,415 @@
+"""`POST /redcap/api/`: REDCap's API over a study, so PyCap, REDCapR and redcapAPI scripts work unchanged.
+
+Requests are form-encoded with a 32-character token (create one with
+`POST /api/v1/tokens {"role": ..., "study_key": ..., "format": "redcap"}`; the study is the
+project). Success is 200; failure is 400 or 403 with `{"error": "..."}` (or a CSV body starting
+`error:`), which is how REDCap clients detect errors. Imports go through the same validation
+and audit as the native API and are all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.audit.models import AuditEntry
+from app.core.crypto import settings_sealer
+from app.core.db import Database, transaction
+from app.core.errors import AlreadyComplete, DomainError
+from app.core.security import Principal, Role, hash_secret
+from app.core.settings import Settings
+from app.core.timeutil import utcnow
+from app.participants.models import Participant
+from app.redcap.project import RECORD_ID, Project, event_name, wave_of
+from app.responses import service as responses
+from app.responses.models import Response as StoredResponse
+from app.responses.schemas import ResponseIn
+from app.studies import service as studies
+from app.studies.models import Study
+from app.studies.service import StudyContext
+from app.tokens import repository as tokens
+
+log = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+
+REDCAP_VERSION = "14.5.0"
+ACTIONS = {"INSERT": "Created", "UPDATE": "Updated", "DELETE": "Deleted"}
+BATCH = 500  # participants per read while streaming records
+
+
+class RedcapError(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def _error(fmt: str, exc: RedcapError) -> Response:
+    if fmt == "csv":
+        return PlainTextResponse(f"error: {exc.message}", status_code=exc.status)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+class Form:
+    """REDCap's request fields: arrays as `name[0]=..` (or comma-separated), booleans in any case."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self.values: dict[str, str] = {}
+        self.arrays: dict[str, list[tuple[int, str]]] = {}
+        for key, value in items:
+            if key.endswith("]") and "[" in key:
+                name, _, index = key[:-1].partition("[")
+                self.arrays.setdefault(name, []).append((int(index) if index.isdigit() else 0, value))
+            else:
+                self.values[key] = value
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.values.get(key, default).strip()
+
+    def list(self, key: str) -> list[str]:
+        if key in self.arrays:
+            return [v for _, v in sorted(self.arrays[key])]
+        raw = self.get(key)
+        return [v.strip() for v in raw.split(",") if v.strip()] if raw else []
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        raw = self.get(key).lower()
+        if raw == "":
+            return default
+        if raw in ("true", "1", "yes"):
+            return True
+        if raw in ("false", "0", "no"):
+            return False
+        raise RedcapError(f"{key} must be true or false, not {raw!r}")
+
+
+@router.post("/redcap/api/")
+async def redcap_api(request: Request) -> Response:
+    form = Form([(k, v) for k, v in (await request.form()).multi_items() if isinstance(v, str)])
+    fmt = (form.get("format") or "xml").lower()
+    error_format = (form.get("returnFormat") or fmt).lower()
+    if fmt not in ("json", "csv") and form.get("content") not in ("version", "surveyLink"):
+        return _error("json", RedcapError("only format=json and format=csv are supported"))
+    db: Database = request.app.state.db
+    settings: Settings = request.app.state.settings
+    try:
+        return await run_in_threadpool(_handle, db, settings, form, fmt)
+    except RedcapError as exc:
+        return _error(error_format, exc)
+
+
+def _principal(session: Session, secret: str) -> tuple[Principal, StudyContext]:
+    if len(secret) != 32:
+        raise RedcapError("You do not have permissions to use the API (the token must be 32 characters)", 403)
+    row = tokens.principal_row(session, hash_secret(secret))  # also names the token as the audit actor
+    if row is None:
+        raise RedcapError("You do not have permissions to use the API", 403)
+    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+    if principal.study_id is None:
+        raise RedcapError("this token is not bound to a study (a REDCap project)", 403)
+    key = session.scalar(select(Study.key).where(Study.id == principal.study_id))
+    assert key is not None
+    return principal, studies.system_context(session, key)
+
+
+def _allow(principal: Principal, *roles: Role) -> None:
+    if principal.role != "admin" and principal.role not in roles:
+        raise RedcapError(f"the {principal.role} role may not use this part of the API", 403)
+
+
+def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
+    content = form.get("content")
+    with transaction(db) as session:
+        principal, ctx = _principal(session, form.get("token"))
+        project = Project(ctx.require_codebook())
+        if content == "version":
+            return PlainTextResponse(REDCAP_VERSION)
+        if content == "project":
+            return _rows(fmt, [{
+                "project_id": str(ctx.study.id), "project_title": ctx.study.name, "creation_time":
+                ctx.study.created_at.strftime("%Y-%m-%d %H:%M:%S"), "in_production": 1, "project_language": "English",
+                "purpose": 2, "is_longitudinal": 1, "has_repeating_instruments_or_events": 0,
+                "surveys_enabled": 1, "record_autonumbering_enabled": 0, "project_notes": "",
+                "display_today_now_button": 1, "missing_data_codes": "", "secondary_unique_field": "",
+            }], single=True)
+        if content == "metadata":
+            fields, forms = form.list("fields"), form.list("forms")
+            rows = [r for r in project.metadata()
+                    if (not fields and not forms) or r["field_name"] in fields or r["form_name"] in forms]
+            return _rows(fmt, rows)
+        if content == "instrument":
+            return _rows(fmt, [{"instrument_name": k, "instrument_label": label} for k, label in project.forms])
+        if content == "arm":
+            return _rows(fmt, [{"arm_num": 1, "name": "Arm 1"}])
+        if content == "event":
+            return _rows(fmt, project.events())
+        if content == "formEventMapping":
+            return _rows(fmt, project.form_event_mapping())
+        if content == "exportFieldNames":
+            return _rows(fmt, project.export_field_names(form.get("field") or None))
+        if content == "record":
+            if "data" in form.values:
+                _allow(principal, "coordinator", "collector")
+                reply = (form.get("returnFormat") or "json").lower()
+                return _import(session, ctx, project, principal, form, "csv" if reply == "csv" else "json")
+            _allow(principal, "coordinator", "analyst")
+        elif content == "log":
+            _allow(principal, "coordinator")
+            return _rows(fmt, _log(session, ctx))
+        elif content in ("participantList", "surveyLink"):
+            _allow(principal, "coordinator")
+            return _survey(session, settings, ctx, project, form, fmt, content)
+        else:
+            raise RedcapError(f"content {content!r} is not supported by this service")
+        names = None
+        if principal.role == "analyst":  # analysts never see external ids: records are pseudonyms
+            names = studies.pseudonymiser(session, ctx.study, settings_sealer(settings))
+        study_id = ctx.study.id
+    return _export(db, study_id, project, form, fmt, names)
+
+
+def _rows(fmt: str, rows: list[dict[str, Any]], *, single: bool = False) -> Response:
+    if fmt == "json":
+        return JSONResponse(rows[0] if single else rows)
+    return PlainTextResponse(_csv(rows, list(rows[0]) if rows else []), media_type="text/csv")
+
+
+def _csv(rows: list[dict[str, Any]], header: list[str], *, with_header: bool = True) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n", extrasaction="ignore")
+    if with_header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# -- record export ---------------------------------------------------------------------------------
+
+
+def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str, names: Any) -> Response:
+    record_type = (form.get("type") or "flat").lower()
+    if record_type not in ("flat", "eav"):
+        raise RedcapError("type must be flat or eav")
+    labels = (form.get("rawOrLabel") or "raw").lower() == "label"
+    wanted = set(form.list("fields"))
+    forms = set(form.list("forms"))
+    unknown = [f for f in wanted if f != RECORD_ID and f not in project.by_name and not f.endswith("_complete")]
+    if unknown:
+        raise RedcapError(f"The following values in the parameter \"fields\" are not valid: {', '.join(unknown)}")
+    wanted |= {f.name for f in project.fields if f.form in forms} | {
+        f.name for f in project.fields if f"{f.form}_complete" in wanted}
+    fields = [f for f in project.fields if not wanted or f.name in wanted]
+    events = form.list("events")
+    bad_events = [e for e in events if wave_of(e) not in project.codebook.wave_keys]
+    if bad_events:
+        raise RedcapError(f"The following events are not valid: {', '.join(bad_events)}")
+    waves = {wave_of(e) for e in events}
+    records = set(form.list("records"))
+    columns = [RECORD_ID, "redcap_event_name", *project.columns(fields)]
+
+    def rows() -> Iterator[dict[str, str]]:
+        after = ""
+        while True:
+            with transaction(db) as session:
+                query = (select(Participant.external_id, StoredResponse.wave, StoredResponse.answers,
+                                StoredResponse.status)
+                         .join(StoredResponse, StoredResponse.participant_id == Participant.id)
+                         .where(Participant.study_id == study_id)
+                         .where(Participant.external_id.in_(
+                             select(Participant.external_id).where(Participant.study_id == study_id,
+                                                                   Participant.external_id > after)
+                             .order_by(Participant.external_id).limit(BATCH).scalar_subquery()))
+                         .order_by(Participant.external_id))
+                if records and names is None:
+                    query = query.where(Participant.external_id.in_(records))
+                batch = session.execute(query).all()
+                last = session.scalar(select(Participant.external_id).where(
+                    Participant.study_id == study_id, Participant.external_id > after)
+                    .order_by(Participant.external_id).offset(BATCH - 1).limit(1))
+            order = {w: i for i, w in enumerate(project.codebook.wave_keys)}
+            for ext, wave, answers, status in sorted(batch, key=lambda r: (r[0], order.get(r[1], 99))):
+                if waves and wave not in waves:
+                    continue
+                record = names(ext) if names is not None else ext
+                if records and record not in records:
+                    continue
+                yield project.flat_row(record, wave, answers, status == "complete", fields, labels)
+            if last is None:
+                return
+            after = last
+
+    def body() -> Iterator[str]:
+        if record_type == "eav":
+            eav = ({"record": r[RECORD_ID], "redcap_event_name": r["redcap_event_name"], "field_name": k, "value": v}
+                   for r in rows() for k, v in r.items() if k not in (RECORD_ID, "redcap_event_name") and v != "")
+            yield from _stream(fmt, eav, ["record", "redcap_event_name", "field_name", "value"])
+        else:
+            yield from _stream(fmt, rows(), columns)
+
+    media = "application/json" if fmt == "json" else "text/csv"
+    return StreamingResponse(body(), media_type=media)
+
+
+def _stream(fmt: str, rows: Iterator[dict[str, str]], header: list[str]) -> Iterator[str]:
+    if fmt == "json":
+        yield "["
+        first = True
+        for row in rows:
+            yield ("" if first else ",") + json.dumps(row)
+            first = False
+        yield "]"
+        return
+    yield _csv([], header)
+    chunk: list[dict[str, str]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= 200:
+            yield _csv(chunk, header, with_header=False)
+            chunk = []
+    if chunk:
+        yield _csv(chunk, header, with_header=False)
+
+
+# -- record import ---------------------------------------------------------------------------------
+
+
+def _parse(data: str, fmt: str) -> list[dict[str, Any]]:
+    try:
+        if fmt == "json":
+            parsed = json.loads(data)
+            if not isinstance(parsed, list) or not all(isinstance(r, dict) for r in parsed):
+                raise RedcapError("data must be a JSON array of records")
+            return parsed
+        return list(csv.DictReader(io.StringIO(data)))
+    except (json.JSONDecodeError, csv.Error) as exc:
+        raise RedcapError(f"the data could not be parsed as {fmt}: {exc}") from None
+
+
+def _import(session: Session, ctx: StudyContext, project: Project, principal: Principal, form: Form,
+            fmt: str) -> Response:
+    import_format = (form.get("format") or "json").lower()
+    rows = _parse(form.values["data"], import_format)
+    overwrite = (form.get("overwriteBehavior") or "normal").lower()
+    if overwrite not in ("normal", "overwrite"):
+        raise RedcapError("overwriteBehavior must be normal or overwrite")
+    return_content = (form.get("returnContent") or "count").lower()
+    grouped: dict[tuple[str, str], dict[str, Any]] = {}
+    problems: list[str] = []
+    for n, row in enumerate(rows, start=1):
+        record = str(row.get(RECORD_ID) or "").strip()
+        event = str(row.get("redcap_event_name") or "").strip()
+        wave = wave_of(event)
+        if not record:
+            problems.append(f"row {n}: {RECORD_ID} is missing")
+            continue
+        if wave is None or wave not in project.codebook.wave_keys:
+            problems.append(f"row {n} ({record}): redcap_event_name {event!r} is not an event of this project")
+            continue
+        grouped.setdefault((record, wave), {}).update({k: v for k, v in row.items() if v not in (None, "")})
+    now = utcnow()
+    imported: list[str] = []
+    for (record, wave), row in grouped.items():
+        answers, bad = project.answers_from(row)
+        problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
+        if bad:
+            continue
+        flags = project.complete_flags(row, wave)
+        status = "complete" if flags and all(f == "2" for f in flags) else "partial"
+        try:
+            with session.begin_nested():
+                responses.submit(session, ctx, ResponseIn(external_id=record, wave=wave, status=status,
+                                                          answers=answers), principal, now)
+        except AlreadyComplete:
+            stored = _stored(session, ctx, record, wave)
+            if stored is None or any(stored.get(k) != v for k, v in answers.items()):
+                problems.append(f"{record} ({event_name(wave)}): the response is complete; a coordinator "
+                                "corrects it with PATCH /api/v1/studies/{key}/responses/{id}")
+                continue
+        except DomainError as exc:
+            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:] or e['loc'])}: {e['message']} ({e['code']})"
+                               for e in exc.errors or []) or exc.detail
+            problems.append(f"{record} ({event_name(wave)}): {detail}")
+            continue
+        imported.append(record)
+    if problems:
+        session.rollback()  # all or nothing
+        raise RedcapError("; ".join(problems[:50]) + (f" (and {len(problems) - 50} more)" if len(problems) > 50
+                                                       else ""))
+    ids = list(dict.fromkeys(imported))
+    if return_content == "ids":
+        return _rows(fmt, [{"id": i} for i in ids]) if fmt == "csv" else JSONResponse(ids)
+    if return_content == "nothing":
+        return PlainTextResponse("")
+    return JSONResponse({"count": len(ids)}) if fmt == "json" else PlainTextResponse(f"count\n{len(ids)}\n")
+
+
+def _stored(session: Session, ctx: StudyContext, record: str, wave: str) -> dict[str, Any] | None:
+    answers: dict[str, Any] | None = session.scalar(
+        select(StoredResponse.answers).join(Participant, Participant.id == StoredResponse.participant_id)
+        .where(Participant.study_id == ctx.study.id, Participant.external_id == record,
+               StoredResponse.wave == wave))
+    return answers
+
+
+# -- surveys and the log ----------------------------------------------------------------------------
+
+
+def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Project, form: Form, fmt: str,
+            content: str) -> Response:
+    from app.participants import repository as participants_repo
+    from app.participants.models import Schedule
+    from app.reminders.links import LinkTarget, link_for, make_token
+
+    instrument, event = form.get("instrument"), form.get("event")
+    wave = wave_of(event)
+    if instrument not in dict(project.forms):
+        raise RedcapError(f"instrument {instrument!r} is not a form of this project")
+    if wave is None or wave not in project.codebook.wave_keys or wave not in project.form_waves[instrument]:
+        raise RedcapError(f"event {event!r} is not an event of form {instrument!r}")
+    query = (select(Participant.id, Participant.external_id, Schedule.closes_at, Schedule.completed_at)
+             .join(Schedule, Schedule.participant_id == Participant.id)
+             .where(Participant.study_id == ctx.study.id, Schedule.wave == wave))
+    if content == "surveyLink":
+        query = query.where(Participant.external_id == form.get("record"))
+    found = session.execute(query.order_by(Participant.external_id)).all()
+    if content == "surveyLink":
+        if not found:
+            raise RedcapError(f"record {form.get('record')!r} does not exist")
+        pid, ext, closes_at, _ = found[0]
+        token = make_token(settings.secret(), LinkTarget(ctx.study.key, str(pid), wave, closes_at))
+        return PlainTextResponse(link_for(settings.survey_url, token))
+    sealer = settings_sealer(settings)
+    sealed = participants_repo.sealed_contacts(session, [r[0] for r in found])
+    rows = []
+    for pid, ext, _, completed_at in found:
+        contact = sealer.open(sealed[pid]) if pid in sealed else {}
+        rows.append({"email": contact.get("email") or "", "email_occurrence": 1, "identifier": "",
+                     "invitation_sent_status": 0, "invitation_send_time": "",
+                     "response_status": 2 if completed_at else 0, "survey_access_code": "", "survey_link": "",
+                     "survey_queue_link": "", "record": ext})
+    return _rows(fmt, rows)
+
+
+def _log(session: Session, ctx: StudyContext) -> list[dict[str, Any]]:
+    entries = session.scalars(select(AuditEntry).where(AuditEntry.study_id == ctx.study.id)
+                              .order_by(AuditEntry.id.desc()).limit(10_000))
+    rows = []
+    for e in entries:
+        after = e.after or e.before or {}
+        rows.append({"timestamp": e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"), "username": e.actor or "system",
+                     "action": f"{ACTIONS.get(e.action, e.action)} {e.table_name} {e.row_id}",
+                     "details": ", ".join(sorted(e.changed)) if e.changed else "",
+                     "record": str(after.get("external_id") or "")})
+    return rows
+
