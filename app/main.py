@@ -23,6 +23,7 @@ from app.dashboard import auth as dashboard_auth
 from app.dashboard.router import error_page
 from app.dashboard.router import router as dashboard_router
 from app.exports.router import router as exports_router
+from app.fhir.router import router as fhir_router
 from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
                    reminders_router, retention_router, analysis_router, audit_router, exports_router,
-                   links_router, dashboard_router, redcap_router):
+                   links_router, dashboard_router, redcap_router, fhir_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

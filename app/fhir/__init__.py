@@ -1,0 +1,1 @@
+"""FHIR R4 Questionnaire and QuestionnaireResponse over the studies' codebooks and responses."""
