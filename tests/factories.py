@@ -141,3 +141,26 @@ def valid_answers(wave: str, rng: Any, codebook: dict[str, Any] | None = None, *
         if rule["operator"] == "<=" and rule["left"] in answers and rule["right"] in answers:
             answers[rule["left"]] = min(answers[rule["left"]], answers[rule["right"]])
     return answers
+
+
+def simulated_pal_study(base_url: str, admin_token: str, settings: Any, n: int, seed: int,
+                        name: str = "PAL") -> None:
+    """Study `pal` from the template, with a simulated cohort whose windows have all closed
+    (written through the service layer, contacts included)."""
+    from datetime import UTC, datetime
+
+    from app.analysis.simulate import default_start, generate, write
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database, transaction
+    from app.studies.service import system_context
+
+    r = httpx.post(f"{base_url}/api/v1/studies", headers=auth(admin_token),
+                   json={"key": "pal", "name": name, "timezone": "UTC", "template": "pal-replication"})
+    assert r.status_code == 201, r.text
+    db = Database.from_settings(settings)
+    try:
+        with transaction(db) as session:
+            write(session, system_context(session, "pal"), generate(n, seed, enrolled_from=default_start()),
+                  settings_sealer(settings), datetime.now(UTC))
+    finally:
+        db.dispose()

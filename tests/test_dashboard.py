@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
-from tests.factories import auth
+from tests.factories import auth, simulated_pal_study
 from tests.processes import kill_group, start_worker
 from tests.smtp import SmtpServer
 from tests.test_workers import broker_for, midday_zone, worker_env
@@ -40,20 +40,7 @@ def server(fresh_db: URL, tmp_path: Path, smtp: SmtpServer) -> Iterator[LiveServ
 
 
 def simulated_study(server: LiveServer, n: int = 300, seed: int = 5) -> None:
-    """A PAL study with a simulated cohort whose windows have all closed (contacts included)."""
-    from app.analysis.simulate import default_start, generate, write
-    from app.core.crypto import settings_sealer
-    from app.core.db import Database, transaction
-    from app.studies.service import system_context
-
-    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as client:
-        assert client.post("/api/v1/studies", json={"key": "pal", "name": "PAL replication", "timezone": "UTC",
-                                                    "template": "pal-replication"}).status_code == 201
-    db = Database.from_settings(server.settings)
-    with transaction(db) as session:
-        write(session, system_context(session, "pal"), generate(n, seed, enrolled_from=default_start()),
-              settings_sealer(server.settings), datetime.now(UTC))
-    db.dispose()
+    simulated_pal_study(server.url, ADMIN_TOKEN, server.settings, n, seed, name="PAL replication")
 
 
 def token(server: LiveServer, role: str) -> str:

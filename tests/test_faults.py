@@ -23,7 +23,7 @@ from app.cli import run_migrations
 from app.core.embedded import EmbeddedPostgres
 from app.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
-from tests.factories import auth, valid_answers
+from tests.factories import auth, simulated_pal_study, valid_answers
 from tests.processes import RedisServer, kill_group, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
@@ -177,10 +177,6 @@ def test_a_database_restart_under_load_gives_503_then_recovers_without_losing_wr
 
 
 def test_a_killed_worker_and_a_restarted_broker_still_finish_every_fit_once(fresh_db: URL, tmp_path: Path) -> None:
-    from app.analysis.simulate import default_start, generate, write
-    from app.core.crypto import settings_sealer
-    from app.core.db import Database, transaction
-    from app.studies.service import system_context
     from tests.test_workers import worker_env
 
     redis = RedisServer()
@@ -193,13 +189,7 @@ def test_a_killed_worker_and_a_restarted_broker_still_finish_every_fit_once(fres
     try:
         with serve_app(settings, fresh_db) as server:
             client = httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN), timeout=60)
-            client.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
-                                                 "template": "pal-replication"})
-            db = Database.from_settings(settings)
-            with transaction(db) as session:
-                write(session, system_context(session, "pal"), generate(1500, 2, enrolled_from=default_start()),
-                      settings_sealer(settings), datetime.now(UTC))
-            db.dispose()
+            simulated_pal_study(server.url, ADMIN_TOKEN, settings, 1500, 2)
             ids = [client.post("/api/v1/studies/pal/analyses", json=body).json()["id"] for body in
                    ({"model": "abstinence"}, {"model": "abstinence", "variant": "model2"},
                     {"model": "online_attendance"})]

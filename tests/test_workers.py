@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL
 
 from app.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, LiveServer, make_settings, serve_app
-from tests.factories import auth, valid_answers
+from tests.factories import auth, simulated_pal_study, valid_answers
 from tests.processes import RedisServer, env_for, kill_group, machine_redis, start_worker, wait_for
 from tests.smtp import SmtpServer
 
@@ -217,22 +217,11 @@ def _rng() -> Any:
 
 
 def test_a_worker_fits_queued_analyses(fresh_db: URL, tmp_path: Path) -> None:
-    from app.analysis.simulate import default_start, generate, write
-    from app.core.crypto import settings_sealer
-    from app.core.db import Database, transaction
-    from app.studies.service import system_context
-
     broker = broker_for(fresh_db, 12)
     settings = make_settings(fresh_db, tmp_path, redis_url=broker if broker.startswith("redis") else None)
     with serve_app(settings, fresh_db) as server, httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN),
                                                                timeout=60) as client:
-        client.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
-                                             "template": "pal-replication"})
-        db = Database.from_settings(settings)
-        with transaction(db) as session:
-            write(session, system_context(session, "pal"), generate(400, 9, enrolled_from=default_start()),
-                  settings_sealer(settings), datetime.now(UTC))
-        db.dispose()
+        simulated_pal_study(server.url, ADMIN_TOKEN, settings, 400, 9)
         analyst = client.post("/api/v1/tokens", json={"role": "analyst", "label": "PI"}).json()["token"]
         ids = []
         for body in ({"model": "table1"}, {"model": "online_attendance"}, {"model": "abstinence"},

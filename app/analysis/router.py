@@ -78,11 +78,11 @@ def get_analysis(analysis_id: uuid.UUID, principal: Reader, session: SessionDep)
     return to_out(*_visible(session, analysis_id, principal))
 
 
-def _fmt(value: Any, digits: int) -> str:
+def fmt_number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
 
 
-def _pfmt(value: Any) -> str:
+def fmt_p(value: Any) -> str:
     if not isinstance(value, int | float):
         return ""
     return "<0.001" if value < 0.001 else f"{value:.3f}"
@@ -97,7 +97,7 @@ def report(analysis_id: uuid.UUID, principal: Reader, session: SessionDep) -> HT
              "abstinence": f"Abstinence over time (GEE, {job.variant})"}[job.model]
     html = _templates.get_template("report.html").render(
         title=title, study=key, id=job.id, status=job.status, error=job.error, data=out.data,
-        software=job.software, results=job.results, fmt=_fmt, pfmt=_pfmt)
+        software=job.software, results=job.results, fmt=fmt_number, pfmt=fmt_p)
     return HTMLResponse(html)
 
 

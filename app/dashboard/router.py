@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.analysis import service as analyses
 from app.analysis.models import Analysis
+from app.analysis.router import fmt_number, fmt_p
 from app.analysis.router import to_out as analysis_out
 from app.core.crypto import settings_sealer
 from app.core.db import DatabaseDep, SessionDep
@@ -63,21 +64,11 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
-
-
-def _p(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return ""
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 def _when(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
 
 
-templates.filters.update(pct=_pct, num=_num, p=_p, when=_when)
+templates.filters.update(pct=_pct, num=fmt_number, p=fmt_p, when=_when)
 
 
 def page(request: Request, name: str, viewer: Viewer | None, status_code: int = 200, **values: Any) -> HTMLResponse:
