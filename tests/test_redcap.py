@@ -187,6 +187,9 @@ def test_errors_and_roles_as_redcap_clients_expect_them(server: LiveServer) -> N
     assert link.status_code == 200 and "/s/" in link.text
     resolved = httpx.get(link.text.replace("http://127.0.0.1:8000", server.url))
     assert resolved.status_code == 200 and resolved.json()["external_id"] == "P1"
+    auto = httpx.post(url, data={"token": coordinator, "content": "record", "format": "json", "data": "[]",
+                                 "forceAutoNumber": "TRUE"})
+    assert auto.status_code == 400 and "forceAutoNumber" in auto.json()["error"]
     log = httpx.post(url, data={"token": coordinator, "content": "log", "format": "json"}).json()
     assert any(e["action"].startswith("Created responses") for e in log)
     assert all(i["code"] in {m["field_name"] for m in redcap.Project(url, coordinator).export_metadata()}

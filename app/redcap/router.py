@@ -299,6 +299,9 @@ def _parse(data: str, fmt: str) -> list[dict[str, Any]]:
 def _import(session: Session, ctx: StudyContext, project: Project, principal: Principal, form: Form,
             fmt: str) -> Response:
     import_format = (form.get("format") or "json").lower()
+    if form.flag("forceAutoNumber"):
+        raise RedcapError("forceAutoNumber is not supported: records are participants enrolled through "
+                          "POST /api/v1/studies/{key}/participants, named by their external_id")
     rows = _parse(form.values["data"], import_format)
     overwrite = (form.get("overwriteBehavior") or "normal").lower()
     if overwrite not in ("normal", "overwrite"):
