@@ -146,6 +146,16 @@ def _finish(db: Database, analysis_id: uuid.UUID, **values: Any) -> None:
                         .values(finished_at=utcnow(), **values))
 
 
+def latest_succeeded(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:
+    """The newest succeeded fit of each (model, variant) of a study."""
+    rows = session.scalars(select(Analysis).where(Analysis.study_id == study_id, Analysis.status == "succeeded")
+                           .order_by(Analysis.finished_at.desc()))
+    latest: dict[tuple[str, str], Analysis] = {}
+    for row in rows:
+        latest.setdefault((row.model, row.variant or ""), row)
+    return latest
+
+
 def snapshot(session: Session, sha256: str) -> Snapshot:
     found = session.get(Snapshot, sha256)
     if found is None:

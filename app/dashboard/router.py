@@ -15,11 +15,9 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.analysis import service as analyses
-from app.analysis.models import Analysis
 from app.analysis.router import fmt_number, fmt_p
 from app.analysis.router import to_out as analysis_out
 from app.core.crypto import settings_sealer
@@ -46,8 +44,8 @@ from app.participants.schemas import WithdrawIn
 from app.reminders import service as reminders
 from app.retention import router as retention_api
 from app.retention import service as retention
+from app.studies import repository as studies_repo
 from app.studies import service as studies
-from app.studies.models import Study
 from app.studies.service import StudyContext
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -130,10 +128,8 @@ def logout(viewer: FormViewer) -> Response:
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
-    query = select(Study).order_by(Study.key)
-    if viewer.principal.study_id is not None:
-        query = query.where(Study.id == viewer.principal.study_id)
-    return page(request, "ui/home.html", viewer, studies=list(session.scalars(query)))
+    return page(request, "ui/home.html", viewer,
+                studies=studies_repo.visible(session, viewer.principal.study_id))
 
 
 @router.get("/studies/{key}", response_class=HTMLResponse)
@@ -207,15 +203,6 @@ def _safe_back(back: str, key: str) -> str:
     return back if back.startswith("/ui/") and "//" not in back else f"/ui/studies/{key}/followup"
 
 
-def _latest(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:
-    rows = session.scalars(select(Analysis).where(Analysis.study_id == study_id, Analysis.status == "succeeded")
-                           .order_by(Analysis.finished_at.desc()))
-    latest: dict[tuple[str, str], Analysis] = {}
-    for row in rows:
-        latest.setdefault((row.model, row.variant or ""), row)
-    return latest
-
-
 def forest(results: dict[str, Any], label: str) -> str:
     items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
              for c in results.get("coefficients", []) if c["term"] != "Intercept"]
@@ -234,7 +221,7 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
         [charts.Interval(f"{r.wave} · {names.get(r.group, r.group)}", names.get(r.group, r.group),
                          r.rate, r.ci_low, r.ci_high) for r in result.items],
         axis="proportion abstinent", fmt="{:.2f}")
-    latest = _latest(session, ctx.study.id)
+    latest = analyses.latest_succeeded(session, ctx.study.id)
     models = []
     for model, variant, title in MODELS:
         job = latest.get((model, variant or ""))

@@ -17,15 +17,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
 from app.core.errors import DomainError, Forbidden, Invalid, Malformed, NotFound
 from app.core.security import Principal, Role, authenticate
 from app.core.timeutil import utcnow
+from app.fhir import repository
 from app.instruments.codebook import Codebook
-from app.participants.models import Participant
 from app.responses import service as responses
 from app.responses.models import Response as StoredResponse
 from app.responses.schemas import ResponseIn
@@ -283,7 +282,6 @@ async def _store(request: Request, session: Session, resource: Any) -> JSONRespo
         row = session.get(StoredResponse, created.id)
         assert row is not None
         body = response_resource(request, ctx, row, data.external_id, doc)
-        session.commit()
         return fhir(body, 201 if fresh else 200, {"Location": f"/fhir/QuestionnaireResponse/{created.id}"})
 
     return await run_in_threadpool(store)
@@ -299,13 +297,9 @@ def search_responses(request: Request, session: SessionDep, subject: str | None 
                 {"loc": ["questionnaire"], "code": "required", "message": "e.g. pal-demographics"}])
         ctx, doc = _instrument(session, principal, _questionnaire_id(questionnaire))
         codes = {i["code"] for i in doc["items"]}
-        query = (select(StoredResponse, Participant.external_id)
-                 .join(Participant, Participant.id == StoredResponse.participant_id)
-                 .where(StoredResponse.study_id == ctx.study.id).order_by(Participant.external_id, StoredResponse.wave))
-        if subject:
-            query = query.where(Participant.external_id == subject.rsplit("|", 1)[-1])
         entries = []
-        for row, external_id in session.execute(query):
+        subject_id = subject.rsplit("|", 1)[-1] if subject else None
+        for row, external_id in repository.responses_with_ids(session, ctx.study.id, subject_id):
             if not codes & set(row.answers):
                 continue
             resource = response_resource(request, ctx, row, external_id, doc)

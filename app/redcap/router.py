@@ -19,24 +19,20 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.audit.models import AuditEntry
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.core.errors import AlreadyComplete, DomainError
 from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
-from app.participants.models import Participant
+from app.redcap import repository
 from app.redcap.project import RECORD_ID, Project, event_name, wave_of
 from app.responses import service as responses
-from app.responses.models import Response as StoredResponse
 from app.responses.schemas import ResponseIn
 from app.studies import service as studies
-from app.studies.models import Study
 from app.studies.service import StudyContext
 from app.tokens import repository as tokens
 
@@ -118,7 +114,7 @@ def _principal(session: Session, secret: str) -> tuple[Principal, StudyContext]:
     principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
     if principal.study_id is None:
         raise RedcapError("this token is not bound to a study (a REDCap project)", 403)
-    key = session.scalar(select(Study.key).where(Study.id == principal.study_id))
+    key = repository.study_key(session, principal.study_id)
     assert key is not None
     return principal, studies.system_context(session, key)
 
@@ -222,21 +218,9 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
         after = ""
         while True:
             with transaction(db) as session:
-                query = (select(Participant.external_id, StoredResponse.wave, StoredResponse.answers,
-                                StoredResponse.status)
-                         .join(StoredResponse, StoredResponse.participant_id == Participant.id)
-                         .where(Participant.study_id == study_id)
-                         .where(Participant.external_id.in_(
-                             select(Participant.external_id).where(Participant.study_id == study_id,
-                                                                   Participant.external_id > after)
-                             .order_by(Participant.external_id).limit(BATCH).scalar_subquery()))
-                         .order_by(Participant.external_id))
-                if records and names is None:
-                    query = query.where(Participant.external_id.in_(records))
-                batch = session.execute(query).all()
-                last = session.scalar(select(Participant.external_id).where(
-                    Participant.study_id == study_id, Participant.external_id > after)
-                    .order_by(Participant.external_id).offset(BATCH - 1).limit(1))
+                batch = repository.responses_after(session, study_id, after, BATCH,
+                                                   records if names is None else None)
+                last = repository.last_of_page(session, study_id, after, BATCH)
             order = {w: i for i, w in enumerate(project.codebook.wave_keys)}
             for ext, wave, answers, status in sorted(batch, key=lambda r: (r[0], order.get(r[1], 99))):
                 if waves and wave not in waves:
@@ -334,7 +318,7 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
                 responses.submit(session, ctx, ResponseIn(external_id=record, wave=wave, status=status,
                                                           answers=answers), principal, now)
         except AlreadyComplete:
-            stored = _stored(session, ctx, record, wave)
+            stored = repository.stored_answers(session, ctx.study.id, record, wave)
             if stored is None or any(stored.get(k) != v for k, v in answers.items()):
                 problems.append(f"{record} ({event_name(wave)}): the response is complete; a coordinator "
                                 "corrects it with PATCH /api/v1/studies/{key}/responses/{id}")
@@ -357,21 +341,12 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     return JSONResponse({"count": len(ids)}) if fmt == "json" else PlainTextResponse(f"count\n{len(ids)}\n")
 
 
-def _stored(session: Session, ctx: StudyContext, record: str, wave: str) -> dict[str, Any] | None:
-    answers: dict[str, Any] | None = session.scalar(
-        select(StoredResponse.answers).join(Participant, Participant.id == StoredResponse.participant_id)
-        .where(Participant.study_id == ctx.study.id, Participant.external_id == record,
-               StoredResponse.wave == wave))
-    return answers
-
-
 # -- surveys and the log ----------------------------------------------------------------------------
 
 
 def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Project, form: Form, fmt: str,
             content: str) -> Response:
     from app.participants import repository as participants_repo
-    from app.participants.models import Schedule
     from app.reminders.links import LinkTarget, link_for, make_token
 
     instrument, event = form.get("instrument"), form.get("event")
@@ -380,12 +355,8 @@ def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Pr
         raise RedcapError(f"instrument {instrument!r} is not a form of this project")
     if wave is None or wave not in project.codebook.wave_keys or wave not in project.form_waves[instrument]:
         raise RedcapError(f"event {event!r} is not an event of form {instrument!r}")
-    query = (select(Participant.id, Participant.external_id, Schedule.closes_at, Schedule.completed_at)
-             .join(Schedule, Schedule.participant_id == Participant.id)
-             .where(Participant.study_id == ctx.study.id, Schedule.wave == wave))
-    if content == "surveyLink":
-        query = query.where(Participant.external_id == form.get("record"))
-    found = session.execute(query.order_by(Participant.external_id)).all()
+    found = repository.wave_windows(session, ctx.study.id, wave,
+                                    form.get("record") if content == "surveyLink" else None)
     if content == "surveyLink":
         if not found:
             raise RedcapError(f"record {form.get('record')!r} does not exist")
@@ -405,10 +376,8 @@ def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Pr
 
 
 def _log(session: Session, ctx: StudyContext) -> list[dict[str, Any]]:
-    entries = session.scalars(select(AuditEntry).where(AuditEntry.study_id == ctx.study.id)
-                              .order_by(AuditEntry.id.desc()).limit(10_000))
     rows = []
-    for e in entries:
+    for e in repository.audit_entries(session, ctx.study.id):
         after = e.after or e.before or {}
         rows.append({"timestamp": e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"), "username": e.actor or "system",
                      "action": f"{ACTIONS.get(e.action, e.action)} {e.table_name} {e.row_id}",

@@ -71,3 +71,11 @@ def set_pseudonym_key(session: Session, study_id: uuid.UUID, sealed: bytes) -> b
     stored = session.scalars(select(Study.pseudonym_key).where(Study.id == study_id)).one()
     assert stored is not None
     return stored
+
+
+def visible(session: Session, only: uuid.UUID | None) -> list[Study]:
+    """Every study by key, or just `only` (a token limited to one study)."""
+    query = select(Study).order_by(Study.key)
+    if only is not None:
+        query = query.where(Study.id == only)
+    return list(session.scalars(query))

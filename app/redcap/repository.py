@@ -1,0 +1,68 @@
+"""The SQL behind the REDCap adapter."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.models import AuditEntry
+from app.participants.models import Participant, Schedule
+from app.responses.models import Response
+from app.studies.models import Study
+
+
+def study_key(session: Session, study_id: uuid.UUID) -> str | None:
+    return session.scalar(select(Study.key).where(Study.id == study_id))
+
+
+def _next_ids(study_id: uuid.UUID, after: str, limit: int) -> Any:
+    """The next `limit` external_ids of the study after `after` (keyset paging)."""
+    return (select(Participant.external_id).where(Participant.study_id == study_id, Participant.external_id > after)
+            .order_by(Participant.external_id).limit(limit))
+
+
+def responses_after(session: Session, study_id: uuid.UUID, after: str, limit: int,
+                    records: set[str] | None) -> Sequence[Any]:
+    """(external_id, wave, answers, status) of the next `limit` participants by external_id."""
+    query = (select(Participant.external_id, Response.wave, Response.answers, Response.status)
+             .join(Response, Response.participant_id == Participant.id)
+             .where(Participant.study_id == study_id,
+                    Participant.external_id.in_(_next_ids(study_id, after, limit).scalar_subquery()))
+             .order_by(Participant.external_id))
+    if records:
+        query = query.where(Participant.external_id.in_(records))
+    return session.execute(query).all()
+
+
+def last_of_page(session: Session, study_id: uuid.UUID, after: str, limit: int) -> str | None:
+    """The last external_id of that page if the page is full (more may follow), else None."""
+    last: str | None = session.scalar(_next_ids(study_id, after, 1).offset(limit - 1))
+    return last
+
+
+def stored_answers(session: Session, study_id: uuid.UUID, external_id: str, wave: str) -> dict[str, Any] | None:
+    answers: dict[str, Any] | None = session.scalar(
+        select(Response.answers).join(Participant, Participant.id == Response.participant_id)
+        .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave))
+    return answers
+
+
+def wave_windows(session: Session, study_id: uuid.UUID, wave: str,
+                 external_id: str | None = None) -> Sequence[tuple[uuid.UUID, str, datetime, datetime | None]]:
+    """(participant id, external_id, closes_at, completed_at) for one wave, by external_id."""
+    query = (select(Participant.id, Participant.external_id, Schedule.closes_at, Schedule.completed_at)
+             .join(Schedule, Schedule.participant_id == Participant.id)
+             .where(Participant.study_id == study_id, Schedule.wave == wave))
+    if external_id is not None:
+        query = query.where(Participant.external_id == external_id)
+    return [tuple(r) for r in session.execute(query.order_by(Participant.external_id))]  # type: ignore[misc]
+
+
+def audit_entries(session: Session, study_id: uuid.UUID, limit: int = 10_000) -> Sequence[AuditEntry]:
+    return list(session.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id)
+                                .order_by(AuditEntry.id.desc()).limit(limit)))
