@@ -1,0 +1,41 @@
+"""`cohort bench --quick` runs every scenario end to end (its speed is judged by the full run, never here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import URL
+
+from bench.run import TARGETS
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_quick_benchmark_runs_every_scenario(pg_server: URL, tmp_path: Path) -> None:
+    env = {**os.environ, "TEST_DATABASE_URL": pg_server.render_as_string(hide_password=False)}
+    env.pop("DATABASE_URL", None)
+    cohort = Path(sys.executable).parent / "cohort"
+    done = subprocess.run([str(cohort), "bench", "--quick", "--output", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "latest-quick.json").read_text())
+    assert report["errors"] == {}
+    assert set(report["results"]) == set(TARGETS)
+    results = report["results"]
+    for level in results["ingest"]["levels"].values():  # every request of every load level answered
+        assert level["service"]["errors"] == 0 and level["service"]["rate"] > 0
+        assert 0 < level["ratio_to_bare_fastapi"] < math.inf
+    assert results["import"]["rows"] == 3_000 and results["import"]["ratio_to_copy"] > 0
+    assert results["reminder_claims"]["claimed"] == 1_000 == results["reminder_claims"]["decided"]
+    assert results["retention"]["eligible_month6"] > 0
+    assert all(v["ratio_api_to_statsmodels"] > 0 for v in results["refit"].values() if isinstance(v, dict))
+    assert results["export"]["rows"] > 10_000
+    for fmt in ("csv", "parquet"):
+        assert results["export"][fmt]["mb"] > 0 and results["export"][fmt]["server_peak_rss_mb"] > 0
+    assert "target:" in done.stdout  # the table a user reads
