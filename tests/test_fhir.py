@@ -129,3 +129,25 @@ def test_bad_items_come_back_as_an_operation_outcome_and_nothing_is_stored(serve
     assert unknown.status_code == 404 and OperationOutcome.model_validate(unknown.json())
     anonymous = httpx.post(f"{server.url}/fhir/QuestionnaireResponse", json=body)
     assert anonymous.status_code == 401 and anonymous.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("body", [
+    [],
+    {"resourceType": "Patient"},
+    {"resourceType": "QuestionnaireResponse", "questionnaire": "Questionnaire/pal-demographics",
+     "status": "completed", "subject": "F1"},
+    {"resourceType": "QuestionnaireResponse", "questionnaire": "Questionnaire/pal-demographics",
+     "status": "finished", "subject": {"identifier": {"value": "F1"}}},
+    {"resourceType": "QuestionnaireResponse", "questionnaire": "Questionnaire/pal-demographics",
+     "status": "completed", "subject": {"identifier": {"value": "F1"}}, "extension": [{"url": WAVE}],
+     "item": "age"},
+    {"resourceType": "QuestionnaireResponse", "questionnaire": "Questionnaire/pal-demographics",
+     "status": "completed", "subject": {"identifier": {"value": "F1"}}, "authored": "yesterday",
+     "extension": [{"url": WAVE, "valueCode": "baseline"}], "item": [{"linkId": "age", "answer": [{}]}]},
+])
+def test_malformed_resources_are_refused_with_an_operation_outcome(server: LiveServer, body: Any) -> None:
+    r = httpx.post(f"{server.url}/fhir/QuestionnaireResponse", json=body, headers=collector(server))
+    assert 400 <= r.status_code < 500, r.text
+    assert OperationOutcome.model_validate(r.json()).issue
+    not_json = httpx.post(f"{server.url}/fhir/QuestionnaireResponse", content=b"{", headers=collector(server))
+    assert not_json.status_code == 400

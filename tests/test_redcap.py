@@ -200,3 +200,24 @@ def test_a_redcap_token_belongs_to_one_study(server: LiveServer) -> None:
     r = httpx.post(f"{server.url}/api/v1/tokens", headers=auth(ADMIN_TOKEN),
                    json={"role": "coordinator", "label": "no project", "format": "redcap"})
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["study_key"]
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"content": "record", "format": "xml"}, "format"),
+    ({"content": "record", "format": "json", "data": "not json"}, "parsed"),
+    ({"content": "record", "format": "json", "data": '[{"age": "40"}]'}, "record_id"),
+    ({"content": "record", "format": "json", "data": '[{"record_id": "P1", "redcap_event_name": "x"}]'}, "event"),
+    ({"content": "record", "format": "json", "type": "wide"}, "type"),
+    ({"content": "record", "format": "json", "events[0]": "month99_arm_1"}, "events"),
+    ({"content": "nonsense", "format": "json"}, "not supported"),
+    ({"content": "surveyLink", "format": "json", "record": "P1", "instrument": "nope",
+      "event": "baseline_arm_1"}, "instrument"),
+])
+def test_bad_requests_are_400_with_a_redcap_error_and_change_nothing(server: LiveServer, fields: dict[str, str],
+                                                                     needle: str) -> None:
+    setup(server)
+    before = httpx.get(f"{server.url}{BASE}/audit", headers=auth(ADMIN_TOKEN)).json()["items"][0]["id"]
+    r = httpx.post(f"{server.url}/redcap/api/", data={"token": redcap_token(server, "coordinator"), **fields})
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+    latest = httpx.get(f"{server.url}{BASE}/audit", headers=auth(ADMIN_TOKEN)).json()["items"]
+    assert [e for e in latest if e["id"] > before and e["table"] != "api_tokens"] == []

@@ -204,12 +204,21 @@ def answers_of(resource: dict[str, Any], codebook: Codebook) -> dict[str, Any]:
     return answers
 
 
+def _dig(value: Any, *path: str) -> Any:
+    """value[path[0]][path[1]]..., or None where a level is missing or not an object."""
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
 def _wave(resource: dict[str, Any]) -> str:
     for ext in resource.get("extension") or []:
         if isinstance(ext, dict) and str(ext.get("url", "")).endswith("/StructureDefinition/wave"):
             return str(ext.get("valueCode") or ext.get("valueString") or "")
     for ref in resource.get("basedOn") or []:
-        value = ((ref or {}).get("identifier") or {}).get("value") if isinstance(ref, dict) else None
+        value = _dig(ref, "identifier", "value")
         if value:
             return str(value)
     raise Invalid("name the wave", errors=[{"loc": ["extension"], "code": "required", "message":
@@ -263,8 +272,8 @@ async def _store(request: Request, session: Session, resource: Any) -> JSONRespo
     def store() -> JSONResponse:
         principal = _who(request, session, "coordinator", "collector")
         ctx, doc = _instrument(session, principal, _questionnaire_id(str(resource.get("questionnaire") or "")))
-        external_id = ((resource.get("subject") or {}).get("identifier") or {}).get("value")
-        if not external_id:
+        external_id = _dig(resource, "subject", "identifier", "value")
+        if not isinstance(external_id, str) or not external_id:
             raise Invalid("the subject is missing", errors=[
                 {"loc": ["subject", "identifier", "value"], "code": "required", "message": "the external_id"}])
         status = STATUS.get(str(resource.get("status")))
