@@ -9,10 +9,12 @@ from app.instruments import models as instruments_models
 from app.participants import models as participants_models
 from app.reminders import models as reminders_models
 from app.responses import models as responses_models
+from app.retention import models as retention_models
 from app.studies import models as studies_models
 from app.tokens import models as tokens_models
 
 __all__ = [
     "Base", "analysis_models", "audit_models", "health_models", "idempotency_models", "instruments_models",
-    "participants_models", "reminders_models", "responses_models", "studies_models", "tokens_models",
+    "participants_models", "reminders_models", "responses_models", "retention_models", "studies_models",
+    "tokens_models",
 ]

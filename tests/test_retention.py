@@ -216,3 +216,62 @@ async def test_lost_after_both_follow_ups_are_missed_and_back_on_a_late_response
                                                     "answers": valid_answers("month6", random.Random(2))})
     assert r.status_code == 201 and r.json()["late"] is True
     assert (await admin.get(f"{BASE}/participants/GONE")).json()["status"] == "active"
+
+
+async def test_the_retention_rollup_equals_the_exact_aggregate(admin: httpx.AsyncClient, connection: Any,
+                                                               database: Any) -> None:
+    """The triggers' rollup answers retention at or after the study's watermark; it must give the
+    aggregate's numbers there, match a rebuild from scratch, and step aside before it."""
+    from sqlalchemy import text
+
+    from app.retention import service
+    from app.studies.service import system_context
+
+    rng = random.Random(77)
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    start = datetime.now(UTC) - timedelta(days=500)
+    people = make_cohort(rng, 50, start)
+    r = await admin.post(f"{BASE}/participants:import", json=[
+        {"external_id": p.ext, "enrolled_at": p.enrolled_at.isoformat()} for p in people])
+    assert r.json()["created"] == 50
+    for p in people:
+        for wave, done in sorted(p.completed.items(), key=lambda kv: kv[1]):
+            body = {"external_id": p.ext, "wave": wave, "completed_at": done.isoformat(),
+                    "answers": answers_for(p, wave, rng)}
+            if rng.random() < 0.3:  # some arrive as partial first, then complete
+                await admin.post(f"{BASE}/responses", json={**body, "status": "partial", "completed_at": None})
+            assert (await admin.post(f"{BASE}/responses", json=body)).status_code in (200, 201)
+        if p.withdrawn_at is not None:
+            await admin.post(f"{BASE}/participants/{p.ext}/withdraw",
+                             json={"reason": "test", "withdrawn_at": p.withdrawn_at.isoformat()})
+    with database.sessions() as session:
+        study = system_context(session, "pal").study.id
+        waves = list(WINDOWS)
+        now = datetime.now(UTC)
+        for at in (now, now + timedelta(days=30), now + timedelta(days=400)):
+            fast = service.retention(session, study, waves, at)[None]
+            exact = service.retention(session, study, waves, at, rollup=False)[None]
+            assert fast == exact, at
+            assert exact == expected_retention(people, at)
+        # the rollup is really what answered: emptied, the answer changes
+        rollup = text("SELECT * FROM retention_counts WHERE n <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8")
+        kept = connection.execute(rollup).all()
+        assert sum(row.n for row in kept) == 150  # every schedule counted once
+        connection.execute(text("DELETE FROM retention_counts"))
+        assert service.retention(session, study, waves, now)[None] != service.retention(
+            session, study, waves, now, rollup=False)[None]
+        # kept incrementally by the triggers == rebuilt from scratch
+        connection.execute(text("SELECT cohort_retention_rebuild(:s)"), {"s": study})
+        assert connection.execute(rollup).all() == kept
+        # a completion reported a few minutes ahead moves the watermark past now: the aggregate answers
+        ahead = next(p for p in people if p.withdrawn_at is None and "month12" not in p.completed)
+        ahead.abstinent["month12"] = True
+        r = await admin.post(f"{BASE}/responses", json={
+            "external_id": ahead.ext, "wave": "month12", "completed_at": (now + timedelta(minutes=3)).isoformat(),
+            "answers": answers_for(ahead, "month12", rng)})
+        assert r.status_code == 201, r.text
+        ahead.completed["month12"] = now + timedelta(minutes=3)
+        at = datetime.now(UTC)
+        assert service.retention(session, study, waves, at)[None] == expected_retention(people, at)
+        later = at + timedelta(minutes=10)
+        assert service.retention(session, study, waves, later)[None] == expected_retention(people, later)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.participants.models import Participant, Schedule
 from app.participants.repository import schedule_status_sql
 from app.responses.models import Response
+from app.retention.models import RetentionCount, RetentionWatermark
 
 UNKNOWN_GROUP = "unknown"
 
@@ -33,8 +34,16 @@ def _baseline(study_id: uuid.UUID, baseline_wave: str) -> Any:
 
 
 def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
-              by: str | None = None) -> dict[str | None, list[dict[str, Any]]]:
-    """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest."""
+              by: str | None = None, *, rollup: bool = True) -> dict[str | None, list[dict[str, Any]]]:
+    """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest.
+
+    Overall retention at or after the study's watermark (the usual case: now) is read from the
+    rollup the triggers keep; anything else is the exact aggregate over schedules. Both give the
+    same numbers (a test compares them)."""
+    if rollup and by is None:
+        watermark = session.scalar(select(RetentionWatermark.at).where(RetentionWatermark.study_id == study_id))
+        if watermark is not None and as_of >= watermark:
+            return {None: _from_rollup(session, study_id, waves, as_of)}
     at = literal(as_of)
     completed_by = and_(Schedule.completed_at.is_not(None), Schedule.completed_at <= at)
     completed_in_window = and_(completed_by, Schedule.completed_at >= Schedule.opens_at,
@@ -72,6 +81,32 @@ def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: da
     if not out and by is None:
         out[None] = [_wave_row(wave, None) for wave in waves]
     return out
+
+
+def _from_rollup(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime) -> list[dict[str, Any]]:
+    c = RetentionCount
+    at = literal(as_of)
+    eligible = and_(c.wd_ok, or_(c.closes_at <= at, c.in_window))
+    pending = c.cls == "pending"
+
+    def total(condition: Any) -> Any:
+        return func.coalesce(func.sum(c.n).filter(condition), 0)
+
+    query = (
+        select(
+            c.wave,
+            total(eligible).label("eligible"),
+            total(and_(eligible, c.cls == "completed")).label("completed"),
+            total(and_(pending, c.opens_at <= at, at < c.closes_at)).label("open"),
+            total(and_(pending, c.closes_at <= at)).label("missed"),
+            total(c.cls == "withdrawn").label("withdrawn"),
+            total(and_(eligible, c.late)).label("late"),
+        )
+        .where(c.study_id == study_id)
+        .group_by(c.wave)
+    )
+    found = {row.wave: dict(row._mapping) for row in session.execute(query)}
+    return [_wave_row(wave, found.get(wave)) for wave in waves]
 
 
 def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:

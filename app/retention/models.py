@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, String
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.models import Base
+
+
+class RetentionCount(Base):
+    """The retention rollup: schedules counted by everything retention needs except the clock.
+
+    Kept by statement-level triggers on `schedules` and `participants` (migration
+    `retention_rollup`). Valid for any `as_of` at or after the study's watermark (the latest
+    enrolment, completion or withdrawal instant it has seen): there, every comparison with
+    `as_of` but those with `opens_at` and `closes_at` is already decided, and those two are keys.
+    """
+
+    __tablename__ = "retention_counts"
+    __table_args__ = (CheckConstraint("cls IN ('completed', 'withdrawn', 'pending')", name="cls"),)
+
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    wave: Mapped[str] = mapped_column(String(63), primary_key=True)
+    opens_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    closes_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    cls: Mapped[str] = mapped_column(String(10), primary_key=True)
+    in_window: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    late: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    wd_ok: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RetentionWatermark(Base):
+    """The latest enrolment, completion or withdrawal instant of a study (never moves back)."""
+
+    __tablename__ = "retention_watermarks"
+
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
