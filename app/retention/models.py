@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, String
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, SmallInteger, String
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -31,6 +31,7 @@ class RetentionCount(Base):
     in_window: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     late: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     wd_ok: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # spreads concurrent writers over rows
     n: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 

@@ -28,12 +28,13 @@ def upgrade() -> None:
         sa.Column('in_window', sa.Boolean(), nullable=False),
         sa.Column('late', sa.Boolean(), nullable=False),
         sa.Column('wd_ok', sa.Boolean(), nullable=False),
+        sa.Column('shard', sa.SmallInteger(), nullable=False),
         sa.Column('n', sa.BigInteger(), nullable=False),
         sa.CheckConstraint("cls IN ('completed', 'withdrawn', 'pending')", name=op.f('ck_retention_counts_cls')),
         sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_retention_counts_study_id_studies'),
                                 ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('study_id', 'wave', 'opens_at', 'closes_at', 'cls', 'in_window', 'late', 'wd_ok',
-                                name=op.f('pk_retention_counts')),
+                                'shard', name=op.f('pk_retention_counts')),
     )
     op.create_table(
         'retention_watermarks',
@@ -60,19 +61,22 @@ def downgrade() -> None:
     op.drop_table('retention_counts')
 
 
-DIMS = "study_id, wave, opens_at, closes_at, cls, in_window, late, wd_ok"
+DIMS = "study_id, wave, opens_at, closes_at, cls, in_window, late, wd_ok, shard"
+SHARDS = 16  # participants enrolled the same day share a key: spread them over rows, so that
+# concurrent responses do not queue on one row lock
 
 
 def key(s: str, w: str) -> str:
     """The rollup key of schedule row `s` whose participant withdrew at `w`: all that retention
-    compares except the clock (cls, in_window, late, wd_ok)."""
+    compares except the clock (cls, in_window, late, wd_ok), and a shard of the participant."""
     in_window = f"({s}.completed_at >= {s}.opens_at AND {s}.completed_at < {s}.closes_at)"
     return (f"{s}.study_id, {s}.wave, {s}.opens_at, {s}.closes_at, "
             f"CASE WHEN {s}.completed_at IS NOT NULL THEN 'completed' "
             f"WHEN {w} IS NOT NULL AND {w} < {s}.closes_at THEN 'withdrawn' ELSE 'pending' END, "
             f"coalesce({in_window}, false), "
             f"{s}.completed_at IS NOT NULL AND NOT coalesce({in_window}, false), "
-            f"({w} IS NULL OR {w} >= {s}.opens_at)")
+            f"({w} IS NULL OR {w} >= {s}.opens_at), "
+            f"(abs(hashtext({s}.participant_id::text)) % {SHARDS})::smallint")
 
 
 def add(select: str) -> str:
