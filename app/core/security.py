@@ -38,6 +38,10 @@ class Principal:
     role: Role
     study_id: uuid.UUID | None
 
+    def may(self, *roles: Role) -> bool:
+        """Admin may do everything; any other role only what is listed."""
+        return self.role == "admin" or self.role in roles
+
     def may_access_study(self, study_id: uuid.UUID) -> bool:
         return self.study_id is None or self.study_id == study_id
 
@@ -76,7 +80,7 @@ def require(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal
     allowed = frozenset(("admin", *roles))
 
     async def check(principal: CurrentPrincipal) -> Principal:  # no I/O, so no thread hop
-        if principal.role not in allowed:
+        if not principal.may(*roles):
             raise Forbidden(f"the {principal.role} role may not do this (allowed: {', '.join(sorted(allowed))})")
         return principal
 

@@ -51,7 +51,7 @@ class Viewer:
         return self.principal.role
 
     def may(self, *roles: Role) -> bool:
-        return self.role == "admin" or self.role in roles
+        return self.principal.may(*roles)
 
 
 def _serializer(settings: Settings) -> URLSafeTimedSerializer:

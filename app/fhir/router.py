@@ -67,7 +67,7 @@ def outcome(exc: DomainError) -> JSONResponse:
 
 def _who(request: Request, session: Session, *roles: Role) -> Principal:
     principal = authenticate(request, session)
-    if principal.role != "admin" and principal.role not in roles:
+    if not principal.may(*roles):
         raise Forbidden(f"the {principal.role} role may not do this")
     return principal
 

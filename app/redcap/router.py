@@ -120,7 +120,7 @@ def _principal(session: Session, secret: str) -> tuple[Principal, StudyContext]:
 
 
 def _allow(principal: Principal, *roles: Role) -> None:
-    if principal.role != "admin" and principal.role not in roles:
+    if not principal.may(*roles):
         raise RedcapError(f"the {principal.role} role may not use this part of the API", 403)
 
 
