@@ -15,7 +15,8 @@ from app.audit.router import router as audit_router
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
 from app.core.errors import install_error_handlers
-from app.core.middleware import BodyLimit, JsonOnly
+from app.core.logs import redact_access_logs
+from app.core.middleware import BodyLimit, InputGuard, JsonOnly, PageHeaders, Unhandled
 from app.core.openapi_problems import document_problems
 from app.core.ratelimit import RateLimit
 from app.core.settings import Settings, get_settings
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_access_logs()  # after the server has configured logging
         db = database or Database.from_settings(settings)
         app.state.db = db
         from workers.celery_app import app as celery_app
@@ -100,7 +102,13 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # Listed from the innermost out: each guard sees only what the ones after it let through.
+    app.add_middleware(Unhandled)
+    app.add_middleware(InputGuard)
     app.add_middleware(JsonOnly)
+    app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url,
+                       session_identity=lambda cookie: dashboard_auth.token_of_cookie(settings, cookie),
+                       session_cookie=dashboard_auth.COOKIE)
     app.add_middleware(BodyLimit, limit_for=body_limit)
-    app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url)
+    app.add_middleware(PageHeaders)
     return app

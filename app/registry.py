@@ -3,6 +3,7 @@
 from app.analysis import models as analysis_models
 from app.audit import models as audit_models
 from app.core.models import Base
+from app.dashboard import models as dashboard_models
 from app.health import models as health_models
 from app.idempotency import models as idempotency_models
 from app.instruments import models as instruments_models
@@ -14,7 +15,7 @@ from app.studies import models as studies_models
 from app.tokens import models as tokens_models
 
 __all__ = [
-    "Base", "analysis_models", "audit_models", "health_models", "idempotency_models", "instruments_models",
-    "participants_models", "reminders_models", "responses_models", "retention_models", "studies_models",
-    "tokens_models",
+    "Base", "analysis_models", "audit_models", "dashboard_models", "health_models", "idempotency_models",
+    "instruments_models", "participants_models", "reminders_models", "responses_models", "retention_models",
+    "studies_models", "tokens_models",
 ]

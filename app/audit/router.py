@@ -5,7 +5,6 @@ from datetime import datetime
 from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,6 +14,7 @@ from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_cursor, encode_cursor
 from app.core.routing import RoleRoute
 from app.core.security import AdminOnly, Coordinator
+from app.core.timeutil import Instant
 from app.studies.deps import StudyFromPath
 
 router = APIRouter(tags=["audit"], route_class=RoleRoute)
@@ -47,8 +47,8 @@ def _page(session: Session, *, study_id: uuid.UUID | None, table: str | None, ac
 
 
 Action = Annotated[Literal["INSERT", "UPDATE", "DELETE"] | None, Query()]
-Since = Annotated[AwareDatetime | None, Query(description="at or after this instant")]
-Until = Annotated[AwareDatetime | None, Query(description="before this instant")]
+Since = Annotated[Instant | None, Query(description="at or after this instant")]
+Until = Annotated[Instant | None, Query(description="before this instant")]
 
 
 @router.get("/api/v1/studies/{key}/audit", response_model=Page[AuditOut],
@@ -61,9 +61,10 @@ def study_audit(principal: Coordinator, study: StudyFromPath, session: SessionDe
 
 
 @router.get("/api/v1/audit", response_model=Page[AuditOut],
-            summary="The whole audit trail, including tokens not tied to a study (admin)")
+            summary="The whole audit trail, including tokens not tied to a study (admin; a study-scoped admin "
+                    "sees its study's entries only)")
 def all_audit(principal: AdminOnly, session: SessionDep, table: Table | None = None, action: Action = None,
               actor: str | None = None, row_id: str | None = None, since: Since = None, until: Until = None,
               limit: LimitQuery = 100, cursor: CursorQuery = None) -> Page[AuditOut]:
-    return _page(session, study_id=None, table=table, action=action, actor=actor, row_id=row_id, since=since,
-                 until=until, limit=limit, cursor=cursor)
+    return _page(session, study_id=principal.study_id, table=table, action=action, actor=actor, row_id=row_id,
+                 since=since, until=until, limit=limit, cursor=cursor)

@@ -202,4 +202,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(DBAPIError, _dbapi_error)
-    app.add_exception_handler(Exception, _unexpected)
+    # Anything else is answered by app.core.middleware.Unhandled, which keeps the connection usable.

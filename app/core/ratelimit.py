@@ -1,4 +1,9 @@
-"""Per-token rate limit on writes (POST, PUT, PATCH, DELETE under /api/): 429 with Retry-After.
+"""Per-token rate limit on writes: 429 with Retry-After.
+
+Writes are POST, PUT, PATCH and DELETE on the API, the REDCap and FHIR adapters, the dashboard's
+forms and participants' survey pages. The count is keyed on who is writing, however the request
+spells it: the bearer token's secret (the scheme in any case, any spacing), the REDCap token in
+the form body, the token behind a dashboard session, the survey link.
 
 A fixed one-minute window per token. With REDIS_URL the counters live in Redis, so every API
 process shares them; without it, each process counts alone. If Redis cannot be reached the
@@ -13,16 +18,32 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.errors import PROBLEM_JSON
+from app.core.middleware import buffer_body
 
 log = logging.getLogger(__name__)
 
 WINDOW = 60
 _WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+_COUNTED = ("/api/", "/redcap/", "/fhir/", "/ui/", "/s/")
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.strip().encode("utf-8", "replace")).hexdigest()[:24]
+
+
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
 
 
 class _Local:
@@ -40,22 +61,29 @@ class _Local:
 
 
 class RateLimit:
-    def __init__(self, app: ASGIApp, *, per_minute: int, redis_url: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, per_minute: int, redis_url: str | None,
+                 session_identity: Callable[[str], str | None] = lambda cookie: None,
+                 session_cookie: str = "cohort_session") -> None:
         self.app = app
         self.per_minute = per_minute
+        self.session_identity = session_identity
+        self.session_cookie = session_cookie
         self.local = _Local()
         self.redis = (aioredis.from_url(redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
                       if redis_url else None)
         self.redis_down_until = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] not in _WRITES or not scope["path"].startswith("/api/")
+        if (scope["type"] != "http" or scope["method"] not in _WRITES or not scope["path"].startswith(_COUNTED)
                 or self.per_minute <= 0):
             await self.app(scope, receive, send)
             return
         now = time.time()
         window = int(now // WINDOW)
-        count = await self._hit(self._key(scope), window)
+        key = self._key(scope)
+        if key is None:  # REDCap: the token travels in the form body
+            key, receive = await self._redcap_key(scope, receive)
+        count = await self._hit(key, window)
         if count > self.per_minute:
             retry = max(1, int((window + 1) * WINDOW - now) + 1)
             body = json.dumps({
@@ -69,13 +97,37 @@ class RateLimit:
             return
         await self.app(scope, receive, send)
 
+    def _key(self, scope: Scope) -> str | None:
+        """Who is writing; None when that is in the body (REDCap)."""
+        path: str = scope["path"]
+        authorization = _header(scope, b"authorization")
+        if authorization:
+            scheme, _, secret = authorization.strip().partition(" ")
+            if scheme.lower() == "bearer" and secret.strip():
+                return "t:" + _digest(secret)
+        if path.startswith("/redcap/"):
+            return None
+        if path.startswith("/s/"):
+            return "l:" + _digest(path[3:].split("/", 1)[0])
+        if path.startswith("/ui/"):
+            cookies = SimpleCookie()
+            cookies.load(_header(scope, b"cookie") or "")
+            morsel = cookies.get(self.session_cookie)
+            token_id = self.session_identity(morsel.value) if morsel is not None else None
+            if token_id:
+                return "t:id:" + token_id
+        return self._by_address(scope)
+
     @staticmethod
-    def _key(scope: Scope) -> str:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                return "t:" + hashlib.sha256(value).hexdigest()[:24]
+    def _by_address(scope: Scope) -> str:
         client = scope.get("client")
         return f"ip:{client[0] if client else '?'}"
+
+    async def _redcap_key(self, scope: Scope, receive: Receive) -> tuple[str, Receive]:
+        body, receive = await buffer_body(receive)
+        fields = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        token = fields.get("token", "").strip()
+        return ("t:" + _digest(token) if token else self._by_address(scope)), receive
 
     async def _hit(self, key: str, window: int) -> int:
         if self.redis is not None and time.monotonic() >= self.redis_down_until:

@@ -42,8 +42,22 @@ class Principal:
         """Admin may do everything; any other role only what is listed."""
         return self.role == "admin" or self.role in roles
 
-    def may_access_study(self, study_id: uuid.UUID) -> bool:
+    @property
+    def scoped(self) -> bool:
+        """A token with a study_key: every request it makes stays inside that study (contract section 2)."""
+        return self.study_id is not None
+
+    def may_access_study(self, study_id: uuid.UUID | None) -> bool:
         return self.study_id is None or self.study_id == study_id
+
+    def require_study(self, study_id: uuid.UUID | None) -> None:
+        """The one scope check: a scoped token acting on another study (or on none) is refused."""
+        if not self.may_access_study(study_id):
+            raise Forbidden("this token is limited to one study and may not act outside it")
+
+    def require_unscoped(self, what: str) -> None:
+        if self.scoped:
+            raise Forbidden(f"a token limited to one study may not {what}")
 
 
 def _bearer(request: Request) -> str:

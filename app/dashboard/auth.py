@@ -1,8 +1,9 @@
 """Signing in to the dashboard with an API token.
 
-The browser never keeps the token's secret: signing in checks it once and stores a signed,
-timed session cookie naming the token's id (HttpOnly, SameSite=Strict, Secure under HTTPS).
-Each page looks the token up again, so revoking it ends its dashboard sessions at once.
+The browser never keeps the token's secret: signing in checks it once, records a session row
+and stores a signed, timed cookie naming that session and its token (HttpOnly, SameSite=Strict,
+Secure under HTTPS). Each page looks both up again, so signing out (which ends the session row)
+and revoking the token each end the session at once, for every copy of the cookie.
 Forms carry a CSRF value that lives inside the signed cookie and is compared in constant time.
 """
 
@@ -12,6 +13,7 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Form, Request
@@ -22,6 +24,7 @@ from app.core.crypto import all_secrets
 from app.core.db import SessionDep, remember_actor
 from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
+from app.dashboard import repository
 from app.tokens import repository as tokens
 
 COOKIE = "cohort_session"
@@ -45,6 +48,7 @@ class NotAllowed(Exception):
 class Viewer:
     principal: Principal
     csrf: str
+    session_id: uuid.UUID
 
     @property
     def role(self) -> Role:
@@ -65,25 +69,40 @@ def sign_in(session: Session, settings: Settings, secret: str) -> tuple[str, Pri
     if row is None:
         return None
     principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
-    value = _serializer(settings).dumps({"t": str(row.id), "c": secrets.token_urlsafe(24)})
+    session_id = repository.start(session, row.id)
+    value = _serializer(settings).dumps({"t": str(row.id), "s": str(session_id), "c": secrets.token_urlsafe(24)})
     return str(value), principal
+
+
+def _cookie(settings: Settings, raw: str) -> dict[str, str] | None:
+    try:
+        data = _serializer(settings).loads(raw, max_age=MAX_AGE)
+        return {"t": str(uuid.UUID(data["t"])), "s": str(uuid.UUID(data["s"])), "c": str(data["c"])}
+    except (BadSignature, KeyError, TypeError, ValueError):
+        return None
+
+
+def token_of_cookie(settings: Settings, raw: str) -> str | None:
+    """The token id a session cookie names (signature checked, session not looked up): the rate
+    limit's key for dashboard forms."""
+    data = _cookie(settings, raw)
+    return data["t"] if data is not None else None
 
 
 def viewer_of(request: Request, session: Session, settings: Settings) -> Viewer | None:
     raw = request.cookies.get(COOKIE)
-    if not raw:
+    data = _cookie(settings, raw) if raw else None
+    if data is None:
         return None
-    try:
-        data = _serializer(settings).loads(raw, max_age=MAX_AGE)
-        token_id = uuid.UUID(data["t"])
-        csrf = str(data["c"])
-    except (BadSignature, KeyError, TypeError, ValueError):
-        return None
-    row = tokens.active_by_id(session, token_id)
-    if row is None:
+    row = repository.active_principal(session, uuid.UUID(data["s"]))
+    if row is None or str(row.id) != data["t"]:
         return None
     remember_actor(session, str(row.id))
-    return Viewer(Principal(token_id=row.id, role=row.role, study_id=row.study_id), csrf)
+    return Viewer(Principal(token_id=row.id, role=row.role, study_id=row.study_id), data["c"], uuid.UUID(data["s"]))
+
+
+def sign_out(session: Session, viewer: Viewer) -> None:
+    repository.end(session, viewer.session_id, datetime.now(UTC))
 
 
 def current_viewer(request: Request, session: SessionDep) -> Viewer:

@@ -36,6 +36,7 @@ from app.dashboard.auth import (
     Viewer,
     ViewerDep,
     sign_in,
+    sign_out,
 )
 from app.exports import router as exports_api
 from app.participants import repository as participants_repo
@@ -117,7 +118,8 @@ def login(request: Request, session: SessionDep, settings: SettingsDep,
 
 
 @router.post("/logout")
-def logout(viewer: FormViewer) -> Response:
+def logout(viewer: FormViewer, session: SessionDep) -> Response:
+    sign_out(session, viewer)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/ui")
     return response

@@ -28,11 +28,17 @@ def export(principal: Analyst, study: StudyFromPath, session: SessionDep, db: Da
            format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
            layout: Annotated[Literal["long", "wide"], Query(description="long: per participant-wave; wide: "
                                                                           "per participant")] = "long",
+           raw_cells: Annotated[bool, Query(description="CSV: write text answers exactly as stored. By default a "
+                                                        "cell starting with = + - @ tab or CR gets a leading ' so "
+                                                        "spreadsheets do not run it as a formula")] = False,
            ) -> StreamingResponse:
     codebook = study.require_codebook()
+    service.query(codebook, layout)  # everything that can be refused is refused before the first byte
     pseudonymise = pseudonymiser(session, study.study, settings_sealer(settings))
-    stream = service.stream_csv if format == "csv" else service.stream_parquet
-    body = stream(db, study.study.id, codebook, pseudonymise, layout)
+    if format == "csv":
+        body = service.stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
+    else:
+        body = service.stream_parquet(db, study.study.id, codebook, pseudonymise, layout)
     name = f"{study.study.key}-{layout}.{format}"
     return StreamingResponse(body, media_type=MEDIA[format],
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})

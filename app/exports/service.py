@@ -1,5 +1,9 @@
 """De-identified exports: CSV or Parquet, one row per participant-wave (long) or per participant (wide).
 
+Text answers that a spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) are
+written with a leading apostrophe in CSV, as OWASP advises; `raw_cells=True` turns that off for
+analysts who read the file with code. Parquet is typed data and always raw.
+
 Item codes and derived variables are the columns; participants appear as the study's HMAC
 pseudonym, computed in SQL with the built-in sha256() from RFC 2104's inner and outer keys
 (no extension needed); there is no contact data and no external id. Everything streams:
@@ -20,6 +24,7 @@ from psycopg import sql
 
 from app.core.crypto import Pseudonymiser
 from app.core.db import Database
+from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
 
 PARQUET_BATCH = 10_000
@@ -46,16 +51,29 @@ def columns(codebook: Codebook, layout: str) -> list[Column]:
         out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in derived]
     names = [c.name for c in out]
     if len(set(names)) != len(names):
-        raise ValueError("wide column names collide; use the long layout")
+        raise Invalid("wide column names collide in this codebook; use the long layout", errors=[
+            {"loc": ["query", "layout"], "code": "layout", "message": "item and wave names collide"}])
     return out
 
 
-def _value(column: Column, alias: str = "r") -> sql.Composable:
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value: str) -> str:
+    """A cell a spreadsheet would evaluate, made inert (OWASP: CSV injection)."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
+def _value(column: Column, alias: str = "r", *, inert: bool = False) -> sql.Composable:
     field = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column.source))
     if column.type == "multi_choice":
         return sql.SQL("(SELECT string_agg(x, ';') FROM jsonb_array_elements_text({} -> {}) AS x)").format(
             field, sql.Literal(column.code))
-    return sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
+    value = sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
+    if inert and column.type == "text":  # only free text can start with a formula; codes and numbers cannot
+        return sql.SQL("(SELECT CASE WHEN left(v, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN {} || v "
+                       "ELSE v END FROM (SELECT {} AS v) AS cell)").format(sql.Literal("'"), value)
+    return value
 
 
 def _pseudonym(alias: str = "p") -> sql.Composable:
@@ -64,7 +82,8 @@ def _pseudonym(alias: str = "p") -> sql.Composable:
     ).format(sql.Identifier(alias), sql.Literal(16))
 
 
-def query(codebook: Codebook, layout: str) -> tuple[sql.Composable, list[Column]]:
+def query(codebook: Codebook, layout: str, *, inert: bool = False) -> tuple[sql.Composable, list[Column]]:
+    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV)."""
     cols = columns(codebook, layout)
     wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
     source = sql.SQL(
@@ -76,14 +95,14 @@ def query(codebook: Codebook, layout: str) -> tuple[sql.Composable, list[Column]
             sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
             sql.SQL("to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
             sql.SQL("r.late"),
-            *[sql.SQL("{} AS {}").format(_value(c), sql.Identifier(c.name)) for c in cols],
+            *[sql.SQL("{} AS {}").format(_value(c, inert=inert), sql.Identifier(c.name)) for c in cols],
         ])
         statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
         return statement, cols
     # wide: one row per participant, one column per (item, wave) the codebook asks
     select = sql.SQL(", ").join([
         sql.SQL("{} AS participant").format(_pseudonym()),
-        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c), sql.Literal(c.wave),
+        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c, inert=inert), sql.Literal(c.wave),
                                                                       sql.Identifier(c.name)) for c in cols],
     ])
     statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id ORDER BY 1").format(select, source)
@@ -96,8 +115,8 @@ def _params(study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
 
 
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
-               chunk: int = 1 << 16) -> Iterator[bytes]:
-    statement, _ = query(codebook, layout)
+               chunk: int = 1 << 16, *, raw_cells: bool = False) -> Iterator[bytes]:
+    statement, _ = query(codebook, layout, inert=not raw_cells)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
         raw = session.connection().connection.dbapi_connection
@@ -190,10 +209,20 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
     yield sink.take()
 
 
+class _InertWriter:
+    """csv.writer whose text cells are neutralised for spreadsheets."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self.writer = csv.writer(out, lineterminator="\n")
+
+    def writerow(self, row: list[Any]) -> None:
+        self.writer.writerow([neutralise(v) if isinstance(v, str) else v for v in row])
+
+
 def dictionary_csv(codebook: Codebook) -> str:
     """The codebook as a data dictionary: one row per item and derived variable."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = _InertWriter(out)
     writer.writerow(["variable", "kind", "instrument", "type", "label", "options", "min", "max", "required",
                      "waves", "enable_when", "definition"])
     for instrument in codebook.document["instruments"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -324,6 +325,21 @@ def check_document(doc: CodebookDoc) -> list[FieldError]:
     return errors
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _control_characters(value: Any, loc: list[str | int]) -> list[dict[str, Any]]:
+    """Labels and codes end up in mail headers, CSV cells and pages: no control characters (CR, LF, NUL...)."""
+    if isinstance(value, str):
+        return [_err(loc, "control_character", "text may not contain control characters (line breaks, tabs, NUL)")
+                ] if _CONTROL.search(value) else []
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _control_characters(v, [*loc, k])]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _control_characters(v, [*loc, i])]
+    return []
+
+
 def parse_codebook(document: Any, *, loc_prefix: tuple[str | int, ...] = ()) -> Codebook:
     """Validate a codebook document; raise `Invalid` listing every problem with its path."""
     try:
@@ -333,7 +349,7 @@ def parse_codebook(document: Any, *, loc_prefix: tuple[str | int, ...] = ()) -> 
             _err([*loc_prefix, *e["loc"]], e["type"], e["msg"]) for e in exc.errors(include_url=False)
         ]
         raise Invalid(f"the codebook has {len(errors)} problem(s)", errors=errors) from None
-    problems = check_document(doc)
+    problems = [*_control_characters(document, []), *check_document(doc)]
     if problems:
         for p in problems:
             p["loc"] = [*loc_prefix, *p["loc"]]

@@ -43,7 +43,11 @@ def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]
 
 _BY_EXTERNAL_ID = select(Participant).where(Participant.study_id == bindparam("study"),
                                             Participant.external_id == bindparam("external_id"))
-_BY_EXTERNAL_ID_LOCKED = _BY_EXTERNAL_ID.with_for_update()
+# FOR NO KEY UPDATE: it serialises writers of one participant, yet leaves the KEY SHARE lock
+# that inserting a row referencing the participant takes (a reminder send, say) free. With a
+# plain FOR UPDATE a response write (participant, then schedule) and the reminder scan
+# (schedule, then a send row's key check on the participant) deadlocked each other.
+_BY_EXTERNAL_ID_LOCKED = _BY_EXTERNAL_ID.with_for_update(key_share=True)
 
 
 def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,

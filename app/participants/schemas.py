@@ -4,7 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.timeutil import Instant
 
 EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$"
@@ -26,7 +28,7 @@ class ParticipantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     external_id: str = Field(pattern=EXTERNAL_ID_PATTERN, description="the study's own id; unique per study")
-    enrolled_at: AwareDatetime = Field(description="RFC 3339 with offset")
+    enrolled_at: Instant = Field(description="RFC 3339 with offset")
     timezone: str | None = Field(default=None, max_length=64, description="IANA zone; the study's by default")
     contact: ContactIn | None = None
 
@@ -63,7 +65,7 @@ class WithdrawIn(BaseModel):
 
     reason: str = Field(min_length=1, max_length=2000)
     erase_contact: bool = False
-    withdrawn_at: AwareDatetime | None = Field(default=None, description="default: the time of the request")
+    withdrawn_at: Instant | None = Field(default=None, description="default: the time of the request")
 
 
 class ImportError_(BaseModel):

@@ -5,7 +5,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -15,7 +14,7 @@ from app.core.deps import SettingsDep
 from app.core.errors import Gone, Invalid, NotFound
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator
-from app.core.timeutil import utcnow
+from app.core.timeutil import Instant, utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import service as participants
 from app.participants.models import Participant, Schedule
@@ -49,7 +48,7 @@ links = APIRouter(tags=["reminders"])
                          "deterministically. Sends by SMTP synchronously.")
 async def run_reminders(
     principal: Coordinator, study: StudyFromPath, db: DatabaseDep, settings: SettingsDep,
-    now: Annotated[AwareDatetime | None, Query(description="the clock of this run (RFC 3339); default now")] = None,
+    now: Annotated[Instant | None, Query(description="the clock of this run (RFC 3339); default now")] = None,
 ) -> RunResult:
     clock = now or utcnow()
     result = await run_in_threadpool(service.scan, db, settings, clock, study_id=study.study.id,
@@ -143,7 +142,7 @@ def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath,
 @router.get("/reminders/funnel", response_model=Funnel,
             summary="Completions per wave by the message that preceded them")
 def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep,
-               as_of: Annotated[AwareDatetime | None, Query()] = None) -> Funnel:
+               as_of: Annotated[Instant | None, Query()] = None) -> Funnel:
     when: datetime = as_of or utcnow()
     rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when)
     return Funnel(as_of=when, waves=[FunnelWave(**r) for r in rows])

@@ -19,6 +19,7 @@ lose a message; nothing is sent twice.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from app.reminders.mailer import DeliveryError, Email, Sender, message_id, open_
 from app.reminders.models import ReminderSend
 from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
 from app.studies.models import Study, Wave
+
+log = logging.getLogger(__name__)
 
 PLAN_HORIZON = timedelta(days=1)
 LEASE = timedelta(minutes=10)
@@ -196,10 +199,15 @@ def deliver(db: Database, settings: Settings, sender: Sender, claim_: Claim, now
     with transaction(db) as session:
         if not repository.renew_lease(session, claim_.send_id, owner, utcnow() + lease):
             return "lost"
-        email = compose(session, settings, claim_)
+        try:
+            email: Email | None = compose(session, settings, claim_)
+            problem = None if email is not None else "no email address on file"
+        except Exception as exc:  # a template or a label that cannot make a message: say so, never leave it claimed
+            log.exception("reminder %s could not be composed", claim_.send_id)
+            email, problem = None, f"the message could not be composed: {exc}"[:500]
     values: dict[str, Any]
     if email is None:
-        outcome, values = "failed", {"status": "failed", "last_error": "no email address on file", "lease_until": None}
+        outcome, values = "failed", {"status": "failed", "last_error": problem, "lease_until": None}
     else:
         def handed_over() -> None:
             with transaction(db) as session:
@@ -208,13 +216,16 @@ def deliver(db: Database, settings: Settings, sender: Sender, claim_: Claim, now
         try:
             sender.send(email, handed_over)
             outcome, values = "sent", {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None}
-        except DeliveryError as exc:
-            again = None if exc.permanent else retry_at(claim_.attempts, now, ZoneInfo(claim_.zone))
+        except Exception as exc:
+            if not isinstance(exc, DeliveryError):
+                log.exception("reminder %s: unexpected error while sending", claim_.send_id)
+            permanent = isinstance(exc, DeliveryError) and exc.permanent
+            again = None if permanent else retry_at(claim_.attempts, now, ZoneInfo(claim_.zone))
             if again is not None and again < claim_.closes_at:
                 outcome, values = "retry", {"status": "pending", "due_at": again, "lease_until": None,
-                                            "last_error": str(exc)}
+                                            "last_error": str(exc)[:500]}
             else:
-                outcome, values = "failed", {"status": "failed", "lease_until": None, "last_error": str(exc)}
+                outcome, values = "failed", {"status": "failed", "lease_until": None, "last_error": str(exc)[:500]}
     with transaction(db) as session:
         repository.set_outcome(session, claim_.send_id, expect=("sending", "handed_over"), owner=owner,
                                claimed_by=None, **values)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, tuple_
+from sqlalchemy import LargeBinary, Table, bindparam, func, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -64,7 +64,9 @@ def of_participant(session: Session, participant_id: uuid.UUID, *, waves: Sequen
 def page(
     session: Session, *, study_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None,
     external_id: str | None, wave: str | None, status: str | None,
+    pseudonym: tuple[str, bytes, bytes] | None = None,
 ) -> list[tuple[Response, str]]:
+    """`pseudonym`: (pseudonym, inner pad, outer pad); the HMAC is computed in SQL (see Pseudonymiser.sql_pads)."""
     query = (
         select(Response, Participant.external_id)
         .join(Participant, Participant.id == Response.participant_id)
@@ -76,6 +78,12 @@ def page(
         query = query.where(tuple_(Response.received_at, Response.id) > tuple_(*after))
     if external_id is not None:
         query = query.where(Participant.external_id == external_id)
+    if pseudonym is not None:
+        value, inner, outer = pseudonym
+        message = func.convert_to(Participant.external_id, "UTF8")
+        digest = func.sha256(literal(outer, LargeBinary).op("||")(
+            func.sha256(literal(inner, LargeBinary).op("||")(message))))
+        query = query.where(func.left(func.encode(digest, "hex"), len(value)) == value)
     if wave is not None:
         query = query.where(Response.wave == wave)
     if status is not None:

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, settings_sealer
 from app.core.db import SessionDep
 from app.core.deps import SettingsDep
+from app.core.errors import Forbidden
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of
 from app.core.routing import RoleRoute
 from app.core.security import Collector, Coordinator, Principal, Reader
@@ -48,14 +49,21 @@ def submit(body: ResponseIn, principal: Collector, study: StudyFromPath, session
 @router.get("", response_model=Page[ResponseOut], summary="Stored responses, answers exactly as received")
 def list_responses(
     principal: Reader, study: StudyFromPath, session: SessionDep, settings: SettingsDep,
-    external_id: str | None = None, wave: str | None = None, status: Literal["complete", "partial"] | None = None,
+    external_id: Annotated[str | None, Query(description="coordinators only: analysts filter by pseudonym")] = None,
+    pseudonym: Annotated[str | None, Query(max_length=64, description="the participant's study pseudonym")] = None,
+    wave: str | None = None, status: Literal["complete", "partial"] | None = None,
     limit: LimitQuery = 100, cursor: CursorQuery = None,
 ) -> Page[ResponseOut]:
+    if external_id is not None and not _sees_external_id(principal):
+        # a filter that works would link an external id to its pseudonym
+        raise Forbidden(f"the {principal.role} role filters by pseudonym, not external_id")
+    pseudonymise = _pseudonymiser(session, settings, study)
+    by_pseudonym = (pseudonym, *pseudonymise.sql_pads()) if pseudonym is not None else None
     rows = repository.page(session, study_id=study.study.id, limit=limit, after=decode_time_id(cursor),
-                           external_id=external_id, wave=wave, status=status)
+                           external_id=external_id, wave=wave, status=status, pseudonym=by_pseudonym)
     page = page_of(rows, limit, lambda r: (r[0].received_at.isoformat(), str(r[0].id)))
     items = service.to_out(session, study, page.items, show_external_id=_sees_external_id(principal),
-                           pseudonymise=_pseudonymiser(session, settings, study))
+                           pseudonymise=pseudonymise)
     return Page(items=items, next_cursor=page.next_cursor)
 
 

@@ -4,8 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.timeutil import Instant
 from app.participants.schemas import EXTERNAL_ID_PATTERN
 
 
@@ -15,7 +16,7 @@ class ResponseIn(BaseModel):
     external_id: str = Field(pattern=EXTERNAL_ID_PATTERN)
     wave: str = Field(min_length=1, max_length=63)
     status: Literal["complete", "partial"] = "complete"
-    completed_at: AwareDatetime | None = Field(
+    completed_at: Instant | None = Field(
         default=None, description="client-reported completion time; defaults to the time received"
     )
     answers: dict[str, Any] = Field(description="item code -> answer, validated against the codebook for the wave")

@@ -4,13 +4,12 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 
 from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, decode_cursor, encode_cursor
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator, Reader
-from app.core.timeutil import utcnow
+from app.core.timeutil import Instant, utcnow
 from app.participants.schemas import ScheduleStatus
 from app.retention import service
 from app.retention.schemas import FollowupItem, FollowupPage, GroupRetention, OutcomeRow, Outcomes, Retention
@@ -18,7 +17,7 @@ from app.studies.deps import StudyFromPath
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["retention"], route_class=RoleRoute)
 
-AsOf = Annotated[AwareDatetime | None, Query(description="RFC 3339 instant; default now")]
+AsOf = Annotated[Instant | None, Query(description="RFC 3339 instant; default now")]
 
 
 @router.get("/retention", response_model=Retention, summary="Retention per wave as of an instant")

@@ -23,6 +23,7 @@ router = APIRouter(prefix="/api/v1/studies", tags=["studies"], route_class=RoleR
 @router.post("", status_code=201, response_model=StudyOut, summary="Create a study")
 def create_study(body: StudyCreate, principal: Coordinator, session: SessionDep, settings: SettingsDep,
                  idem: IdempotencyDep) -> JSONResponse:
+    principal.require_unscoped("create studies")
     idem.check(body)
     ctx = service.create(session, body, settings_sealer(settings))
     return idem.remember(201, service.to_out(ctx), headers={"Location": f"/api/v1/studies/{ctx.study.key}"})

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, Sealer, new_pseudonym_key
 from app.core.db import add_unique
-from app.core.errors import Conflict, Forbidden, Invalid, NotFound
+from app.core.errors import Conflict, Invalid, NotFound
 from app.core.security import Principal
 from app.core.timeutil import zone
 from app.instruments.codebook import Codebook, load_codebook, parse_codebook, template_document
@@ -60,8 +60,7 @@ def system_context(session: Session, key: str) -> StudyContext:
 
 def context(session: Session, key: str, principal: Principal) -> StudyContext:
     ctx = system_context(session, key)
-    if not principal.may_access_study(ctx.study.id):
-        raise Forbidden("this token is limited to another study")
+    principal.require_study(ctx.study.id)
     return ctx
 
 

@@ -33,8 +33,9 @@ def active_admin_exists(session: Session) -> bool:
 
 
 def page(
-    session: Session, *, limit: int, after: tuple[datetime, uuid.UUID] | None
+    session: Session, *, limit: int, after: tuple[datetime, uuid.UUID] | None, only: uuid.UUID | None = None
 ) -> list[tuple[ApiToken, str | None]]:
+    """Tokens in creation order; `only`: those of one study (what a scoped admin may see)."""
     query = (
         select(ApiToken, Study.key)
         .outerjoin(Study, Study.id == ApiToken.study_id)
@@ -43,6 +44,8 @@ def page(
     )
     if after is not None:
         query = query.where(tuple_(ApiToken.created_at, ApiToken.id) > tuple_(*after))
+    if only is not None:
+        query = query.where(ApiToken.study_id == only)
     return [(token, key) for token, key in session.execute(query).all()]
 
 
@@ -56,13 +59,3 @@ PRINCIPAL = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
 
 def principal_row(session: Session, digest: str) -> Any:
     return session.connection().execute(PRINCIPAL, {"digest": digest}).one_or_none()
-
-
-# The same, by token id: a dashboard session names its token by id, never by secret.
-PRINCIPAL_BY_ID = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
-                         func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
-    _tokens.c.id == bindparam("token_id"), _tokens.c.revoked_at.is_(None))
-
-
-def active_by_id(session: Session, token_id: uuid.UUID) -> Any:
-    return session.connection().execute(PRINCIPAL_BY_ID, {"token_id": token_id}).one_or_none()

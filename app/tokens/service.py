@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from app.core.errors import Invalid, NotFound
-from app.core.security import Role, hash_secret, new_secret
+from app.core.errors import Forbidden, Invalid, NotFound
+from app.core.security import Principal, Role, hash_secret, new_secret
 from app.studies import repository as studies
 from app.tokens import repository
 from app.tokens.models import ApiToken
@@ -18,8 +18,9 @@ from app.tokens.schemas import TokenCreated, TokenOut
 
 def create(
     session: Session, *, role: Role, label: str, study_key: str | None = None,
-    created_by: uuid.UUID | None = None, secret: str | None = None, redcap: bool = False,
+    created_by: Principal | None = None, secret: str | None = None, redcap: bool = False,
 ) -> TokenCreated:
+    """A new token; `created_by` None is the start-up bootstrap. A scoped admin creates tokens of its study only."""
     study_id = None
     if redcap and study_key is None:
         raise Invalid("a REDCap token belongs to one study (its project): give study_key", errors=[
@@ -30,19 +31,22 @@ def create(
             raise Invalid(f"no study {study_key!r}",
                           errors=[{"loc": ["study_key"], "code": "unknown_study", "message": "no such study"}])
         study_id = study.id
+    if created_by is not None and created_by.scoped and study_id != created_by.study_id:
+        raise Forbidden("a token limited to one study creates tokens of that study only: give its study_key")
     secret = secret or (secrets.token_hex(16).upper() if redcap else new_secret())
     token = repository.add(session, ApiToken(
-        secret_hash=hash_secret(secret), role=role, label=label, study_id=study_id, created_by=created_by,
+        secret_hash=hash_secret(secret), role=role, label=label, study_id=study_id,
+        created_by=created_by.token_id if created_by is not None else None,
     ))
     return TokenCreated(
         id=token.id, role=role, label=label, study_key=study_key, created_at=token.created_at, token=secret,
     )
 
 
-def revoke(session: Session, token_id: uuid.UUID) -> None:
+def revoke(session: Session, token_id: uuid.UUID, principal: Principal) -> None:
     token = repository.get(session, token_id)
-    if token is None:
-        raise NotFound(f"no token {token_id}")
+    if token is None or not principal.may_access_study(token.study_id):
+        raise NotFound(f"no token {token_id}")  # another study's token is not this principal's to know of
     if token.revoked_at is None:
         token.revoked_at = datetime.now(UTC)
         session.flush()
