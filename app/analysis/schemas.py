@@ -4,7 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.timeutil import Instant
 
 ModelName = Literal["table1", "online_attendance", "abstinence"]
 
@@ -15,7 +17,7 @@ class AnalysisIn(BaseModel):
     model: ModelName
     variant: Literal["model1", "model2"] | None = Field(
         default=None, description="abstinence only: model2 adds primary_group and multiple_groups")
-    as_of: AwareDatetime | None = Field(
+    as_of: Instant | None = Field(
         default=None, description="fit on responses completed at or before this instant (default: all data now)")
 
 

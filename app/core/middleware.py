@@ -3,8 +3,10 @@ handler can store (400), security headers on pages; and the last net for unexpec
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +139,23 @@ def _rejection(path: str, detail: str, errors: list[dict[str, Any]]) -> tuple[in
     return 400, json.dumps(problem).encode(), PROBLEM_JSON.encode()
 
 
+@functools.cache
+def _path_patterns(paths: tuple[str, ...]) -> list[re.Pattern[str]]:
+    return [re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(p)) + "$") for p in paths]
+
+
+def _nul_path_params(scope: Scope) -> list[str]:
+    """Names of the path parameters holding a NUL, from the app's published path templates;
+    ["path"] where no template matches (pages and adapters outside the OpenAPI document)."""
+    app = scope.get("app")
+    document = app.openapi() if hasattr(app, "openapi") else {}
+    for pattern in _path_patterns(tuple(document.get("paths", {}))):
+        found = pattern.match(scope["path"])
+        if found:
+            return [name for name, value in found.groupdict().items() if "\x00" in value] or ["path"]
+    return ["path"]
+
+
 class InputGuard:
     """Refuse NUL characters in the path, the query and the body, and JSON nested past a sane
     depth, in one place for every route (API, pages, REDCap, FHIR), naming the field.
@@ -152,7 +171,7 @@ class InputGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        errors = [nul_error(["path"])] if "\x00" in path else []
+        errors = [nul_error(["path", name]) for name in _nul_path_params(scope)] if "\x00" in path else []
         errors += query_problems(scope.get("query_string", b""))
         if not errors and scope["method"].encode() in _BODY_METHODS:
             body, receive = await buffer_body(receive)
