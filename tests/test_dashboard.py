@@ -285,10 +285,9 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
                 section.get_by_role("button", name="Refit on the data as it stands").click()
                 status = page.locator("#job-status")
                 assert status.get_attribute("data-status") in ("queued", "running", "succeeded")
-                page.wait_for_function(
-                    "document.querySelector('#job-status') && "
-                    "['succeeded','failed'].includes(document.querySelector('#job-status').dataset.status)",
-                    timeout=120_000, polling=500)
+                # (a selector, not a script: the page's CSP allows no eval, for tests either)
+                page.locator('#job-status[data-status="succeeded"], #job-status[data-status="failed"]').wait_for(
+                    timeout=120_000)
                 assert status.get_attribute("data-status") == "succeeded", status.inner_text()
                 analysis_id = page.url.rsplit("/", 1)[-1]
                 job = httpx.get(f"{server.url}/api/v1/analyses/{analysis_id}", headers=auth(analyst)).json()
