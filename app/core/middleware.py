@@ -147,8 +147,8 @@ def _path_patterns(paths: tuple[str, ...]) -> list[re.Pattern[str]]:
 def _nul_path_params(scope: Scope) -> list[str]:
     """Names of the path parameters holding a NUL, from the app's published path templates;
     ["path"] where no template matches (pages and adapters outside the OpenAPI document)."""
-    app = scope.get("app")
-    document = app.openapi() if hasattr(app, "openapi") else {}
+    app: Any = scope.get("app")
+    document: dict[str, Any] = app.openapi() if hasattr(app, "openapi") else {}
     for pattern in _path_patterns(tuple(document.get("paths", {}))):
         found = pattern.match(scope["path"])
         if found:
