@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from app.core.migrations import run_migrations
 from app.core.settings import ConfigError, Settings, get_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -83,16 +84,6 @@ def database_runtime(*, exclusive: bool = False) -> Iterator[Settings]:
         _ignore_signals()  # a second Ctrl-C or SIGTERM must not cut the shutdown short
         embedded.stop()
         typer.echo("embedded PostgreSQL stopped", err=True)
-
-
-def run_migrations(settings: Settings, revision: str = "head") -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.attributes["database_url"] = settings.sqlalchemy_url.render_as_string(hide_password=False)
-    command.upgrade(cfg, revision)
 
 
 def _bootstrap(settings: Settings) -> str | None:

@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.analysis.router import router as analysis_router
 from app.audit.router import router as audit_router
+from app.codebooks.router import router as codebooks_router
+from app.core.celery import celery_app
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
 from app.core.errors import install_error_handlers
@@ -34,8 +36,10 @@ from app.reminders.router import router as reminders_router
 from app.responses.router import router as responses_router
 from app.retention.router import router as retention_router
 from app.studies.router import router as studies_router
+from app.tokens import repository as tokens_repository
 from app.tokens import service as tokens
 from app.tokens.router import router as tokens_router
+from app.withdrawals.router import router as withdrawals_router
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,6 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         redact_access_logs()  # after the server has configured logging
         db = database or Database.from_settings(settings)
         app.state.db = db
-        from workers.celery_app import app as celery_app
-
         configure_celery(celery_app, settings)
         bootstrap = settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
 
@@ -81,14 +83,15 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         openapi_url="/openapi.json",
     )
     app.state.settings = settings
+    app.state.principal_lookup = tokens_repository.principal_row
     install_error_handlers(app)
     app.state.page_errors = error_page
     for page_error in (dashboard_auth.SignInRequired, dashboard_auth.NotAllowed):
         app.add_exception_handler(page_error, error_page)
     app.add_exception_handler(Replay, replay_handler)
-    for router in (health_router, tokens_router, studies_router, participants_router, responses_router,
-                   reminders_router, retention_router, analysis_router, audit_router, exports_router,
-                   links_router, dashboard_router, redcap_router, fhir_router):
+    for router in (health_router, tokens_router, studies_router, codebooks_router, participants_router,
+                   withdrawals_router, responses_router, reminders_router, retention_router, analysis_router,
+                   audit_router, exports_router, links_router, dashboard_router, redcap_router, fhir_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

@@ -45,7 +45,7 @@ class Databases:
     made: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Databases:
-        from app.cli import run_migrations
+        from app.core.migrations import run_migrations
         from app.core.settings import Settings
 
         self.template = f"cohort_bench_tpl_{os.getpid()}"

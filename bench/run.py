@@ -34,7 +34,9 @@ def machine() -> dict[str, Any]:
 def broker() -> str | None:
     import redis
 
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/11"
+    # a database index of this run's own (by pid), so that benchmarks run side by side on one
+    # machine do not take each other's tasks from a shared queue
+    url = os.environ.get("REDIS_URL") or f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()
         return url

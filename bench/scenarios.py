@@ -376,8 +376,11 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
             analyst = made["token"]
             # Warm up: the first task of a fresh worker pays for its imports; a running service's is warm.
             _, warm = request(api.url, "POST", "/api/v1/studies/sim/analyses", {"model": "table1"}, token=analyst)
+            deadline = time.monotonic() + 300  # a lost task (another run's worker on the same broker) must not hang us
             while request(api.url, "GET", f"/api/v1/analyses/{warm['id']}", token=analyst)[1]["status"] in (
                     "queued", "running"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the warm-up fit did not finish in 300 s (is another worker on this broker?)")
                 time.sleep(0.05)
             started = time.perf_counter()
             status, job = request(api.url, "POST", "/api/v1/studies/sim/analyses", {"model": "abstinence"},
@@ -387,6 +390,8 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
                 _, state = request(api.url, "GET", f"/api/v1/analyses/{job['id']}", token=analyst)
                 if state["status"] in ("succeeded", "failed"):
                     break
+                if time.monotonic() > deadline + 600:
+                    raise TimeoutError("the fit did not finish in 600 s")
                 time.sleep(0.02)
             api_seconds = time.perf_counter() - started
             assert state["status"] == "succeeded", state

@@ -70,7 +70,7 @@ def pg_server() -> Iterator[URL]:
 @pytest.fixture(scope="session")
 def template_db(pg_server: URL) -> Iterator[URL]:
     """A database at migration head that others are cloned from."""
-    from app.cli import run_migrations
+    from app.core.migrations import run_migrations
 
     name = f"cohort_tpl_{os.getpid()}"
     _admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -209,14 +209,19 @@ def test_send_a_reminder_now_from_the_worklist_and_over_the_api(server: LiveServ
                        data={"wave": "baseline", "csrf": csrf_of(page.text),
                              "back": "/ui/studies/pal/followup?wave=baseline&status=open"})
     assert sent.status_code == 303
-    assert "Reminder sent to N1" in client.get(sent.headers["location"]).text
+    assert "Reminder for N1 (baseline) queued" in client.get(sent.headers["location"]).text
+    listed = httpx.get(f"{server.url}/api/v1/studies/pal/participants/N1/reminders", headers=auth(coordinator))
+    assert [s["status"] for s in listed.json()["items"] if s["kind"].startswith("manual_")] == ["pending"]
+    # the worker's scan delivers it (here the same scan, run on the real clock)
+    scan = httpx.post(f"{server.url}/api/v1/studies/pal/reminders:run", headers=auth(coordinator))
+    assert scan.status_code == 200 and scan.json()["sent"] >= 1
     assert [m.to for m in smtp.capture.messages if m.to == "n1@example.org"]
     listed = httpx.get(f"{server.url}/api/v1/studies/pal/participants/N1/reminders", headers=auth(coordinator))
     assert [s["status"] for s in listed.json()["items"] if s["kind"].startswith("manual_")] == ["sent"]
     # the API does the same, and refuses what the rules refuse
     r = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "baseline"},
                    headers=auth(coordinator))
-    assert r.status_code == 201 and r.json()["status"] == "sent" and r.json()["kind"].startswith("manual_")
+    assert r.status_code == 201 and r.json()["status"] == "pending" and r.json()["kind"].startswith("manual_")
     closed = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "month6"},
                         headers=auth(coordinator))
     assert closed.status_code == 409 and "not open" in closed.json()["detail"]
@@ -225,9 +230,13 @@ def test_send_a_reminder_now_from_the_worklist_and_over_the_api(server: LiveServ
     refused = httpx.post(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", json={"wave": "baseline"},
                          headers=auth(coordinator))
     assert refused.status_code == 409 and refused.headers["content-type"].startswith("application/problem+json")
-    # the scan behind "send now" is the ordinary one: N2's overdue invitation went with it, while N1's
-    # overdue invitation was superseded by the message sent now (only the latest of a wave goes)
-    assert sorted(m.to for m in smtp.capture.messages) == ["n1@example.org", "n2@example.org", "n2@example.org"]
+    # N2 withdrew before the scan came round: the message queued for them is cancelled, never sent
+    assert httpx.post(f"{server.url}/api/v1/studies/pal/reminders:run", headers=auth(coordinator)).status_code == 200
+    n2 = httpx.get(f"{server.url}/api/v1/studies/pal/participants/N2/reminders", headers=auth(coordinator))
+    assert [s["status"] for s in n2.json()["items"] if s["kind"].startswith("manual_")] == ["cancelled"]
+    # the first scan was the ordinary one: N2's overdue invitation went with it, while N1's overdue
+    # invitation was superseded by the message queued for now (only the latest of a wave goes)
+    assert sorted(m.to for m in smtp.capture.messages) == ["n1@example.org", "n2@example.org"]
 
 
 # -- in a real browser -----------------------------------------------------------------------------

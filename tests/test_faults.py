@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from app.cli import run_migrations
 from app.core.embedded import EmbeddedPostgres
+from app.core.migrations import run_migrations
 from app.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
 from tests.factories import auth, simulated_pal_study, valid_answers

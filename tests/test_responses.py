@@ -196,6 +196,29 @@ async def test_who_reads_responses(team: Team, connection: Connection) -> None:
     assert stored == coordinator_view["answers"]
 
 
+async def test_the_recompute_task_claims_due_studies_and_clears_them(team: Team, admin: httpx.AsyncClient,
+                                                                     database: Any, connection: Connection,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Celery task's own sequence (claim, batches, finish) on the real database."""
+    from app.responses import tasks
+    from tests.factories import pal_codebook
+
+    for i in range(3):
+        await team.enrol(f"R{i}", days_ago=1)
+        answers = valid_answers("baseline", random.Random(20 + i), meetings_30d=5, online_meetings_30d=0)
+        assert (await team.post(response(f"R{i}", "baseline", answers))).status_code == 201
+    document = pal_codebook()
+    document["version"] = 3
+    next(d for d in document["derived"] if d["code"] == "weekly_attendance")["definition"] = "meetings_30d >= 9"
+    assert (await admin.put(f"{BASE}/codebook", json=document)).status_code == 200
+    monkeypatch.setattr(tasks, "task_database", lambda: database)
+    assert tasks.recompute_derived() == 3
+    assert connection.execute(text("SELECT count(*) FROM derived_recomputes")).scalar_one() == 0
+    flags = connection.execute(text("SELECT derived ->> 'weekly_attendance' FROM responses")).scalars().all()
+    assert flags == ["false", "false", "false"]
+    assert tasks.recompute_derived() == 0  # nothing due: nothing done
+
+
 async def test_derived_values_are_recomputed_when_definitions_change(team: Team, connection: Connection) -> None:
     await team.enrol("P10", days_ago=1)
     answers = valid_answers("baseline", random.Random(11), meetings_30d=5, online_meetings_30d=0)
@@ -227,6 +250,10 @@ async def test_a_new_codebook_revision_recomputes_derived_values(team: Team, adm
     got = (await team.client.get(f"{BASE}/responses/{rid}", headers=auth(team.coordinator))).json()
     assert got["derived"]["weekly_attendance"] is False  # 5 meetings: weekly under v1, not under v2
     assert got["answers"] == answers  # raw answers are untouched
+    # the revision left due work in its own transaction: the periodic task claims it from there
+    due = connection.execute(text("SELECT count(*) FROM derived_recomputes d JOIN studies s ON s.id = d.study_id "
+                                  "WHERE s.key = 'pal'")).scalar_one()
+    assert due == 1
     with transaction(database) as session:
         assert recompute_stale_derived(session, system_context(session, "pal")) == 1
     stored = connection.execute(text("SELECT derived FROM responses WHERE id = :id"), {"id": rid}).scalar_one()

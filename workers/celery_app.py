@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
-from app.core.celery import TASK_MODULES, configure, reset_task_database
+from app.core.celery import QUEUES, celery_app, configure, reset_task_database
 from app.core.settings import get_settings
 
-app = Celery("cohort", include=TASK_MODULES)
-app.set_default()
+app = celery_app
 configure(app, get_settings())
 
 
@@ -29,7 +27,5 @@ def _dispose_engine(**_: Any) -> None:
 @worker_ready.connect
 def _announce(**_: Any) -> None:
     # Report in at once instead of waiting for the first beat tick.
-    from app.core.celery import QUEUES
-
     for queue in QUEUES:
         app.send_task("cohort.ping", args=(queue,), queue=queue, expires=60)

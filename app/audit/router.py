@@ -5,10 +5,10 @@ from datetime import datetime
 from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Query
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.models import AUDITED, AuditEntry
+from app.audit import repository
+from app.audit.models import AUDITED
 from app.audit.schemas import AuditOut
 from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_cursor, encode_cursor
@@ -27,19 +27,10 @@ assert set(get_args(Table)) == {t for t, *_ in AUDITED}
 def _page(session: Session, *, study_id: uuid.UUID | None, table: str | None, action: str | None,
           actor: str | None, row_id: str | None, since: datetime | None, until: datetime | None,
           limit: int, cursor: str | None) -> Page[AuditOut]:
-    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit + 1)
     before_id = decode_cursor(cursor, 1)
-    if before_id is not None:
-        query = query.where(AuditEntry.id < int(before_id[0]))
-    for column, value in ((AuditEntry.study_id, study_id), (AuditEntry.table_name, table),
-                          (AuditEntry.action, action), (AuditEntry.actor, actor), (AuditEntry.row_id, row_id)):
-        if value is not None:
-            query = query.where(column == value)
-    if since is not None:
-        query = query.where(AuditEntry.at >= since)
-    if until is not None:
-        query = query.where(AuditEntry.at < until)
-    rows = list(session.scalars(query))
+    rows = repository.page(session, study_id=study_id, table=table, action=action, actor=actor, row_id=row_id,
+                           since=since, until=until, limit=limit,
+                           before_id=int(before_id[0]) if before_id is not None else None)
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return Page(items=[AuditOut(id=r.id, at=r.at, actor=r.actor, table=r.table_name, row_id=r.row_id,
                                 action=r.action, changed=r.changed, before=r.before, after=r.after)

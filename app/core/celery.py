@@ -23,6 +23,11 @@ QUEUES = ("reminders", "analysis")
 TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks",
                 "app.reminders.tasks", "app.analysis.tasks"]
 
+# The one Celery application. The API enqueues through it, `workers.celery_app` (the worker's
+# entry point) configures it from the environment and connects the worker's signals.
+celery_app = Celery("cohort", include=TASK_MODULES)
+celery_app.set_default()
+
 
 def broker_url(settings: Settings) -> str | None:
     if settings.redis_url:
@@ -79,16 +84,16 @@ def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
                                   "options": {"expires": 60}}
     schedule["advance-schedules"] = {"task": "cohort.reminders.advance_schedules", "schedule": 60.0,
                                      "options": {"expires": 60}}
+    schedule["recompute-derived"] = {"task": "cohort.responses.recompute_derived", "schedule": 60.0,
+                                     "options": {"expires": 60}}
     schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,
                                           "options": {"expires": 3600}}
     return schedule
 
 
 def broker_reachable(settings: Settings) -> bool:
-    from workers.celery_app import app
-
     try:
-        with app.connection_for_write() as conn:
+        with celery_app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         return True
     except Exception as exc:

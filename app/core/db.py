@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -94,8 +94,8 @@ def _drop_on_commit(session: Session, previous_transaction: SessionTransaction) 
 
 
 @contextmanager
-def transaction(db: Database, *, actor: str | None = None) -> Iterator[Session]:
-    """The task-side transaction owner: commit on success, roll back on any error."""
+def _unit_of_work(db: Database, actor: str | None = None) -> Iterator[Session]:
+    """Commit on success, roll back on any error: the one commit in the code base."""
     with db.sessions() as session:
         if actor:
             session.info[_ACTOR] = actor
@@ -105,6 +105,11 @@ def transaction(db: Database, *, actor: str | None = None) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def transaction(db: Database, *, actor: str | None = None) -> AbstractContextManager[Session]:
+    """The task-side transaction owner (tasks, the CLI, start-up)."""
+    return _unit_of_work(db, actor)
 
 
 def database_of(request: Request) -> Database:
@@ -122,13 +127,8 @@ def get_session(request: Request) -> Iterator[Session]:
     Declared with scope="function" below, so the commit runs before FastAPI sends the
     response: a 201 is only ever sent for data that is durably committed.
     """
-    with database_of(request).sessions() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with _unit_of_work(database_of(request)) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep, remember_actor
 from app.core.errors import Forbidden, Unauthorized
@@ -70,10 +71,15 @@ def _bearer(request: Request) -> str:
     return secret.strip()
 
 
-def authenticate(request: Request, session: SessionDep) -> Principal:
-    from app.tokens.repository import principal_row  # the tokens domain owns the table
+PrincipalLookup = Callable[[Session, str], Any]
+"""(session, secret digest) -> a row with id, role and study_id, or None. The tokens domain owns
+the table and provides it; the application hands it to this layer (`app.state.principal_lookup`),
+so the plumbing does not import a domain."""
 
-    row = principal_row(session, hash_secret(_bearer(request)))
+
+def authenticate(request: Request, session: SessionDep) -> Principal:
+    lookup: PrincipalLookup = request.app.state.principal_lookup
+    row = lookup(session, hash_secret(_bearer(request)))
     if row is None:
         raise Unauthorized("the token is unknown or revoked")
     principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)

@@ -21,7 +21,7 @@ from app.analysis import service as analyses
 from app.analysis.router import fmt_number, fmt_p
 from app.analysis.router import to_out as analysis_out
 from app.core.crypto import settings_sealer
-from app.core.db import DatabaseDep, SessionDep
+from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
 from app.core.errors import DomainError, validation_errors
 from app.core.security import Role
@@ -43,11 +43,13 @@ from app.participants import repository as participants_repo
 from app.participants import service as participants
 from app.participants.schemas import WithdrawIn
 from app.reminders import service as reminders
+from app.reminders import tasks as reminder_tasks
 from app.retention import router as retention_api
 from app.retention import service as retention
 from app.studies import repository as studies_repo
 from app.studies import service as studies
 from app.studies.service import StudyContext
+from app.withdrawals import service as withdrawals
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -173,20 +175,14 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
 
 
 @router.post("/studies/{key}/followup/{external_id}/remind")
-def remind(key: str, external_id: str, viewer: FormViewer, session: SessionDep, db: DatabaseDep,
-           settings: SettingsDep, wave: Annotated[str, Form(max_length=63)],
-           back: Annotated[str, Form(max_length=500)] = "") -> Response:
+def remind(key: str, external_id: str, viewer: FormViewer, session: SessionDep,
+           wave: Annotated[str, Form(max_length=63)], back: Annotated[str, Form(max_length=500)] = "") -> Response:
     ctx = _study(session, viewer, key, "coordinator")
     participant = participants.find(session, ctx, external_id)
-    row = reminders.send_now(db, settings, ctx.study.id, participant.id, wave, utcnow(),
-                             actor=str(viewer.principal.token_id))
-    if row.status == "sent":
-        message = f"Reminder sent to {external_id} ({wave})."
-    elif row.status == "pending":
-        message = f"Reminder for {external_id} queued: it goes at {_when(row.due_at)} (sending hours)."
-    else:
-        message = f"Reminder to {external_id} not sent: {row.last_error or row.status}."
-    return _back(_safe_back(back, key), message)
+    reminders.send_now(session, ctx.study.id, participant.id, wave, utcnow())
+    on_commit(session, reminder_tasks.scan.delay)
+    return _back(_safe_back(back, key), f"Reminder for {external_id} ({wave}) queued: it goes within a minute, "
+                                        "or at 09:00 their time if it is outside sending hours.")
 
 
 @router.post("/studies/{key}/followup/{external_id}/withdraw")
@@ -195,8 +191,8 @@ def withdraw(key: str, external_id: str, viewer: FormViewer, session: SessionDep
              erase_contact: Annotated[bool, Form()] = False,
              back: Annotated[str, Form(max_length=500)] = "") -> Response:
     ctx = _study(session, viewer, key, "coordinator")
-    participants.withdraw(session, ctx, external_id, WithdrawIn(reason=reason, erase_contact=erase_contact),
-                          utcnow())
+    withdrawals.withdraw(session, ctx, external_id, WithdrawIn(reason=reason, erase_contact=erase_contact),
+                         utcnow())
     return _back(_safe_back(back, key), f"{external_id} is withdrawn; no further reminders will be sent.")
 
 

@@ -16,7 +16,6 @@ from sqlalchemy import (
     case,
     delete,
     exists,
-    func,
     literal,
     select,
     tuple_,
@@ -77,13 +76,7 @@ def sealed_contacts(session: Session, participant_ids: Sequence[uuid.UUID]) -> d
     return {pid: sealed for pid, sealed in rows}
 
 
-def delete_responses(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
-    """Under a delete-on-withdrawal policy; the audit trail records the deletion, not the answers."""
-    from app.responses.models import Response
-
-    session.execute(select(func.set_config("cohort.redact_deleted", "on", True)))
-    session.execute(delete(Response).where(Response.participant_id == participant_id))
-    session.execute(select(func.set_config("cohort.redact_deleted", "off", True)))
+def uncomplete_schedules(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
     session.execute(update(Schedule).where(Schedule.participant_id == participant_id).values(
         completed_at=None,
         status=case((Schedule.closes_at > withdrawn_at, "withdrawn"), else_="missed"),

@@ -21,7 +21,6 @@ from app.participants.schemas import (
     ParticipantOut,
     ParticipantStatus,
     ScheduleStatus,
-    WithdrawIn,
 )
 from app.studies.deps import StudyFromPath
 
@@ -94,12 +93,3 @@ def list_participants(
 def get_participant(external_id: str, principal: Coordinator, study: StudyFromPath, session: SessionDep,
                     settings: SettingsDep) -> ParticipantOut:
     return service.view(session, study, external_id, settings_sealer(settings)).out(utcnow())
-
-
-@router.post("/participants/{external_id}/withdraw", response_model=ParticipantOut,
-             summary="Withdraw a participant (no reminder is sent afterwards)")
-def withdraw(external_id: str, body: WithdrawIn, principal: Coordinator, study: StudyFromPath,
-             session: SessionDep, settings: SettingsDep) -> ParticipantOut:
-    now = utcnow()
-    service.withdraw(session, study, external_id, body, now)
-    return service.view(session, study, external_id, settings_sealer(settings)).out(now)

@@ -31,8 +31,6 @@ from app.participants.schemas import (
     ScheduleOut,
     WithdrawIn,
 )
-from app.reminders import repository as reminders_repo
-from app.studies import service as studies
 from app.studies.service import StudyContext
 
 CLOCK_SKEW = timedelta(minutes=5)
@@ -148,6 +146,10 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
     return ParticipantView(participant, schedules, contact)
 
 
+def any_enrolled(session: Session, study_id: uuid.UUID) -> bool:
+    return repository.any_enrolled(session, study_id)
+
+
 def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: bool = False) -> Participant:
     participant = repository.by_external_id(session, ctx.study.id, external_id, for_update=for_update)
     if participant is None:
@@ -170,26 +172,33 @@ def view(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer |
     return views(session, [find(session, ctx, external_id)], sealer)[0]
 
 
-def withdraw(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn, now: datetime) -> Participant:
+def mark_withdrawn(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn,
+                   now: datetime) -> tuple[Participant, bool]:
+    """The participant's own side of a withdrawal (status, open windows, contact data); returns
+    the participant and whether it withdrew just now. What a withdrawal does to reminders and
+    responses belongs to the layer above (`app.withdrawals`)."""
     participant = find(session, ctx, external_id, for_update=True)
     withdrawn_at = data.withdrawn_at or now
     if withdrawn_at > now + CLOCK_SKEW:
         raise Invalid("withdrawn_at is in the future",
                       errors=[{"loc": ["withdrawn_at"], "code": "future", "message": "withdrawn_at is in the future"}])
-    if participant.status != "withdrawn":
+    newly = participant.status != "withdrawn"
+    if newly:
         participant.status = "withdrawn"
         participant.withdrawn_at = withdrawn_at
         participant.withdraw_reason = data.reason
         repository.withdraw_open_schedules(session, participant.id, withdrawn_at)
-        reminders_repo.cancel_pending(session, participant.id, "participant withdrew")
-        if studies.withdrawal_policy(ctx.study) == "delete_responses":
-            repository.delete_responses(session, participant.id, withdrawn_at)
     if data.erase_contact:
         repository.erase_contact(session, participant.id)
         # a stored reply to the enrolment request holds the contact too (sealed): forget it
         idempotency.forget_resource(session, participant.id)
     session.flush()
-    return participant
+    return participant, newly
+
+
+def reopen_after_deletion(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
+    """Responses deleted under the study's policy: no wave counts as completed any more."""
+    repository.uncomplete_schedules(session, participant_id, withdrawn_at)
 
 
 # -- bulk import -------------------------------------------------------------------------------

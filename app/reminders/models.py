@@ -27,7 +27,7 @@ class ReminderSend(Base):
         UniqueConstraint("participant_id", "wave", "kind"),
         CheckConstraint(f"status IN ({', '.join(repr(s) for s in SEND_STATUSES)})", name="status"),
         Index("ix_reminder_sends_due", "due_at", postgresql_where=text("status = 'pending'")),
-        Index("ix_reminder_sends_lease", "lease_until", postgresql_where=text("status = 'sending'")),
+        Index("ix_reminder_sends_lease", "lease_expires_at", postgresql_where=text("status = 'sending'")),
         Index("ix_reminder_sends_study_wave", "study_id", "wave", "status"),
     )
 
@@ -43,7 +43,7 @@ class ReminderSend(Base):
     due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     status: Mapped[str] = mapped_column(String(20), nullable=False, default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     claimed_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -119,7 +119,7 @@ def lease_many(session: Session, ids: list[uuid.UUID], owner: uuid.UUID, until: 
     if ids:
         with _unaudited(session):
             session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
-                            .values(status="sending", attempts=ReminderSend.attempts + 1, lease_until=until,
+                            .values(status="sending", attempts=ReminderSend.attempts + 1, lease_expires_at=until,
                                     claimed_by=owner, updated_at=func.now()))
 
 
@@ -129,7 +129,7 @@ def renew_lease(session: Session, send_id: uuid.UUID, owner: uuid.UUID, until: d
         result = session.execute(
             update(ReminderSend)
             .where(ReminderSend.id == send_id, ReminderSend.status == "sending", ReminderSend.claimed_by == owner)
-            .values(lease_until=until)
+            .values(lease_expires_at=until)
         )
     return bool(getattr(result, "rowcount", 0))
 
@@ -139,15 +139,15 @@ def release_expired_leases(session: Session, real_now: datetime) -> int:
     handed over -> the server accepted it (the terminating dot follows the hand-over at once)."""
     handed = session.execute(
         update(ReminderSend)
-        .where(ReminderSend.status == "handed_over", ReminderSend.lease_until < real_now)
-        .values(status="sent", sent_at=func.coalesce(ReminderSend.sent_at, ReminderSend.due_at), lease_until=None,
+        .where(ReminderSend.status == "handed_over", ReminderSend.lease_expires_at < real_now)
+        .values(status="sent", sent_at=func.coalesce(ReminderSend.sent_at, ReminderSend.due_at), lease_expires_at=None,
                 claimed_by=None, last_error="delivery not confirmed: the sender stopped after handing it over",
                 updated_at=func.now())
     )
     result = session.execute(
         update(ReminderSend)
-        .where(ReminderSend.status == "sending", ReminderSend.lease_until < real_now)
-        .values(status="pending", lease_until=None, claimed_by=None, updated_at=func.now())
+        .where(ReminderSend.status == "sending", ReminderSend.lease_expires_at < real_now)
+        .values(status="pending", lease_expires_at=None, claimed_by=None, updated_at=func.now())
     )
     return int(getattr(result, "rowcount", 0) or 0) + int(getattr(handed, "rowcount", 0) or 0)
 
@@ -225,3 +225,27 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) ->
 def cancel_pending_waves(session: Session, pairs: Sequence[tuple[uuid.UUID, str]]) -> None:
     if pairs:
         session.connection().execute(_CANCEL_WAVE, [{"p": p, "w": w, "reason": "wave completed"} for p, w in pairs])
+
+
+def window_of(session: Session, participant_id: uuid.UUID, wave: str) -> Any:
+    """A participant's window for a wave, with what deciding about a message needs."""
+    return session.execute(
+        select(Schedule.opens_at, Schedule.closes_at, Schedule.completed_at, Participant.withdrawn_at)
+        .join(Participant, Participant.id == Schedule.participant_id)
+        .where(Schedule.participant_id == participant_id, Schedule.wave == wave)
+    ).one_or_none()
+
+
+def wave(session: Session, study_id: uuid.UUID, key: str) -> Wave | None:
+    return session.scalar(select(Wave).where(Wave.study_id == study_id, Wave.key == key))
+
+
+def waves(session: Session, study_id: uuid.UUID) -> list[Wave]:
+    return list(session.scalars(select(Wave).where(Wave.study_id == study_id)))
+
+
+def unplanned_schedules(session: Session, participant_id: uuid.UUID) -> list[Schedule]:
+    """A participant's windows whose sends are not rows yet and that are not complete."""
+    return list(session.scalars(select(Schedule).where(Schedule.participant_id == participant_id,
+                                                       Schedule.reminders_planned_at.is_(None),
+                                                       Schedule.completed_at.is_(None))))

@@ -9,19 +9,18 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.core.crypto import all_secrets
-from app.core.db import DatabaseDep, SessionDep
+from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
-from app.core.errors import Gone, Invalid, NotFound
+from app.core.errors import Gone, NotFound
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator
 from app.core.timeutil import Instant, utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import service as participants
-from app.participants.models import Participant, Schedule
-from app.reminders import repository, service, templates
+from app.participants.models import Participant
+from app.reminders import repository, service, tasks, templates
 from app.reminders.links import LinkExpired, LinkInvalid, read_token
 from app.reminders.models import ReminderSend
-from app.reminders.policy import Policy, planned_sends
 from app.reminders.schemas import (
     Funnel,
     FunnelWave,
@@ -51,7 +50,7 @@ async def run_reminders(
     now: Annotated[Instant | None, Query(description="the clock of this run (RFC 3339); default now")] = None,
 ) -> RunResult:
     clock = now or utcnow()
-    result = await run_in_threadpool(service.scan, db, settings, clock, study_id=study.study.id,
+    result = await run_in_threadpool(tasks.run_scan, db, settings, clock, study_id=study.study.id,
                                      actor=str(principal.token_id))
     return RunResult(now=clock, **{k: getattr(result, k) for k in
                                    ("sent", "skipped", "failed", "cancelled", "deferred", "retried", "planned")})
@@ -65,16 +64,16 @@ def send_out(row: ReminderSend) -> SendOut:
 
 @router.post("/participants/{external_id}/reminders", status_code=201, response_model=SendOut,
              summary="Send a reminder now (within sending hours; otherwise it waits for the morning)",
-             description="One more message for a wave whose window is open, through the same scan as the "
-                         "scheduled ones: 409 if the participant withdrew, the wave is complete or its window "
-                         "is not open. `status` says whether it went (`sent`) or waits (`pending`).")
+             description="One more message for a wave whose window is open, delivered by the worker's scan within "
+                         "seconds under the same rules as the scheduled ones: 409 if the participant withdrew, the "
+                         "wave is complete or its window is not open. It is returned `pending`; "
+                         "`GET .../reminders` shows when it went.")
 def send_reminder_now(external_id: str, body: SendNowIn, principal: Coordinator, study: StudyFromPath,
-                      session: SessionDep, db: DatabaseDep, settings: SettingsDep,
-                      idem: IdempotencyDep) -> JSONResponse:
+                      session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
     idem.check(body)
     participant = participants.find(session, study, external_id)
-    row = service.send_now(db, settings, study.study.id, participant.id, body.wave, utcnow(),
-                           actor=str(principal.token_id))
+    row = service.send_now(session, study.study.id, participant.id, body.wave, utcnow())
+    on_commit(session, tasks.scan.delay)  # the row is the guarantee; this starts the worker's scan at once
     return idem.remember(201, send_out(row))
 
 
@@ -86,20 +85,9 @@ def participant_reminders(external_id: str, principal: Coordinator, study: Study
     rows = repository.of_participant(session, participant.id)
     items = [send_out(r) for r in rows]
     # Windows further ahead are not rows yet: show what the current policy will send.
-    policies = {w.key: Policy.from_dict(w.reminder_policy) for w in
-                session.scalars(select(Wave).where(Wave.study_id == study.study.id))}
-    for s in session.scalars(select(Schedule).where(Schedule.participant_id == participant.id,
-                                                    Schedule.reminders_planned_at.is_(None),
-                                                    Schedule.completed_at.is_(None))):
-        if participant.withdrawn_at is not None or s.wave not in policies:
-            continue
-        stored = {r.kind for r in rows if r.wave == s.wave}
-        for kind, due in planned_sends(policies[s.wave], opens_at=s.opens_at, closes_at=s.closes_at,
-                                       enrolled_at=participant.enrolled_at, zone_name=participant.timezone):
-            if kind in stored:
-                continue
-            items.append(SendOut(wave=s.wave, kind=kind, status="pending", due_at=due, sent_at=None, attempts=0,
-                                 last_error=None, planned=False))
+    items += [SendOut(wave=wave, kind=kind, status="pending", due_at=due, sent_at=None, attempts=0, last_error=None,
+                      planned=False)
+              for wave, kind, due in service.not_yet_planned(session, study.study.id, participant, rows)]
     items.sort(key=lambda i: (i.due_at, service.kind_rank(i.kind)))
     return SendList(items=items)
 
@@ -108,15 +96,7 @@ def participant_reminders(external_id: str, principal: Coordinator, study: Study
             summary="Change a wave's reminder policy (applies to every message not yet sent)")
 def put_policy(wave: Annotated[str, Path(max_length=63)], body: PolicyIn, principal: Coordinator,
                study: StudyFromPath, session: SessionDep) -> WaveOut:
-    row = session.scalar(select(Wave).where(Wave.study_id == study.study.id, Wave.key == wave))
-    if row is None:
-        raise NotFound(f"no wave {wave!r} in study {study.study.key!r}")
-    if any(d < 0 for d in body.reminder_days_after_open):
-        raise Invalid("reminder days must not be negative", errors=[
-            {"loc": ["reminder_days_after_open"], "code": "range", "message": "days after opening are >= 0"}])
-    row.reminder_policy = body.model_dump()
-    repository.replan_wave(session, study.study.id, wave)
-    session.flush()
+    row = service.set_policy(session, study.study, wave, body)
     return WaveOut.model_validate(row, from_attributes=True)
 
 
@@ -131,11 +111,7 @@ def get_template(principal: Coordinator, study: StudyFromPath) -> TemplateOut:
 @router.put("/reminder-template", response_model=TemplateOut,
             summary="Change the email template (Jinja2, sandboxed; applies to messages not yet sent)")
 def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> TemplateOut:
-    templates.validate(body.subject, body.body)
-    row = session.get(Study, study.study.id)
-    assert row is not None
-    row.settings = {**(row.settings or {}), "reminder_template": body.model_dump()}
-    session.flush()
+    service.set_template(session, study.study, body.subject, body.body)
     return TemplateOut(subject=body.subject, body=body.body, variables=list(templates.VARIABLES), customised=True)
 
 

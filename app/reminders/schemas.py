@@ -29,6 +29,8 @@ class SendOut(BaseModel):
 
 
 class SendNowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     wave: str = Field(max_length=63, description="the wave whose window is open")
 
 

@@ -31,17 +31,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.crypto import settings_sealer
-from app.core.db import Database, transaction
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict, Invalid, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.participants import repository as participants_repo
-from app.participants.models import Participant, Schedule
+from app.participants.models import Participant
 from app.reminders import repository, templates
 from app.reminders.links import LinkTarget, link_for, make_token
-from app.reminders.mailer import DeliveryError, Email, Sender, message_id, open_sender
+from app.reminders.mailer import DeliveryError, Email, message_id
 from app.reminders.models import ReminderSend
 from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
+from app.reminders.schemas import PolicyIn
 from app.studies.models import Study, Wave
 
 log = logging.getLogger(__name__)
@@ -189,114 +189,117 @@ def compose(session: Session, settings: Settings, claim_: Claim) -> Email | None
                  message_id=message_id(str(claim_.send_id), "cohort.invalid"))
 
 
-def deliver(db: Database, settings: Settings, sender: Sender, claim_: Claim, now: datetime, owner: uuid.UUID,
-            lease: timedelta) -> str:
-    """Send one claimed message and record what happened; returns sent, retry, failed or lost.
+def release_expired_leases(session: Session, now: datetime) -> None:
+    repository.release_expired_leases(session, now)
 
-    The lease is renewed first: if it lapsed and another scanner has taken the message over,
-    this one lets it go ("lost") rather than send it a second time.
+
+def prepare(session: Session, settings: Settings, claim_: Claim, owner: uuid.UUID,
+            lease: timedelta) -> tuple[bool, Email | None, str | None]:
+    """Renew the claim's lease and compose its message: (still ours, the email, why there is none).
+
+    If the lease lapsed and another scanner has taken the message over, this one lets it go
+    rather than send it a second time.
     """
-    with transaction(db) as session:
-        if not repository.renew_lease(session, claim_.send_id, owner, utcnow() + lease):
-            return "lost"
-        try:
-            email: Email | None = compose(session, settings, claim_)
-            problem = None if email is not None else "no email address on file"
-        except Exception as exc:  # a template or a label that cannot make a message: say so, never leave it claimed
-            log.exception("reminder %s could not be composed", claim_.send_id)
-            email, problem = None, f"the message could not be composed: {exc}"[:500]
-    values: dict[str, Any]
-    if email is None:
-        outcome, values = "failed", {"status": "failed", "last_error": problem, "lease_until": None}
-    else:
-        def handed_over() -> None:
-            with transaction(db) as session:
-                repository.hand_over(session, claim_.send_id, owner, now)
-
-        try:
-            sender.send(email, handed_over)
-            outcome, values = "sent", {"status": "sent", "sent_at": now, "lease_until": None, "last_error": None}
-        except Exception as exc:
-            if not isinstance(exc, DeliveryError):
-                log.exception("reminder %s: unexpected error while sending", claim_.send_id)
-            permanent = isinstance(exc, DeliveryError) and exc.permanent
-            again = None if permanent else retry_at(claim_.attempts, now, ZoneInfo(claim_.zone))
-            if again is not None and again < claim_.closes_at:
-                outcome, values = "retry", {"status": "pending", "due_at": again, "lease_until": None,
-                                            "last_error": str(exc)[:500]}
-            else:
-                outcome, values = "failed", {"status": "failed", "lease_until": None, "last_error": str(exc)[:500]}
-    with transaction(db) as session:
-        repository.set_outcome(session, claim_.send_id, expect=("sending", "handed_over"), owner=owner,
-                               claimed_by=None, **values)
-    return outcome
+    if not repository.renew_lease(session, claim_.send_id, owner, utcnow() + lease):
+        return False, None, None
+    try:
+        email = compose(session, settings, claim_)
+    except Exception as exc:  # a template or a label that cannot make a message: say so, never leave it claimed
+        log.exception("reminder %s could not be composed", claim_.send_id)
+        return True, None, f"the message could not be composed: {exc}"[:500]
+    return True, email, None if email is not None else "no email address on file"
 
 
-def scan(db: Database, settings: Settings, now: datetime, *, study_id: uuid.UUID | None = None,
-         actor: str | None = None) -> ScanResult:
-    """One full scan at clock `now` (see the module docstring)."""
-    total = ScanResult()
-    owner = uuid.uuid4()
-    lease = timedelta(seconds=settings.reminder_lease_seconds)
-    with transaction(db, actor=actor) as session:
-        repository.release_expired_leases(session, utcnow())
-    while True:
-        with transaction(db, actor=actor) as session:
-            planned = plan(session, now, study_id=study_id)
-        total.planned += planned
-        if planned == 0:
-            break
-    while True:
-        with transaction(db, actor=actor) as session:
-            claims, decided, seen = claim(session, now, owner=owner, study_id=study_id, lease=lease)
-        total.add(decided)
-        if claims:
-            with open_sender(settings.smtp_url, settings.data_dir / "outbox", settings.mail_from) as sender:
-                for c in claims:
-                    outcome = deliver(db, settings, sender, c, now, owner, lease)
-                    if outcome == "sent":
-                        total.sent += 1
-                    elif outcome == "retry":
-                        total.retried += 1
-                    elif outcome == "failed":
-                        total.failed += 1
-        if seen == 0:
-            return total
+def record_handover(session: Session, send_id: uuid.UUID, owner: uuid.UUID, now: datetime) -> None:
+    """Called between the message body and SMTP's terminating dot (see the module docstring)."""
+    repository.hand_over(session, send_id, owner, now)
 
 
-def send_now(db: Database, settings: Settings, study_id: uuid.UUID, participant_id: uuid.UUID, wave: str,
-             now: datetime, *, actor: str | None = None) -> ReminderSend:
+def outcome_of(claim_: Claim, now: datetime, error: Exception | None) -> tuple[str, dict[str, Any]]:
+    """What a delivery attempt comes to: sent, retry (pending again, later) or failed, with the row's values."""
+    if error is None:
+        return "sent", {"status": "sent", "sent_at": now, "lease_expires_at": None, "last_error": None}
+    if not isinstance(error, DeliveryError):
+        log.error("reminder %s: unexpected error while sending: %r", claim_.send_id, error)
+    permanent = isinstance(error, DeliveryError) and error.permanent
+    again = None if permanent else retry_at(claim_.attempts, now, ZoneInfo(claim_.zone))
+    if again is not None and again < claim_.closes_at:
+        return "retry", {"status": "pending", "due_at": again, "lease_expires_at": None, "last_error": str(error)[:500]}
+    return "failed", {"status": "failed", "lease_expires_at": None, "last_error": str(error)[:500]}
+
+
+def record_outcome(session: Session, send_id: uuid.UUID, owner: uuid.UUID, values: dict[str, Any]) -> None:
+    repository.set_outcome(session, send_id, expect=("sending", "handed_over"), owner=owner, claimed_by=None,
+                           **values)
+
+
+def send_now(session: Session, study_id: uuid.UUID, participant_id: uuid.UUID, wave: str,
+             now: datetime) -> ReminderSend:
     """A coordinator's "send a reminder now": one more message of the wave, due at `now`.
 
-    It is an ordinary send row (kind `manual_<time>`) run through the same scan, so every rule
-    holds: never to a withdrawn participant or a completed wave, only while the window is open and
+    It is an ordinary send row (kind `manual_<time>`), written in the caller's transaction and
+    delivered by the next scan (the worker is nudged once it commits), so every rule holds:
+    never to a withdrawn participant or a completed wave, only while the window is open and
     within sending hours (outside them it waits for the next morning), recorded once.
     """
-    kind = f"manual_{now.astimezone(UTC):%Y%m%dT%H%M%S}"
-    with transaction(db, actor=actor) as session:
-        window = session.execute(
-            select(Schedule.opens_at, Schedule.closes_at, Schedule.completed_at, Participant.withdrawn_at)
-            .join(Participant, Participant.id == Schedule.participant_id)
-            .where(Schedule.participant_id == participant_id, Schedule.wave == wave)
-        ).one_or_none()
-        if window is None:
-            raise NotFound(f"the participant has no {wave!r} wave")
-        if window.withdrawn_at is not None:
-            raise Conflict("the participant has withdrawn; no message is ever sent to them")
-        if window.completed_at is not None:
-            raise Conflict(f"the {wave} response is already complete")
-        if not window.opens_at <= now < window.closes_at:
-            raise Conflict(f"the {wave} window is not open (it runs {window.opens_at:%Y-%m-%d} to "
-                           f"{window.closes_at:%Y-%m-%d})")
-        repository.add_sends(session, [{"id": uuid.uuid4(), "study_id": study_id, "participant_id": participant_id,
-                                        "wave": wave, "kind": kind, "due_at": now, "status": "pending"}])
-    scan(db, settings, now, study_id=study_id, actor=actor)
-    with transaction(db) as session:
-        row = session.scalar(select(ReminderSend).where(ReminderSend.participant_id == participant_id,
-                                                        ReminderSend.wave == wave, ReminderSend.kind == kind))
-        assert row is not None
-        session.expunge(row)
-        return row
+    window = repository.window_of(session, participant_id, wave)
+    if window is None:
+        raise NotFound(f"the participant has no {wave!r} wave")
+    if window.withdrawn_at is not None:
+        raise Conflict("the participant has withdrawn; no message is ever sent to them")
+    if window.completed_at is not None:
+        raise Conflict(f"the {wave} response is already complete")
+    if not window.opens_at <= now < window.closes_at:
+        raise Conflict(f"the {wave} window is not open (it runs {window.opens_at:%Y-%m-%d} to "
+                       f"{window.closes_at:%Y-%m-%d})")
+    row = ReminderSend(id=uuid.uuid4(), study_id=study_id, participant_id=participant_id, wave=wave,
+                       kind=f"manual_{now.astimezone(UTC):%Y%m%dT%H%M%S}", due_at=now, status="pending", attempts=0)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def set_policy(session: Session, study: Study, wave: str, policy: PolicyIn) -> Wave:
+    """A wave's new reminder policy; every message not yet sent is planned again under it."""
+    row = repository.wave(session, study.id, wave)
+    if row is None:
+        raise NotFound(f"no wave {wave!r} in study {study.key!r}")
+    if any(d < 0 for d in policy.reminder_days_after_open):
+        raise Invalid("reminder days must not be negative", errors=[
+            {"loc": ["reminder_days_after_open"], "code": "range", "message": "days after opening are >= 0"}])
+    row.reminder_policy = policy.model_dump()
+    repository.replan_wave(session, study.id, wave)
+    session.flush()
+    return row
+
+
+def set_template(session: Session, study: Study, subject: str, body: str) -> None:
+    templates.validate(subject, body)
+    study.settings = {**(study.settings or {}), "reminder_template": {"subject": subject, "body": body}}
+    session.add(study)
+    session.flush()
+
+
+def not_yet_planned(session: Session, study_id: uuid.UUID, participant: Participant,
+                    stored: list[ReminderSend]) -> list[tuple[str, str, datetime]]:
+    """(wave, kind, due) of the messages the current policies will send in windows not planned yet."""
+    if participant.withdrawn_at is not None:
+        return []
+    policies = {w.key: Policy.from_dict(w.reminder_policy) for w in repository.waves(session, study_id)}
+    out = []
+    for s in repository.unplanned_schedules(session, participant.id):
+        if s.wave not in policies:
+            continue
+        kinds = {r.kind for r in stored if r.wave == s.wave}
+        out += [(s.wave, kind, due) for kind, due in planned_sends(
+            policies[s.wave], opens_at=s.opens_at, closes_at=s.closes_at, enrolled_at=participant.enrolled_at,
+            zone_name=participant.timezone) if kind not in kinds]
+    return out
+
+
+def cancel_all(session: Session, participant_id: uuid.UUID, reason: str) -> None:
+    """No message is ever sent to this participant again (a withdrawal)."""
+    repository.cancel_pending(session, participant_id, reason)
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -57,3 +57,17 @@ class ResponseCorrection(Base):
     before: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     after: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = created_at()
+
+
+class DerivedRecompute(Base):
+    """Due work: a study whose stored derived values follow older definitions. Written in the
+    transaction that installs the codebook revision; a periodic task claims it (SKIP LOCKED),
+    recomputes in batches and deletes it, so a lost broker message loses nothing."""
+
+    __tablename__ = "derived_recomputes"
+
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True
+    )
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

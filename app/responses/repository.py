@@ -5,12 +5,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import LargeBinary, Table, bindparam, func, literal, select, tuple_
+from sqlalchemy import LargeBinary, Table, bindparam, delete, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.participants.models import Participant
-from app.responses.models import Response, ResponseCorrection
+from app.responses.models import DerivedRecompute, Response, ResponseCorrection
 
 
 def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
@@ -145,3 +145,34 @@ def derived_by_wave(session: Session,
 def insert_many(session: Session, rows: list[dict[str, Any]]) -> None:
     for start in range(0, len(rows), 1000):
         session.execute(insert(Response), rows[start:start + 1000])
+
+
+def delete_of_participant(session: Session, participant_id: uuid.UUID) -> None:
+    """Under a delete-on-withdrawal policy; the audit trail records the deletion, not the answers."""
+    session.execute(select(func.set_config("cohort.redact_deleted", "on", True)))
+    session.execute(delete(Response).where(Response.participant_id == participant_id))
+    session.execute(select(func.set_config("cohort.redact_deleted", "off", True)))
+
+
+def request_recompute(session: Session, study_id: uuid.UUID, at: datetime) -> None:
+    session.execute(insert(DerivedRecompute).values(study_id=study_id, requested_at=at, lease_expires_at=None)
+                    .on_conflict_do_update(index_elements=[DerivedRecompute.study_id],
+                                           set_={"requested_at": at, "lease_expires_at": None}))
+
+
+def claim_recompute(session: Session, now: datetime, lease_expires_at: datetime) -> uuid.UUID | None:
+    """One study with due recompute work whose lease is free; its lease is taken."""
+    study_id = session.scalar(
+        select(DerivedRecompute.study_id)
+        .where(or_(DerivedRecompute.lease_expires_at.is_(None), DerivedRecompute.lease_expires_at < now))
+        .order_by(DerivedRecompute.requested_at).limit(1).with_for_update(skip_locked=True))
+    if study_id is not None:
+        session.execute(update(DerivedRecompute).where(DerivedRecompute.study_id == study_id)
+                        .values(lease_expires_at=lease_expires_at))
+    return study_id
+
+
+def finish_recompute(session: Session, study_id: uuid.UUID, requested_before: datetime) -> None:
+    """Done, unless another revision asked again meanwhile (then it stays due)."""
+    session.execute(delete(DerivedRecompute).where(DerivedRecompute.study_id == study_id,
+                                                   DerivedRecompute.requested_at <= requested_before))

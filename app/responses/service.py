@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -235,6 +235,19 @@ def recompute_stale_derived(session: Session, ctx: StudyContext, *, batch: int =
     return updated
 
 
+def request_recompute(session: Session, study_id: uuid.UUID, now: datetime) -> None:
+    """Due work for the periodic task: this study's stored derived values are out of date."""
+    repository.request_recompute(session, study_id, now)
+
+
+def claim_recompute(session: Session, now: datetime, lease: timedelta) -> uuid.UUID | None:
+    return repository.claim_recompute(session, now, now + lease)
+
+
+def finish_recompute(session: Session, study_id: uuid.UUID, started_at: datetime) -> None:
+    repository.finish_recompute(session, study_id, started_at)
+
+
 # -- bulk submission (imports, the simulator) --------------------------------------------------
 
 
@@ -311,3 +324,8 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     )
     session.flush()
     return []
+
+
+def delete_of_participant(session: Session, participant_id: uuid.UUID) -> None:
+    """Every response of a participant (a withdrawal under a delete-responses policy)."""
+    repository.delete_of_participant(session, participant_id)

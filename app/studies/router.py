@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.core.crypto import settings_sealer
-from app.core.db import SessionDep, on_commit
+from app.core.db import SessionDep
 from app.core.deps import SettingsDep
 from app.core.errors import NotFound
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
@@ -61,23 +61,6 @@ def get_waves(principal: Reader, study: StudyFromPath, session: SessionDep) -> W
 def get_instruments(principal: AnyRole, study: StudyFromPath) -> InstrumentList:
     codebook = study.require_codebook()
     return InstrumentList.model_validate({"items": codebook.document["instruments"]})
-
-
-@router.put("/{key}/codebook", response_model=StudyOut, summary="Install a new codebook revision",
-            description="Items, rules and derived definitions may change; waves may not once participants are "
-                        "enrolled. Stored derived values are recomputed under new definitions.")
-def put_codebook(document: dict[str, Any], principal: Coordinator, study: StudyFromPath,
-                 session: SessionDep) -> StudyOut:
-    from app.participants.repository import any_enrolled
-    from app.responses.tasks import recompute_derived
-
-    previous = study.codebook.derived_signature if study.codebook is not None else None
-    ctx = service.replace_codebook(session, study, document, any_enrolled(session, study.study.id))
-    assert ctx.codebook is not None
-    if previous is not None and ctx.codebook.derived_signature != previous:
-        key = study.study.key
-        on_commit(session, lambda: recompute_derived.delay(key))
-    return service.to_out(ctx)
 
 
 @router.get("/{key}/simulation", summary="True coefficients of a simulated cohort (cohort simulate)")

@@ -58,6 +58,13 @@ def system_context(session: Session, key: str) -> StudyContext:
     return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
 
 
+def study_key_of(session: Session, study_id: uuid.UUID) -> str:
+    key = repository.key_of(session, study_id)
+    if key is None:
+        raise NotFound(f"no study {study_id}")
+    return key
+
+
 def context(session: Session, key: str, principal: Principal) -> StudyContext:
     ctx = system_context(session, key)
     principal.require_study(ctx.study.id)

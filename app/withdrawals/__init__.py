@@ -1,0 +1,1 @@
+"""Withdrawal: what it does to a participant, their reminders and their responses, in one place."""
