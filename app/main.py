@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.analysis.router import router as analysis_router
 from app.audit.router import router as audit_router
 from app.codebooks.router import router as codebooks_router
+from app.core.admission import Admission
 from app.core.celery import celery_app
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
@@ -59,6 +61,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redact_access_logs()  # after the server has configured logging
+        # every admitted request may be in a worker thread at once, with room for the rest
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.in_flight + 8)
         db = database or Database.from_settings(settings)
         app.state.db = db
         configure_celery(celery_app, settings)
@@ -107,6 +112,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.openapi = openapi  # type: ignore[method-assign]
     # Listed from the innermost out: each guard sees only what the ones after it let through.
     app.add_middleware(Unhandled)
+    app.add_middleware(Admission, places=settings.in_flight, reserved_for_reads=max(1, settings.in_flight // 5),
+                       wait_seconds=settings.admission_wait_seconds)
     app.add_middleware(InputGuard)
     app.add_middleware(JsonOnly)
     app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url,

@@ -68,7 +68,15 @@ class Settings(BaseSettings):
     analysis_lease_seconds: Annotated[int, Field(validation_alias="COHORT_ANALYSIS_LEASE_SECONDS", ge=1)] = 1800
     rate_limit_per_minute: Annotated[int, Field(validation_alias="COHORT_RATE_LIMIT", ge=0)] = 3000
     db_pool_size: Annotated[int, Field(validation_alias="COHORT_DB_POOL_SIZE", ge=1, le=200)] = 20
+    # Requests doing work at once per process (default: the pool size; a request holds at most two
+    # connections, and the pool has twice its size with overflow); the rest wait in line.
+    max_in_flight: Annotated[int | None, Field(validation_alias="COHORT_MAX_IN_FLIGHT", ge=1, le=200)] = None
+    admission_wait_seconds: Annotated[float, Field(validation_alias="COHORT_ADMISSION_WAIT_SECONDS", gt=0)] = 30.0
     log_level: Annotated[str, Field(validation_alias="COHORT_LOG_LEVEL")] = "INFO"
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or self.db_pool_size
 
     @field_validator("database_url")
     @classmethod
