@@ -28,8 +28,9 @@ def _next_ids(study_id: uuid.UUID, after: str, limit: int) -> Any:
 
 def responses_after(session: Session, study_id: uuid.UUID, after: str, limit: int,
                     records: set[str] | None) -> Sequence[Any]:
-    """(external_id, wave, answers, status) of the next `limit` participants by external_id."""
-    query = (select(Participant.external_id, Response.wave, Response.answers, Response.status)
+    """(external_id, wave, answers, status, completed_at, updated_at) of the next `limit` participants."""
+    query = (select(Participant.external_id, Response.wave, Response.answers, Response.status,
+                    Response.completed_at, Response.updated_at)
              .join(Response, Response.participant_id == Participant.id)
              .where(Participant.study_id == study_id,
                     Participant.external_id.in_(_next_ids(study_id, after, limit).scalar_subquery()))

@@ -13,8 +13,9 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -28,7 +29,7 @@ from app.core.errors import AlreadyComplete, DomainError
 from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
-from app.redcap import repository
+from app.redcap import logic, repository
 from app.redcap.project import RECORD_ID, Project, event_name, wave_of
 from app.responses import service as responses
 from app.responses.schemas import ResponseIn
@@ -175,19 +176,25 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
     return _export(db, study_id, project, form, fmt, names)
 
 
-def _rows(fmt: str, rows: list[dict[str, Any]], *, single: bool = False) -> Response:
+def _rows(fmt: str, rows: list[dict[str, Any]], *, single: bool = False, raw_cells: bool = False) -> Response:
     if fmt == "json":
         return JSONResponse(rows[0] if single else rows)
-    return PlainTextResponse(_csv(rows, list(rows[0]) if rows else []), media_type="text/csv")
+    return PlainTextResponse(_csv(rows, list(rows[0]) if rows else [], raw_cells=raw_cells), media_type="text/csv")
 
 
-def _csv(rows: list[dict[str, Any]], header: list[str], *, with_header: bool = True) -> str:
+def _csv(rows: list[dict[str, Any]], header: list[str], *, with_header: bool = True, raw_cells: bool = False) -> str:
+    """RFC 4180 through the csv module: CRLF line ends, so a value holding a bare CR or LF is quoted."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n", extrasaction="ignore")
+    writer = csv.writer(buffer, lineterminator="\r\n")
     if with_header:
-        writer.writeheader()
-    writer.writerows(rows)
+        writer.writerow(header)
+    for row in rows:
+        writer.writerow([row.get(c, "") if raw_cells else _safe(row.get(c, "")) for c in header])
     return buffer.getvalue()
+
+
+def _line(cells: list[str], raw_cells: bool) -> str:
+    return _csv([dict(zip(cells, cells, strict=True))], cells, with_header=False, raw_cells=raw_cells)
 
 
 # -- record export ---------------------------------------------------------------------------------
@@ -197,12 +204,21 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
     record_type = (form.get("type") or "flat").lower()
     if record_type not in ("flat", "eav"):
         raise RedcapError("type must be flat or eav")
-    labels = (form.get("rawOrLabel") or "raw").lower() == "label"
+    labels = _choice(form, "rawOrLabel", ("raw", "label")) == "label"
+    label_headers = _choice(form, "rawOrLabelHeaders", ("raw", "label")) == "label"
+    checkbox_labels = form.flag("exportCheckboxLabel")
+    survey = form.flag("exportSurveyFields")
+    groups = form.flag("exportDataAccessGroups")
+    raw_cells = form.flag("raw_cells")
     wanted = set(form.list("fields"))
     forms = set(form.list("forms"))
-    unknown = [f for f in wanted if f != RECORD_ID and f not in project.by_name and not f.endswith("_complete")]
+    unknown = [f for f in wanted if f != RECORD_ID and f not in project.by_name
+               and f.removesuffix("_complete") not in dict(project.forms)]
     if unknown:
         raise RedcapError(f"The following values in the parameter \"fields\" are not valid: {', '.join(unknown)}")
+    unknown_forms = sorted(forms - set(dict(project.forms)))
+    if unknown_forms:
+        raise RedcapError(f"The following values in the parameter \"forms\" are not valid: {', '.join(unknown_forms)}")
     wanted |= {f.name for f in project.fields if f.form in forms} | {
         f.name for f in project.fields if f"{f.form}_complete" in wanted}
     fields = [f for f in project.fields if not wanted or f.name in wanted]
@@ -212,7 +228,44 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
         raise RedcapError(f"The following events are not valid: {', '.join(bad_events)}")
     waves = {wave_of(e) for e in events}
     records = set(form.list("records"))
-    columns = [RECORD_ID, "redcap_event_name", *project.columns(fields)]
+    logic_text = form.get("filterLogic")
+    try:
+        condition = logic.parse(logic_text, project.logic_schema()) if logic_text else None
+    except logic.LogicError as exc:
+        raise RedcapError(f"filterLogic could not be parsed: {exc}") from None
+    begin, end = _instant(form, "dateRangeBegin"), _instant(form, "dateRangeEnd")
+    extra = (["redcap_data_access_group"] if groups else []) + (["redcap_survey_identifier"] if survey else [])
+    columns = [RECORD_ID, "redcap_event_name", *extra, *project.columns(fields, survey=survey)]
+    order = {w: i for i, w in enumerate(project.codebook.wave_keys)}
+
+    def record_rows(record: str, stored: list[Any]) -> Iterator[dict[str, str]]:
+        statuses = {r.wave: project.form_statuses(r.wave, r.answers, r.status, _instruments(r)) for r in stored}
+        raw: dict[str, dict[str, str]] = {}
+        if condition is not None:
+            raw = {r.wave: project.flat_row(record, r.wave, r.answers, statuses[r.wave], project.fields, False)
+                   for r in stored}
+        for r in stored:
+            if waves and r.wave not in waves:
+                continue
+            if condition is not None:
+                def lookup(event: str | None, column: str, wave: str = r.wave) -> str:
+                    row = raw.get(wave if event is None else wave_of(event) or "")
+                    return row.get(column, "") if row is not None else ""
+                try:
+                    if not logic.matches(condition, lookup):
+                        continue
+                except logic.LogicError as exc:
+                    raise RedcapError(f"filterLogic could not be evaluated: {exc}") from None
+            stamps = None
+            if survey:
+                at = r.completed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.completed_at else ""
+                stamps = {f: at for f, s in statuses[r.wave].items() if s == "2"}
+            row = project.flat_row(record, r.wave, r.answers, statuses[r.wave], fields, labels,
+                                   checkbox_labels=checkbox_labels, survey=stamps)
+            if extra:
+                row = {RECORD_ID: row[RECORD_ID], "redcap_event_name": row["redcap_event_name"],
+                       **dict.fromkeys(extra, ""), **row}
+            yield row
 
     def rows() -> Iterator[dict[str, str]]:
         after = ""
@@ -221,14 +274,18 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
                 batch = repository.responses_after(session, study_id, after, BATCH,
                                                    records if names is None else None)
                 last = repository.last_of_page(session, study_id, after, BATCH)
-            order = {w: i for i, w in enumerate(project.codebook.wave_keys)}
-            for ext, wave, answers, status in sorted(batch, key=lambda r: (r[0], order.get(r[1], 99))):
-                if waves and wave not in waves:
-                    continue
+            by_record: dict[str, list[Any]] = {}
+            for r in batch:
+                by_record.setdefault(r.external_id, []).append(r)
+            for ext in sorted(by_record):
+                stored = sorted(by_record[ext], key=lambda r: order.get(r.wave, 99))
                 record = names(ext) if names is not None else ext
                 if records and record not in records:
                     continue
-                yield project.flat_row(record, wave, answers, status == "complete", fields, labels)
+                changed = max(r.updated_at for r in stored)
+                if (begin is not None and changed < begin) or (end is not None and changed > end):
+                    continue  # REDCap's date range is on the record's last change
+                yield from record_rows(record, stored)
             if last is None:
                 return
             after = last
@@ -237,15 +294,57 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
         if record_type == "eav":
             eav = ({"record": r[RECORD_ID], "redcap_event_name": r["redcap_event_name"], "field_name": k, "value": v}
                    for r in rows() for k, v in r.items() if k not in (RECORD_ID, "redcap_event_name") and v != "")
-            yield from _stream(fmt, eav, ["record", "redcap_event_name", "field_name", "value"])
+            yield from _stream(fmt, eav, ["record", "redcap_event_name", "field_name", "value"], raw_cells)
         else:
-            yield from _stream(fmt, rows(), columns)
+            header = None
+            if label_headers:
+                names_of = project.header_labels()
+                header = [names_of.get(c, c) for c in columns]
+            yield from _stream(fmt, rows(), columns, raw_cells, header)
 
     media = "application/json" if fmt == "json" else "text/csv"
     return StreamingResponse(body(), media_type=media)
 
 
-def _stream(fmt: str, rows: Iterator[dict[str, str]], header: list[str]) -> Iterator[str]:
+def _choice(form: Form, key: str, allowed: tuple[str, ...]) -> str:
+    value = (form.get(key) or allowed[0]).lower()
+    if value not in allowed:
+        raise RedcapError(f"{key} must be {' or '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _instant(form: Form, key: str) -> datetime | None:
+    """REDCap's `YYYY-MM-DD HH:MM:SS` (a date alone is its midnight), read as UTC."""
+    text = form.get(key)
+    if not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise RedcapError(f"{key} must be YYYY-MM-DD HH:MM:SS, not {text!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _instruments(row: Any) -> dict[str, str] | None:
+    """The response's per-instrument status map, when the responses domain keeps one."""
+    value = getattr(row, "instruments", None)
+    return value if isinstance(value, dict) else None
+
+
+_RISKY = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _safe(value: Any) -> Any:
+    """OWASP's CSV injection defence: a cell a spreadsheet would run as a formula starts with `'`.
+    Plain numbers (-3, +1.5) are data, not formulas, and stay as they are."""
+    if isinstance(value, str) and value.startswith(_RISKY) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def _stream(fmt: str, rows: Iterator[dict[str, str]], columns: list[str], raw_cells: bool = False,
+            header: list[str] | None = None) -> Iterator[str]:
     if fmt == "json":
         yield "["
         first = True
@@ -254,15 +353,15 @@ def _stream(fmt: str, rows: Iterator[dict[str, str]], header: list[str]) -> Iter
             first = False
         yield "]"
         return
-    yield _csv([], header)
+    yield _line(header or columns, raw_cells)
     chunk: list[dict[str, str]] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) >= 200:
-            yield _csv(chunk, header, with_header=False)
+            yield _csv(chunk, columns, with_header=False, raw_cells=raw_cells)
             chunk = []
     if chunk:
-        yield _csv(chunk, header, with_header=False)
+        yield _csv(chunk, columns, with_header=False, raw_cells=raw_cells)
 
 
 # -- record import ---------------------------------------------------------------------------------
