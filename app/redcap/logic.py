@@ -6,7 +6,8 @@ strings in '' or "", numbers, `=` `==` `<>` `!=` `<` `>` `<=` `>=`, `+ - * /`, `
 `min`, `max`, `abs`, `round`, `isblankormissingcode`. Values are REDCap's raw export values
 (text); a comparison is numeric when both sides are numbers, by date when both are dates
 (ISO, so as text), else by text; a blank value is equal only to `''` and never less or greater
-than anything. Anything else is a `LogicError` naming the problem, which the API answers as a 400.
+than anything. Anything else is a `LogicError` naming the problem, raised while parsing (evaluation never raises),
+which the API answers as a 400.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ FUNCTIONS: dict[str, tuple[int, int]] = {  # name -> (fewest, most) arguments
     "round": (1, 2), "isblankormissingcode": (1, 1),
 }
 
+_UNITS = {"y": 365.2425 * 86400, "M": 30.44 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
 
 class Schema:
     """What names the logic may use: the project's fields, checkbox options and events."""
@@ -133,6 +136,8 @@ class _Parser:
         return token
 
     def expect(self, kind: str, what: str) -> Token:
+        if self.peek() is None:
+            raise LogicError(f"expected {what}, but the logic ends")
         token = self.take()
         if token.kind != kind:
             raise LogicError(f"expected {what} at position {token.at + 1}, found {token.text!r}")
@@ -258,6 +263,9 @@ class _Parser:
         if not fewest <= len(args) <= most:
             raise LogicError(f"{name} takes {fewest}" + (f" to {most}" if most != fewest else "") +
                              f" arguments, not {len(args)} (position {token.at + 1})")
+        if name == "datediff" and isinstance(args[2], Literal) and str(args[2].value) not in _UNITS:
+            raise LogicError(f"datediff: unit {args[2].value!r} is not one of y, M, d, h, m, s "
+                             f"(position {token.at + 1})")
         return Call(name, tuple(args))
 
     def field(self, token: Token) -> Node:
@@ -364,7 +372,6 @@ def _text(value: Value) -> str:
     return value
 
 
-_UNITS = {"y": 365.2425 * 86400, "M": 30.44 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 class Evaluator:
@@ -418,7 +425,7 @@ class Evaluator:
     def datediff(self, args: list[Value]) -> Value:
         unit = str(args[2])
         if unit not in _UNITS:
-            raise LogicError(f"datediff: unit {unit!r} is not one of y, M, d, h, m, s")
+            return ""  # a unit read from a field; a literal one is checked when parsing
         first, second = _when(args[0], self.today), _when(args[1], self.today)
         if first is None or second is None:
             return ""

@@ -251,11 +251,8 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
                 def lookup(event: str | None, column: str, wave: str = r.wave) -> str:
                     row = raw.get(wave if event is None else wave_of(event) or "")
                     return row.get(column, "") if row is not None else ""
-                try:
-                    if not logic.matches(condition, lookup):
-                        continue
-                except logic.LogicError as exc:
-                    raise RedcapError(f"filterLogic could not be evaluated: {exc}") from None
+                if not logic.matches(condition, lookup):
+                    continue
             stamps = None
             if survey:
                 at = r.completed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.completed_at else ""
