@@ -16,6 +16,8 @@ from app.redcap.logic import Schema
 
 RECORD_ID = "record_id"
 ARM = 1
+MANAGED = ("redcap_survey_identifier", "redcap_data_access_group", "redcap_repeat_instrument",
+           "redcap_repeat_instance")
 COMPLETE_LABELS = {"0": "Incomplete", "1": "Unverified", "2": "Complete"}
 OPERATORS = {"==": "=", "!=": "<>", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
 
@@ -206,9 +208,15 @@ class Project:
         checkboxes: dict[str, list[str]] = {}
         touched_boxes: set[str] = set()
         for column, raw in row.items():
-            if column in (RECORD_ID, "redcap_event_name") or column.endswith("_complete"):
+            if column in (RECORD_ID, "redcap_event_name") or (column.endswith("_complete")
+                                                                and column not in self.by_name):
                 continue
             text = "" if raw is None else str(raw).strip()
+            if column in MANAGED or (column.endswith("_timestamp") and column.removesuffix("_timestamp")
+                                     in self.form_waves and column not in self.by_name):
+                if text:
+                    problems.append(f"{column}: set by the service, not imported (leave it blank)")
+                continue
             if "___" in column:
                 name, _, code = column.partition("___")
                 f = self.by_name.get(name)
@@ -237,9 +245,30 @@ class Project:
             answers[name] = checkboxes.get(name, [])
         return answers, problems
 
-    def complete_flags(self, row: dict[str, Any], wave: str) -> list[str]:
-        forms = [form for form, _ in self.forms if wave in self.form_waves[form]]
-        return [str(row.get(f"{form}_complete", "")).strip() for form in forms if f"{form}_complete" in row]
+    def complete_flags(self, row: dict[str, Any], wave: str) -> tuple[dict[str, str], list[str]]:
+        """The `<form>_complete` cells of an imported row: form -> 0/1/2 (blank cells left out), and problems."""
+        flags: dict[str, str] = {}
+        problems: list[str] = []
+        for column, raw in row.items():
+            if not column.endswith("_complete") or column in self.by_name:
+                continue
+            form = column.removesuffix("_complete")
+            value = "" if raw is None else str(raw).strip()
+            if form not in self.form_waves:
+                problems.append(f"{column}: {form!r} is not a form of this project")
+            elif value == "":
+                continue
+            elif value not in ("0", "1", "2"):
+                problems.append(f"{column}: a form status is 0 (incomplete), 1 (unverified) or 2 (complete), "
+                                f"not {value!r}")
+            elif wave not in self.form_waves[form]:
+                problems.append(f"{column}: form {form!r} is not used at event {event_name(wave)}")
+            else:
+                flags[form] = value
+        return flags, problems
+
+    def forms_at(self, wave: str) -> list[str]:
+        return [form for form, _ in self.forms if wave in self.form_waves[form]]
 
 
 def _meta(name: str, form: str, field_type: str, label: str) -> dict[str, str]:

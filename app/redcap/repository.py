@@ -64,6 +64,24 @@ def wave_windows(session: Session, study_id: uuid.UUID, wave: str,
     return [tuple(r) for r in session.execute(query.order_by(Participant.external_id))]  # type: ignore[misc]
 
 
-def audit_entries(session: Session, study_id: uuid.UUID, limit: int = 10_000) -> Sequence[AuditEntry]:
-    return list(session.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id)
-                                .order_by(AuditEntry.id.desc()).limit(limit)))
+def audit_entries(session: Session, study_id: uuid.UUID, *, tables: Sequence[str] | None = None,
+                  actions: Sequence[str] | None = None, actor: str | None = None, begin: datetime | None = None,
+                  end: datetime | None = None, limit: int = 10_000) -> Sequence[AuditEntry]:
+    query = select(AuditEntry).where(AuditEntry.study_id == study_id)
+    if tables is not None:
+        query = query.where(AuditEntry.table_name.in_(tables))
+    if actions is not None:
+        query = query.where(AuditEntry.action.in_(actions))
+    if actor is not None:
+        query = query.where(AuditEntry.actor == actor)
+    if begin is not None:
+        query = query.where(AuditEntry.at >= begin)
+    if end is not None:
+        query = query.where(AuditEntry.at <= end)
+    return list(session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit)))
+
+
+def external_ids(session: Session, study_id: uuid.UUID) -> dict[str, str]:
+    """participant id (as text) -> external_id, for naming records in the log."""
+    return {str(pid): ext for pid, ext in session.execute(
+        select(Participant.id, Participant.external_id).where(Participant.study_id == study_id))}

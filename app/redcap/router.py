@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from html import escape
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -53,9 +54,14 @@ class RedcapError(Exception):
 
 
 def _error(fmt: str, exc: RedcapError) -> Response:
+    """REDCap's error shapes: JSON `{"error": ..}`, CSV `error: ..`, else XML `<hash><error>..` (REDCap's
+    default format, which PyCap checks for when a request names no format)."""
     if fmt == "csv":
         return PlainTextResponse(f"error: {exc.message}", status_code=exc.status)
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    if fmt == "json":
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    return Response(f'<?xml version="1.0" encoding="UTF-8" ?>\n<hash>\n  <error>{escape(exc.message)}</error>\n'
+                    "</hash>\n", status_code=exc.status, media_type="text/xml")
 
 
 class Form:
@@ -93,11 +99,13 @@ class Form:
 
 @router.post("/redcap/api/")
 async def redcap_api(request: Request) -> Response:
-    form = Form([(k, v) for k, v in (await request.form()).multi_items() if isinstance(v, str)])
+    try:
+        items = (await request.form()).multi_items()
+    except Exception as exc:  # a body the multipart/urlencoded parser refuses is the client's error
+        return _error("json", RedcapError(f"the request body could not be read as a form: {exc}"))
+    form = Form([(k, v) for k, v in items if isinstance(v, str)])
     fmt = (form.get("format") or "xml").lower()
-    error_format = (form.get("returnFormat") or fmt).lower()
-    if fmt not in ("json", "csv") and form.get("content") not in ("version", "surveyLink"):
-        return _error("json", RedcapError("only format=json and format=csv are supported"))
+    error_format = (form.get("returnFormat") or form.get("format") or "xml").lower()
     db: Database = request.app.state.db
     settings: Settings = request.app.state.settings
     try:
@@ -125,45 +133,109 @@ def _allow(principal: Principal, *roles: Role) -> None:
         raise RedcapError(f"the {principal.role} role may not use this part of the API", 403)
 
 
+DESIGN = ("the study design (instruments, items, waves) is changed through cohort's API "
+          "(POST /api/v1/studies with a codebook), not through REDCap's API")
+# Contents REDCap has and this service does not; each answers as REDCap does when the feature is off.
+EMPTY_WHEN_OFF = {  # content -> the header of its (empty) CSV export
+    "repeatingFormsEvents": ["event_name", "form_name", "custom_form_label"],
+    "dag": ["data_access_group_name", "unique_group_name", "data_access_group_id"],
+    "userDagMapping": ["username", "redcap_data_access_group"],
+}
+REFUSED = {
+    "user": ("REDCap users are not kept here: access is by cohort tokens (POST /api/v1/tokens)", 403),
+    "userRole": ("REDCap user roles are not kept here: a cohort token has one role (POST /api/v1/tokens)", 403),
+    "userRoleMapping": ("REDCap user roles are not kept here: a cohort token has one role", 403),
+    "report": ("this project has no reports: export records with fields, forms, events and filterLogic", 400),
+    "generateNextRecordName": ("record auto-numbering is not enabled in this project: records are participants, "
+                               "named by the external_id given at enrolment (POST /api/v1/studies/{key}/"
+                               "participants)", 400),
+    "fileRepository": ("the file repository is not enabled in this project", 400),
+    "file": ("this project has no file upload fields", 400),
+    "surveyQueueLink": ("the survey queue is not enabled in this project", 400),
+    "surveyReturnCode": ("save and return later is not enabled in this project: the survey link (content=surveyLink)"
+                         " resumes a started survey", 400),
+    "surveyAccessCode": ("survey access codes are not used in this project: use content=surveyLink", 400),
+    "pdf": ("PDF export is not enabled in this project", 400),
+    "fieldValidation": ("this content is not supported", 400),
+    "attachment": ("this project has no attachments", 400),
+    "appRightsCheck": ("this content is not supported", 400),
+}
+
+
+def _project_id(ctx: StudyContext) -> int:
+    """REDCap's integer project_id, stable for the study (derived from its id)."""
+    return int(ctx.study.id.hex[:7], 16)
+
+
 def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
     content = form.get("content")
+    action = (form.get("action") or "export").lower()
     with transaction(db) as session:
         principal, ctx = _principal(session, form.get("token"))
-        project = Project(ctx.require_codebook())
         if content == "version":
             return PlainTextResponse(REDCAP_VERSION)
+        if fmt not in ("json", "csv"):
+            raise RedcapError(f"format={fmt} is not supported: use format=json or format=csv")
+        if action not in ("export", "import", "delete", "switch"):
+            raise RedcapError(f"action {action!r} is not one of export, import, delete")
+        writes = "data" in form.values or action in ("import", "delete", "switch")
+        raw_cells = form.flag("raw_cells")
+        project = Project(ctx.require_codebook())
+        if content in ("metadata", "arm", "event", "formEventMapping", "project", "project_settings",
+                       "instrument") and writes:
+            raise RedcapError(DESIGN, 403)
+        if content in EMPTY_WHEN_OFF:
+            if writes:
+                what = "repeating instruments or events" if content == "repeatingFormsEvents" else "data access groups"
+                raise RedcapError(f"{content}: this project has no {what}, and they cannot be added through the API")
+            return JSONResponse([]) if fmt == "json" else PlainTextResponse(
+                _csv([], EMPTY_WHEN_OFF[content]), media_type="text/csv")
+        if content in REFUSED:
+            message, status = REFUSED[content]
+            raise RedcapError(f"{content}: {message}", status)
         if content == "project":
             return _rows(fmt, [{
-                "project_id": str(ctx.study.id), "project_title": ctx.study.name, "creation_time":
+                "project_id": _project_id(ctx), "project_title": ctx.study.name, "creation_time":
                 ctx.study.created_at.strftime("%Y-%m-%d %H:%M:%S"), "in_production": 1, "project_language": "English",
                 "purpose": 2, "is_longitudinal": 1, "has_repeating_instruments_or_events": 0,
                 "surveys_enabled": 1, "record_autonumbering_enabled": 0, "project_notes": "",
                 "display_today_now_button": 1, "missing_data_codes": "", "secondary_unique_field": "",
-            }], single=True)
+            }], single=True, raw_cells=raw_cells)
         if content == "metadata":
             fields, forms = form.list("fields"), form.list("forms")
+            unknown = sorted({f for f in fields if f not in project.by_name and f != RECORD_ID} |
+                             (set(forms) - set(dict(project.forms))))
+            if unknown:
+                raise RedcapError(f"The following values are not valid fields or forms: {', '.join(unknown)}")
             rows = [r for r in project.metadata()
                     if (not fields and not forms) or r["field_name"] in fields or r["form_name"] in forms]
-            return _rows(fmt, rows)
+            return _rows(fmt, rows, raw_cells=raw_cells)
         if content == "instrument":
-            return _rows(fmt, [{"instrument_name": k, "instrument_label": label} for k, label in project.forms])
+            return _rows(fmt, [{"instrument_name": k, "instrument_label": label} for k, label in project.forms],
+                         raw_cells=raw_cells)
         if content == "arm":
-            return _rows(fmt, [{"arm_num": 1, "name": "Arm 1"}])
+            return _rows(fmt, [{"arm_num": 1, "name": "Arm 1"}], raw_cells=raw_cells)
         if content == "event":
-            return _rows(fmt, project.events())
+            return _rows(fmt, project.events(), raw_cells=raw_cells)
         if content == "formEventMapping":
-            return _rows(fmt, project.form_event_mapping())
+            return _rows(fmt, project.form_event_mapping(), raw_cells=raw_cells)
         if content == "exportFieldNames":
-            return _rows(fmt, project.export_field_names(form.get("field") or None))
+            return _rows(fmt, project.export_field_names(form.get("field") or None), raw_cells=raw_cells)
         if content == "record":
-            if "data" in form.values:
+            if action == "delete":
+                raise RedcapError("records are not deleted through the REDCap API of this service (you do not have "
+                                  "Delete Record privileges): a coordinator withdraws a participant, erasing contact "
+                                  "data, with POST /api/v1/studies/{key}/participants/{external_id}/withdraw", 403)
+            if writes:
                 _allow(principal, "coordinator", "collector")
+                if "data" not in form.values:
+                    raise RedcapError("import records: the data parameter is missing")
                 reply = (form.get("returnFormat") or "json").lower()
                 return _import(session, ctx, project, principal, form, "csv" if reply == "csv" else "json")
             _allow(principal, "coordinator", "analyst")
         elif content == "log":
             _allow(principal, "coordinator")
-            return _rows(fmt, _log(session, ctx))
+            return _rows(fmt, _log(session, ctx, form), raw_cells=raw_cells)
         elif content in ("participantList", "surveyLink"):
             _allow(principal, "coordinator")
             return _survey(session, settings, ctx, project, form, fmt, content)
@@ -364,16 +436,41 @@ def _stream(fmt: str, rows: Iterator[dict[str, str]], columns: list[str], raw_ce
 # -- record import ---------------------------------------------------------------------------------
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in parsed JSON (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _parse(data: str, fmt: str) -> list[dict[str, Any]]:
+    if fmt not in ("json", "csv"):
+        raise RedcapError(f"format={fmt} is not supported for imports: use json or csv")
     try:
         if fmt == "json":
             parsed = json.loads(data)
+            if _depth(parsed) > MAX_JSON_DEPTH:
+                raise RedcapError(f"data nests deeper than {MAX_JSON_DEPTH} levels")
             if not isinstance(parsed, list) or not all(isinstance(r, dict) for r in parsed):
                 raise RedcapError("data must be a JSON array of records")
             return parsed
-        return list(csv.DictReader(io.StringIO(data)))
+        rows = list(csv.DictReader(io.StringIO(data, newline="")))
+    except RecursionError:
+        raise RedcapError(f"data nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (json.JSONDecodeError, csv.Error) as exc:
         raise RedcapError(f"the data could not be parsed as {fmt}: {exc}") from None
+    for n, row in enumerate(rows, start=1):
+        if None in row:
+            raise RedcapError(f"row {n} of the CSV data has more cells than its header has columns")
+    return rows
 
 
 def _import(session: Session, ctx: StudyContext, project: Project, principal: Principal, form: Form,
@@ -407,8 +504,11 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
         problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
         if bad:
             continue
-        flags = project.complete_flags(row, wave)
-        status = "complete" if flags and all(f == "2" for f in flags) else "partial"
+        flags, bad = project.complete_flags(row, wave)
+        problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
+        if bad:
+            continue
+        status = "complete" if flags and all(flags.get(f) == "2" for f in project.forms_at(wave)) else "partial"
         try:
             with session.begin_nested():
                 responses.submit(session, ctx, ResponseIn(external_id=record, wave=wave, status=status,
@@ -471,13 +571,52 @@ def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Pr
     return _rows(fmt, rows)
 
 
-def _log(session: Session, ctx: StudyContext) -> list[dict[str, Any]]:
-    rows = []
-    for e in repository.audit_entries(session, ctx.study.id):
-        after = e.after or e.before or {}
-        rows.append({"timestamp": e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"), "username": e.actor or "system",
-                     "action": f"{ACTIONS.get(e.action, e.action)} {e.table_name} {e.row_id}",
-                     "details": ", ".join(sorted(e.changed)) if e.changed else "",
-                     "record": str(after.get("external_id") or "")})
-    return rows
+LOG_TYPES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...] | None]] = {  # logtype -> (tables, actions)
+    "record": (("participants", "responses"), None),
+    "record_add": (("participants", "responses"), ("INSERT",)),
+    "record_edit": (("participants", "responses"), ("UPDATE",)),
+    "record_delete": (("participants", "responses"), ("DELETE",)),
+    "user": (("api_tokens",), None),
+    "manage": (("studies", "codebooks", "schedules"), None),
+    "export": ((), None),  # exports are not audited here
+    "lock_record": ((), None),  # records are never locked here
+    "page_view": ((), None),
+}
 
+
+def _log(session: Session, ctx: StudyContext, form: Form) -> list[dict[str, Any]]:
+    """The audit trail as REDCap's log, filtered by record, logtype, user, beginTime and endTime."""
+    logtype = form.get("logtype")
+    if logtype and logtype not in LOG_TYPES:
+        raise RedcapError(f"logtype must be one of {', '.join(LOG_TYPES)}, not {logtype!r}")
+    tables, actions = LOG_TYPES.get(logtype, (None, None))
+    record = form.get("record")
+    project = Project(ctx.require_codebook())
+    names = repository.external_ids(session, ctx.study.id)
+    rows = []
+    for e in repository.audit_entries(session, ctx.study.id, tables=tables, actions=actions,
+                                      actor=form.get("user") or None, begin=_instant(form, "beginTime"),
+                                      end=_instant(form, "endTime")):
+        after = e.after or e.before or {}
+        verb = ACTIONS.get(e.action, e.action)
+        details = ", ".join(sorted(e.changed)) if e.changed else ""
+        name = ""
+        if e.table_name == "participants":
+            name = str(after.get("external_id") or names.get(e.row_id, ""))
+            text = f"{verb} Record {name} (participant)"
+        elif e.table_name == "responses":
+            name = names.get(str(after.get("participant_id")), "")
+            wave = str(after.get("wave") or "")
+            changed = set((e.after or {}).get("answers") or {}) ^ set((e.before or {}).get("answers") or {}) | {
+                k for k, v in ((e.after or {}).get("answers") or {}).items()
+                if ((e.before or {}).get("answers") or {}).get(k) != v}
+            forms = [f for f, _ in project.forms if any(x.form == f and x.name in changed for x in project.fields)]
+            text = f"{verb} Record {name}, event {event_name(wave)}" + (f", forms {', '.join(forms)}" if forms else "")
+            details = ", ".join(sorted(changed)) or details
+        else:
+            text = f"{verb} {e.table_name} {e.row_id}"
+        if record and name != record:
+            continue
+        rows.append({"timestamp": e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"), "username": e.actor or "system",
+                     "action": text, "details": details, "record": name})
+    return rows
