@@ -8,6 +8,7 @@ field (`record_id`, the participant's external_id) comes first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,18 +153,18 @@ class Project:
         return out
 
     def form_statuses(self, wave: str, answers: dict[str, Any], status: str,
-                      instruments: dict[str, str] | None) -> dict[str, str]:
-        """`<form>_complete` of each form of the event: 2 complete, 1 started (unverified), 0 untouched."""
+                      completed: Iterable[str]) -> dict[str, str]:
+        """`<form>_complete` of each form of the event: 2 complete (the response, or that instrument, contract
+        section 5), 1 started (unverified), 0 untouched."""
+        done = set(completed)
         out: dict[str, str] = {}
         for form, _ in self.forms:
             if wave not in self.form_waves[form]:
                 continue
-            if instruments is not None and form in instruments:
-                out[form] = {"complete": "2", "partial": "1"}.get(instruments[form], "0")
-            elif status == "complete":
+            if status == "complete" or form in done:
                 out[form] = "2"
             else:
-                touched = any(f.name in answers for f in self.fields if f.form == form)
+                touched = any(answers.get(f.name) is not None for f in self.fields if f.form == form)
                 out[form] = "1" if touched else "0"
         return out
 

@@ -28,9 +28,10 @@ def _next_ids(study_id: uuid.UUID, after: str, limit: int) -> Any:
 
 def responses_after(session: Session, study_id: uuid.UUID, after: str, limit: int,
                     records: set[str] | None) -> Sequence[Any]:
-    """(external_id, wave, answers, status, completed_at, updated_at) of the next `limit` participants."""
+    """(external_id, wave, answers, status, completed_at, updated_at, completed_instruments) of the next
+    `limit` participants."""
     query = (select(Participant.external_id, Response.wave, Response.answers, Response.status,
-                    Response.completed_at, Response.updated_at)
+                    Response.completed_at, Response.updated_at, Response.completed_instruments)
              .join(Response, Response.participant_id == Participant.id)
              .where(Participant.study_id == study_id,
                     Participant.external_id.in_(_next_ids(study_id, after, limit).scalar_subquery()))
@@ -51,6 +52,18 @@ def stored_answers(session: Session, study_id: uuid.UUID, external_id: str, wave
         select(Response.answers).join(Participant, Participant.id == Response.participant_id)
         .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave))
     return answers
+
+
+def completed_forms(session: Session, study_id: uuid.UUID, external_id: str, wave: str) -> set[str] | None:
+    """The instruments already complete in a participant's response at `wave` (None: no response yet)."""
+    row = session.execute(
+        select(Response.status, Response.completed_instruments)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave)
+    ).first()
+    if row is None:
+        return None
+    return {"*"} if row.status == "complete" else set(row.completed_instruments or {})
 
 
 def wave_windows(session: Session, study_id: uuid.UUID, wave: str,

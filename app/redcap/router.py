@@ -311,7 +311,8 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
     order = {w: i for i, w in enumerate(project.codebook.wave_keys)}
 
     def record_rows(record: str, stored: list[Any]) -> Iterator[dict[str, str]]:
-        statuses = {r.wave: project.form_statuses(r.wave, r.answers, r.status, _instruments(r)) for r in stored}
+        statuses = {r.wave: project.form_statuses(r.wave, r.answers, r.status, r.completed_instruments or {})
+                    for r in stored}
         raw: dict[str, dict[str, str]] = {}
         if condition is not None:
             raw = {r.wave: project.flat_row(record, r.wave, r.answers, statuses[r.wave], project.fields, False)
@@ -327,8 +328,8 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
                     continue
             stamps = None
             if survey:
-                at = r.completed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if r.completed_at else ""
-                stamps = {f: at for f, s in statuses[r.wave].items() if s == "2"}
+                stamps = {f: _stamp((r.completed_instruments or {}).get(f), r.completed_at)
+                          for f, s in statuses[r.wave].items() if s == "2"}
             row = project.flat_row(record, r.wave, r.answers, statuses[r.wave], fields, labels,
                                    checkbox_labels=checkbox_labels, survey=stamps)
             if extra:
@@ -394,10 +395,15 @@ def _instant(form: Form, key: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _instruments(row: Any) -> dict[str, str] | None:
-    """The response's per-instrument status map, when the responses domain keeps one."""
-    value = getattr(row, "instruments", None)
-    return value if isinstance(value, dict) else None
+def _stamp(instrument_at: str | None, completed_at: datetime | None) -> str:
+    """`<form>_timestamp`: when that instrument was completed (else when the response was), in UTC."""
+    at = completed_at
+    if instrument_at:
+        try:
+            at = datetime.fromisoformat(instrument_at)
+        except ValueError:
+            at = completed_at
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if at is not None else ""
 
 
 _RISKY = ("=", "+", "-", "@", "\t", "\r")
@@ -508,11 +514,20 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
         problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
         if bad:
             continue
-        status = "complete" if flags and all(flags.get(f) == "2" for f in project.forms_at(wave)) else "partial"
+        # Forms complete one at a time (contract section 5): `<form>_complete = 2` completes that instrument;
+        # the response completes when all its instruments are. 0 or 1 saves the form as started.
+        done = repository.completed_forms(session, ctx.study.id, record, wave) or set()
+        reopened = [f for f, flag in flags.items() if flag != "2" and (f in done or "*" in done)]
+        if reopened:
+            problems += [f"{record} ({event_name(wave)}): {f}_complete: the form is complete; a coordinator "
+                         "corrects it with PATCH /api/v1/studies/{key}/responses/{id}" for f in reopened]
+            continue
+        completing = [f for f in project.forms_at(wave) if flags.get(f) == "2"]
         try:
             with session.begin_nested():
-                responses.submit(session, ctx, ResponseIn(external_id=record, wave=wave, status=status,
-                                                          answers=answers), principal, now)
+                responses.submit(session, ctx, ResponseIn(external_id=record, wave=wave, status="partial",
+                                                          complete_instruments=completing, answers=answers),
+                                 principal, now)
         except AlreadyComplete:
             stored = repository.stored_answers(session, ctx.study.id, record, wave)
             if stored is None or any(stored.get(k) != v for k, v in answers.items()):
