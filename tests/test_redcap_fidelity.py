@@ -239,3 +239,241 @@ def test_unknown_forms_are_an_error(server: LiveServer) -> None:
     with pytest.raises(redcap.RedcapError, match="nope"):
         project.export_records(forms=["demographics", "nope"])
     assert {k for k in project.export_records(forms=["demographics"])[0]} >= {"gender", "demographics_complete"}
+
+
+def native_response(server: LiveServer, ext: str, wave: str) -> dict[str, Any]:
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        items = admin.get(f"{BASE}/responses", params={"external_id": ext, "wave": wave}).json()["items"]
+    assert len(items) == 1
+    found: dict[str, Any] = items[0]
+    return found
+
+
+def form_row(record: str, form: str, answers: dict[str, Any], status: str) -> dict[str, str]:
+    """One form of a baseline row as a REDCap user writes it."""
+    instrument = next(i for i in pal_codebook()["instruments"] if i["key"] == form)
+    row = {"record_id": record, "redcap_event_name": "baseline_arm_1", f"{form}_complete": status}
+    for item in instrument["items"]:
+        value = answers.get(item["code"])
+        if value is None:
+            continue
+        if item["type"] == "multi_choice":
+            row.update({f"{item['code']}___{o['code']}": "1" if o["code"] in value else "0" for o in item["options"]})
+        elif isinstance(value, bool):
+            row[item["code"]] = "1" if value else "0"
+        else:
+            row[item["code"]] = str(value)
+    return row
+
+
+def test_forms_complete_one_at_a_time(server: LiveServer) -> None:
+    known_data(server)
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        admin.post(f"{BASE}/participants", json={"external_id": "F1", "enrolled_at": datetime.now(UTC).isoformat()})
+    project = redcap.Project(f"{server.url}/redcap/api/", token_for(server, "collector"))
+    reader = redcap.Project(f"{server.url}/redcap/api/", token_for(server))
+    answers = valid_answers("baseline", random.Random(42))
+    forms = [i["key"] for i in pal_codebook()["instruments"] if "baseline" in i["waves"]]
+
+    assert project.import_records([form_row("F1", "demographics", answers, "2")]) == {"count": 1}
+    stored = native_response(server, "F1", "baseline")
+    assert stored["status"] == "partial" and stored["instruments"]["demographics"] == "complete"
+    assert all(stored["instruments"][f] == "not_started" for f in forms[1:])
+    row = reader.export_records(records=["F1"])[0]
+    assert row["demographics_complete"] == "2" and all(row[f"{f}_complete"] == "0" for f in forms[1:])
+
+    assert project.import_records([form_row("F1", "substance_use", answers, "1")]) == {"count": 1}
+    row = reader.export_records(records=["F1"])[0]
+    assert row["substance_use_complete"] == "1" and row["demographics_complete"] == "2"
+    assert native_response(server, "F1", "baseline")["instruments"]["substance_use"] == "partial"
+
+    # a complete form is not reopened by an import
+    with pytest.raises(redcap.RedcapError, match="demographics_complete"):
+        project.import_records([form_row("F1", "demographics", answers, "1")])
+    for form in forms[1:]:
+        project.import_records([form_row("F1", form, answers, "2")])
+    stored = native_response(server, "F1", "baseline")
+    assert stored["status"] == "complete" and set(stored["instruments"].values()) == {"complete"}
+    row = reader.export_records(records=["F1"], export_survey_fields=True)[0]
+    assert all(row[f"{f}_complete"] == "2" and row[f"{f}_timestamp"] for f in forms)
+
+
+@pytest.mark.parametrize("status", ["7", "3", "-1", "yes", "2.0"])
+def test_form_status_is_0_1_or_2(server: LiveServer, status: str) -> None:
+    known_data(server)
+    project = redcap.Project(f"{server.url}/redcap/api/", token_for(server, "collector"))
+    row = form_row("R8", "demographics", {"income": "under_20k"}, status)
+    with pytest.raises(redcap.RedcapError, match="demographics_complete"):
+        project.import_records([row])
+    assert native_response(server, "R8", "baseline")["answers"] == {"gender": "man", "age": 40}
+    with pytest.raises(redcap.RedcapError, match="nonsense_complete"):
+        project.import_records([{"record_id": "R8", "redcap_event_name": "baseline_arm_1", "nonsense_complete": "2"}])
+
+
+def post(server: LiveServer, token: str, **fields: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/redcap/api/", data={"token": token, **fields})
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda p: p.import_metadata([{"field_name": "x", "form_name": "f", "field_type": "text", "field_label": "X"}]),
+     "design"),
+    (lambda p: p.import_arms([{"arm_num": 2, "name": "Arm 2"}]), "design"),
+    (lambda p: p.import_events([{"event_name": "x", "arm_num": 1}]), "design"),
+    (lambda p: p.import_instrument_event_mappings([{"arm_num": 1, "unique_event_name": "baseline_arm_1",
+                                                     "form": "demographics"}]), "design"),
+    (lambda p: p.delete_arms(["1"]), "design"),
+    (lambda p: p.delete_events(["baseline_arm_1"]), "design"),
+    (lambda p: p.delete_records(["R1"]), "withdraw"),
+    (lambda p: p.import_repeating_instruments_events([{"form_name": "demographics"}]), "repeating"),
+    (lambda p: p.import_dags([{"data_access_group_name": "x"}]), "data access groups"),
+    (lambda p: p.switch_dag("x"), "data access groups"),
+    (lambda p: p.import_users([{"username": "x"}]), "tokens"),
+    (lambda p: p.import_user_roles([{"role_label": "x"}]), "tokens"),
+])
+def test_writes_that_change_nothing_are_refused(server: LiveServer, call: Callable[[Any], Any],
+                                                needle: str) -> None:
+    known_data(server)
+    project = redcap.Project(f"{server.url}/redcap/api/", token_for(server))
+    before = len(project.export_records())
+    with pytest.raises(redcap.RedcapError) as refused:
+        call(project)
+    assert needle in str(refused.value)
+    assert len(project.export_records()) == before
+    assert [m["field_name"] for m in project.export_metadata()][:2] == ["record_id", "gender"]
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda p: p.export_users(), "tokens"),
+    (lambda p: p.export_user_roles(), "tokens"),
+    (lambda p: p.export_user_role_assignment(), "tokens"),
+    (lambda p: p.export_report("1"), "reports"),
+    (lambda p: p.generate_next_record_name(), "auto-numbering"),
+    (lambda p: p.export_file_repository(), "file repository"),
+    (lambda p: p.export_survey_queue_link("R1"), "survey queue"),
+    (lambda p: p.export_survey_return_code("R1", "demographics", "baseline_arm_1"), "save and return"),
+    (lambda p: p.export_survey_access_code("R1", "demographics", "baseline_arm_1"), "access codes"),
+])
+def test_unsupported_contents_raise_in_pycap_with_a_clear_message(server: LiveServer, call: Callable[[Any], Any],
+                                                                  needle: str) -> None:
+    known_data(server)
+    project = redcap.Project(f"{server.url}/redcap/api/", token_for(server))
+    with pytest.raises(redcap.RedcapError) as refused:
+        call(project)
+    assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"content": "pdf", "returnFormat": "json"}, "PDF"),
+    ({"content": "file", "action": "export", "record": "R1", "field": "age", "event": "baseline_arm_1",
+      "returnFormat": "json"}, "file upload"),
+    ({"content": "file", "action": "import", "record": "R1", "field": "age", "returnFormat": "json"}, "file upload"),
+    ({"content": "attachment", "returnFormat": "json"}, "attachments"),
+])
+def test_file_contents_are_errors(server: LiveServer, fields: dict[str, str], needle: str) -> None:
+    """PyCap hands file answers back as bytes without looking for an error, so these are checked raw."""
+    known_data(server)
+    r = post(server, token_for(server), **fields)
+    assert r.status_code == 400 and needle in r.json()["error"]
+
+
+def test_contents_of_features_that_are_off_answer_as_redcap_does(server: LiveServer) -> None:
+    known_data(server)
+    project = redcap.Project(f"{server.url}/redcap/api/", token_for(server))
+    assert project.export_repeating_instruments_events() == []
+    assert project.export_dags() == []
+    assert project.export_user_dag_assignment() == []
+    assert project.export_repeating_instruments_events(format_type="csv").strip() == \
+        "event_name,form_name,custom_form_label"
+    info = project.export_project_info()
+    assert isinstance(info["project_id"], int) and info["has_repeating_instruments_or_events"] == 0
+    assert info["project_id"] == project.export_project_info()["project_id"]
+
+
+def test_format_xml_is_a_redcap_error_and_the_version_needs_a_token(server: LiveServer) -> None:
+    known_data(server)
+    token = token_for(server)
+    xml = post(server, token, content="record", format="xml")
+    assert xml.status_code == 400 and "<error>" in xml.text and "format" in xml.text
+    project = redcap.Project(f"{server.url}/redcap/api/", token)
+    with pytest.raises(redcap.RedcapError, match="format"):
+        project.export_records(format_type="xml")
+    assert post(server, "F" * 32, content="version").status_code == 403
+    assert "<error>" in post(server, "F" * 32, content="version").text  # PyCap raises on it
+    with pytest.raises(redcap.RedcapError):
+        redcap.Project(f"{server.url}/redcap/api/", "F" * 32).export_version()
+    assert post(server, token, content="version").text.startswith("14.")
+
+
+def test_the_log_honours_record_logtype_user_and_times(server: LiveServer) -> None:
+    known_data(server)
+    token = token_for(server)
+    project = redcap.Project(f"{server.url}/redcap/api/", token)
+    importer = redcap.Project(f"{server.url}/redcap/api/", token_for(server, "collector"))
+    importer.import_records([form_row("R8", "demographics", {"income": "under_20k"}, "1")])
+    everything = project.export_logging()
+    r1 = project.export_logging(record="R1")
+    assert r1 and all(e["record"] == "R1" for e in r1)
+    assert any(e["action"] == "Created Record R1, event baseline_arm_1, forms " + ", ".join(
+        i["key"] for i in pal_codebook()["instruments"] if "baseline" in i["waves"]) for e in r1)
+    edits = project.export_logging(log_type="record_edit")
+    assert edits and all(e["action"].startswith("Updated Record") for e in edits)
+    assert any(e["action"] == "Updated Record R8, event baseline_arm_1, forms demographics" and "income" in e["details"]
+               for e in edits)
+    assert {e["action"].split()[0] for e in project.export_logging(log_type="record_add")} == {"Created"}
+    assert project.export_logging(log_type="export") == []
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        collector_id = next(t["id"] for t in admin.get("/api/v1/tokens").json()["items"]
+                            if t["label"] == "redcap collector")
+    by_user = project.export_logging(user=collector_id)
+    assert by_user and all(e["username"] == collector_id for e in by_user)
+    assert any("R8" in e["action"] for e in by_user)
+    future = datetime.now(UTC) + timedelta(days=2)
+    assert project.export_logging(begin_time=future) == []
+    assert len(project.export_logging(end_time=future)) == len(everything)
+    assert project.export_logging(end_time=datetime.now(UTC) - timedelta(days=2)) == []
+    bad = post(server, token, content="log", format="json", logtype="everything")
+    assert bad.status_code == 400 and "logtype" in bad.json()["error"]
+
+
+def test_csv_is_rfc_4180_and_formula_cells_are_neutralised(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        admin.post("/api/v1/studies", json={"key": "pal", "name": "=HYPERLINK(\"x\")\rtwo", "timezone": "UTC",
+                                            "template": "pal-replication"})
+    token = token_for(server)
+    safe = post(server, token, content="project", format="csv")
+    rows = list(csv.DictReader(io.StringIO(safe.text, newline="")))
+    assert len(rows) == 1 and rows[0]["project_title"] == "'=HYPERLINK(\"x\")\rtwo"
+    raw = post(server, token, content="project", format="csv", raw_cells="true")
+    rows = list(csv.DictReader(io.StringIO(raw.text, newline="")))
+    assert len(rows) == 1 and rows[0]["project_title"] == "=HYPERLINK(\"x\")\rtwo"
+    assert raw.text.endswith("\r\n")
+    for cell in ("+1+1", "-1+2", "@SUM(A1)", "\tx", "\rx"):
+        assert post(server, token, content="project", format="csv").status_code == 200
+        from app.redcap.router import _safe
+        assert _safe(cell) == "'" + cell
+    from app.redcap.router import _safe
+    assert _safe("-3") == "-3" and _safe("2.5") == "2.5" and _safe("plain") == "plain"
+
+
+def test_bad_imports_are_redcap_errors_never_500(server: LiveServer) -> None:
+    known_data(server)
+    token = token_for(server)
+    long_row = post(server, token, content="record", format="csv", data="record_id,redcap_event_name,age\n"
+                    "R8,baseline_arm_1,41,extra\n")
+    assert long_row.status_code == 400 and "more cells" in long_row.text
+    deep = "[" * 65 + "]" * 65
+    nested = post(server, token, content="record", format="json", data=deep)
+    assert nested.status_code == 400 and "64" in nested.json()["error"]
+    very_deep = "[" * 100_000 + "]" * 100_000
+    assert post(server, token, content="record", format="json", data=very_deep).status_code == 400
+    for fields in ({"content": "record", "format": "json", "data": "{}"},
+                   {"content": "record", "format": "json", "data": '[{"record_id": {"a": 1}}]'},
+                   {"content": "record", "format": "json", "exportCheckboxLabel": "maybe"},
+                   {"content": "record", "format": "json", "rawOrLabel": "both"},
+                   {"content": "record", "format": "json", "action": "explode"},
+                   {"content": "record", "format": "json", "data": "[]", "action": "import",
+                    "overwriteBehavior": "erase"},
+                   {"content": "metadata", "format": "json", "forms[0]": "nope"}):
+        r = post(server, token, **fields)
+        assert 400 <= r.status_code < 500, (fields, r.text)
+        assert "error" in r.json()

@@ -144,7 +144,8 @@ EMPTY_WHEN_OFF = {  # content -> the header of its (empty) CSV export
 REFUSED = {
     "user": ("REDCap users are not kept here: access is by cohort tokens (POST /api/v1/tokens)", 403),
     "userRole": ("REDCap user roles are not kept here: a cohort token has one role (POST /api/v1/tokens)", 403),
-    "userRoleMapping": ("REDCap user roles are not kept here: a cohort token has one role", 403),
+    "userRoleMapping": ("REDCap user roles are not kept here: a cohort token has one role (POST /api/v1/tokens)",
+                        403),
     "report": ("this project has no reports: export records with fields, forms, events and filterLogic", 400),
     "generateNextRecordName": ("record auto-numbering is not enabled in this project: records are participants, "
                                "named by the external_id given at enrolment (POST /api/v1/studies/{key}/"
@@ -174,11 +175,14 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
         principal, ctx = _principal(session, form.get("token"))
         if content == "version":
             return PlainTextResponse(REDCAP_VERSION)
-        if fmt not in ("json", "csv"):
-            raise RedcapError(f"format={fmt} is not supported: use format=json or format=csv")
+        if content in REFUSED:
+            message, status = REFUSED[content]
+            raise RedcapError(f"{content}: {message}", status)
         if action not in ("export", "import", "delete", "switch"):
             raise RedcapError(f"action {action!r} is not one of export, import, delete")
         writes = "data" in form.values or action in ("import", "delete", "switch")
+        if fmt not in ("json", "csv") and not writes:  # an import's format is its data's, checked when read
+            raise RedcapError(f"format={fmt} is not supported: use format=json or format=csv")
         raw_cells = form.flag("raw_cells")
         project = Project(ctx.require_codebook())
         if content in ("metadata", "arm", "event", "formEventMapping", "project", "project_settings",
@@ -190,9 +194,6 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
                 raise RedcapError(f"{content}: this project has no {what}, and they cannot be added through the API")
             return JSONResponse([]) if fmt == "json" else PlainTextResponse(
                 _csv([], EMPTY_WHEN_OFF[content]), media_type="text/csv")
-        if content in REFUSED:
-            message, status = REFUSED[content]
-            raise RedcapError(f"{content}: {message}", status)
         if content == "project":
             return _rows(fmt, [{
                 "project_id": _project_id(ctx), "project_title": ctx.study.name, "creation_time":
