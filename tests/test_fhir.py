@@ -101,7 +101,7 @@ def test_a_questionnaire_response_lands_as_a_validated_response(server: LiveServ
         # the search returns it as a Bundle
         bundle = Bundle.model_validate(admin.get(f"{server.url}/fhir/QuestionnaireResponse",
                                                  params={"subject": "F1", "questionnaire": "pal-demographics"}).json())
-        assert bundle.total == 1 and bundle.entry[0].resource.id == native[0]["id"]
+        assert bundle.total == 1 and bundle.entry[0].resource.id == f"{native[0]['id']}-demographics"
         audit = admin.get("/api/v1/studies/pal/audit", params={"table": "responses"}).json()["items"]
         assert any(e["row_id"] == native[0]["id"] for e in audit)
 
