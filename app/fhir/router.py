@@ -439,8 +439,10 @@ def _value(answer: Any) -> Any:
     return value  # valueInteger, valueDecimal, valueBoolean, valueString, valueDate: typed by JSON
 
 
-def answers_of(resource: dict[str, Any], codebook: Codebook, doc: dict[str, Any]) -> dict[str, Any]:
-    """The answers of one instrument's QuestionnaireResponse, or Invalid naming each bad item by FHIRPath."""
+def answers_of(resource: dict[str, Any], codebook: Codebook, doc: dict[str, Any],
+               paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """The answers of one instrument's QuestionnaireResponse, or Invalid naming each bad item by FHIRPath.
+    `paths`, when given, receives each answered linkId's FHIRPath (for errors found later)."""
     answers: dict[str, Any] = {}
     errors = []
     own = {i["code"] for i in doc["items"]}
@@ -466,6 +468,8 @@ def answers_of(resource: dict[str, Any], codebook: Codebook, doc: dict[str, Any]
             errors.append({"loc": ["answers", code], "code": "type", "expression": f"{path}.answer",
                            "message": str(exc)})
             continue
+        if paths is not None:
+            paths[code] = f"{path}.answer"
         known = codebook.items.get(code)
         answers[code] = values if known is not None and known.type == "multi_choice" else (
             values[0] if len(values) == 1 else values)
@@ -604,7 +608,8 @@ def _store_checked(request: Request, session: Session, resource: Any) -> JSONRes
                                                      "completed, amended or in-progress"}])
     codebook = ctx.require_codebook()
     wave = _wave(resource)
-    answers = answers_of(resource, codebook, doc)
+    paths: dict[str, str] = {}
+    answers = answers_of(resource, codebook, doc, paths)
     authored = resource.get("authored")
     try:
         authored_at = datetime.fromisoformat(authored.replace("Z", "+00:00")) if isinstance(authored, str) else None
@@ -614,11 +619,18 @@ def _store_checked(request: Request, session: Session, resource: Any) -> JSONRes
     existing = repository.response_of(session, ctx.study.id, external_id, wave)
     before = responses.states_of(codebook, existing).get(doc["key"]) if existing is not None else None
     headers = {}
-    if status == "amended":
-        row = _amend(session, ctx, principal, doc, existing, before, answers, resource)
-    else:
-        row = _submit(session, ctx, principal, doc, existing, before, answers, external_id, wave,
-                      status == "completed", authored_at)
+    try:
+        if status == "amended":
+            row = _amend(session, ctx, principal, doc, existing, before, answers, resource)
+        else:
+            row = _submit(session, ctx, principal, doc, existing, before, answers, external_id, wave,
+                          status == "completed", authored_at)
+    except DomainError as exc:
+        for e in exc.errors or []:  # the native API names items; point at them where they were posted
+            loc = e.get("loc") or []
+            if len(loc) > 1 and loc[0] == "answers" and str(loc[1]) in paths and not e.get("expression"):
+                e["expression"] = paths[str(loc[1])]
+        raise
     body = response_resource(request, ctx, row, external_id, doc, _amended(session, row, doc))
     headers["Location"] = f"/fhir/QuestionnaireResponse/{body['id']}"
     return fhir(body, 201 if before in (None, "not_started") else 200, headers)
