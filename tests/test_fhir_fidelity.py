@@ -340,3 +340,34 @@ def test_json_nested_deeper_than_64_levels_is_a_400(server: LiveServer) -> None:
         r = httpx.post(f"{server.url}/fhir/QuestionnaireResponse", content=body.encode(),
                        headers={**auth(ADMIN_TOKEN), "content-type": "application/fhir+json"})
         assert r.status_code == 400 and OperationOutcome.model_validate(r.json()).issue
+
+
+@pytest.mark.parametrize("change", [
+    {"basedOn": 7}, {"extension": 7}, {"extension": [7]}, {"item": {"linkId": "age"}}, {"item": [{"linkId": 5}]},
+    {"item": [{"linkId": "age", "answer": {"valueInteger": 40}}]}, {"item": [{"linkId": "age", "answer": [7]}]},
+    {"text": 7}, {"text": {"div": 7}}, {"subject": []}, {"authored": 7}, {"authored": "2026-01-01T10:00:00"},
+    {"questionnaire": 7}, {"questionnaire": "Questionnaire/"}, {"status": ["completed"]},
+    {"item": [{"linkId": "age", "answer": [{"valueInteger": 40, "valueString": "x"}]}]},
+])
+def test_odd_resources_are_4xx_never_500(server: LiveServer, change: dict[str, Any]) -> None:
+    base = {"resourceType": "QuestionnaireResponse", "questionnaire": "Questionnaire/pal-demographics",
+            "status": "amended", "subject": {"identifier": {"value": "F1"}},
+            "extension": [{"url": WAVE, "valueCode": "baseline"}]}
+    r = httpx.post(f"{server.url}/fhir/QuestionnaireResponse", json=base | change, headers=auth(ADMIN_TOKEN))
+    assert 400 <= r.status_code < 500, r.text
+    assert OperationOutcome.model_validate(r.json()).issue
+
+
+@pytest.mark.parametrize("params", [
+    {"authored": "ge2026-13"}, {"authored": "ge0000"}, {"_lastUpdated": "9999-12"}, {"_count": "-1"},
+    {"_count": "100000"}, {"questionnaire": "nothing"}, {"subject": ""}, {"authored": "ge2026-01-01T10:00:00+99:00"},
+])
+def test_odd_searches_are_4xx_or_empty_never_500(server: LiveServer, params: dict[str, str]) -> None:
+    r = search(server, params)
+    assert r.status_code < 500, r.text
+    if r.status_code == 200:
+        Bundle.model_validate(r.json())
+    else:
+        OperationOutcome.model_validate(r.json())
+    for bad in ("/fhir/QuestionnaireResponse/x", "/fhir/QuestionnaireResponse/" + "0" * 36 + "-demographics"):
+        assert httpx.get(f"{server.url}{bad}", headers=auth(ADMIN_TOKEN)).status_code == 404

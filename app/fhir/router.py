@@ -497,7 +497,8 @@ def _wave(resource: dict[str, Any]) -> str:
                     {"loc": ["wave"], "code": "required", "expression": f"QuestionnaireResponse.extension[{n}]",
                      "message": "the wave extension needs a valueCode"}])
             return value
-    for ref in resource.get("basedOn") or []:
+    based_on = resource.get("basedOn")
+    for ref in based_on if isinstance(based_on, list) else []:
         value = _dig(ref, "identifier", "value")
         if value:
             return str(value)
@@ -509,7 +510,8 @@ def _wave(resource: dict[str, Any]) -> str:
 
 def _reason(resource: dict[str, Any]) -> str | None:
     """Why a completed response is amended: the correction-reason extension, else the narrative's text."""
-    for ext in resource.get("extension") or []:
+    extensions = resource.get("extension")
+    for ext in extensions if isinstance(extensions, list) else []:
         if isinstance(ext, dict) and str(ext.get("url", "")).endswith("/StructureDefinition/correction-reason"):
             value = ext.get("valueString")
             if isinstance(value, str) and value.strip():
