@@ -402,6 +402,9 @@ def test_format_xml_is_a_redcap_error_and_the_version_needs_a_token(server: Live
     with pytest.raises(redcap.RedcapError):
         redcap.Project(f"{server.url}/redcap/api/", "F" * 32).export_version()
     assert post(server, token, content="version").text.startswith("14.")
+    # PyCap asks for a survey link with returnFormat=csv and no format: the link is plain text
+    link = project.export_survey_link("R1", "demographics", event="baseline_arm_1")
+    assert "/s/" in link
 
 
 def test_the_log_honours_record_logtype_user_and_times(server: LiveServer) -> None:

@@ -181,7 +181,8 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
         if action not in ("export", "import", "delete", "switch"):
             raise RedcapError(f"action {action!r} is not one of export, import, delete")
         writes = "data" in form.values or action in ("import", "delete", "switch")
-        if fmt not in ("json", "csv") and not writes:  # an import's format is its data's, checked when read
+        # An import's format is its data's, checked when read; a survey link is plain text whatever the format.
+        if fmt not in ("json", "csv") and not writes and content != "surveyLink":
             raise RedcapError(f"format={fmt} is not supported: use format=json or format=csv")
         raw_cells = form.flag("raw_cells")
         project = Project(ctx.require_codebook())
