@@ -268,3 +268,113 @@ async def test_a_new_codebook_revision_recomputes_derived_values(team: Team, adm
     broken["instruments"][0]["items"][0]["type"] = "colour"
     r = await admin.put(f"{BASE}/codebook", json=broken)
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["instruments", 0, "items", 0, "type"]
+
+
+# -- instruments complete one at a time (contract section 5, v1.1) -----------------------------
+
+
+def _by_instrument(answers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from tests.factories import pal_codebook
+
+    owner = {it["code"]: inst["key"] for inst in pal_codebook()["instruments"] for it in inst["items"]}
+    out: dict[str, dict[str, Any]] = {}
+    for code, value in answers.items():
+        out.setdefault(owner[code], {})[code] = value
+    return out
+
+
+async def test_instruments_complete_one_at_a_time(team: Team) -> None:
+    await team.enrol("I1", days_ago=2)
+    answers = valid_answers("baseline", random.Random(11), primary_group="smart")
+    parts = _by_instrument(answers)
+    assert list(parts) == ["demographics", "substance_use", "aud_criteria", "self_efficacy", "mutual_help"]
+
+    # required items of the instrument being completed only, one entry per item
+    demo = dict(parts["demographics"])
+    del demo["age"], demo["race"]
+    r = await team.post(response("I1", "baseline", demo, status="partial", complete_instruments=["demographics"]))
+    assert r.status_code == 422, r.text
+    assert sorted((e["loc"], e["code"]) for e in r.json()["errors"]) == [
+        (["answers", "age"], "required"), (["answers", "race"], "required")]
+
+    r = await team.post(response("I1", "baseline", parts["demographics"], status="partial",
+                                 complete_instruments=["demographics"]))
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["status"] == "partial" and body["completed_at"] is None
+    assert body["instruments"] == {"demographics": "complete", "substance_use": "not_started",
+                                   "aud_criteria": "not_started", "self_efficacy": "not_started",
+                                   "mutual_help": "not_started"}
+    # a partial save of another instrument without completing it
+    half = dict(list(parts["self_efficacy"].items())[:3])
+    r = await team.post(response("I1", "baseline", half, status="partial"))
+    assert r.status_code == 200, r.text
+    assert r.json()["instruments"]["self_efficacy"] == "partial"
+
+    done_at = datetime.now(UTC) - timedelta(hours=1)
+    for key in ("substance_use", "aud_criteria", "self_efficacy"):
+        r = await team.post(response("I1", "baseline", parts[key], status="partial", complete_instruments=[key]))
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "partial"
+    participant = (await team.client.get(f"{BASE}/participants/I1", headers=auth(team.coordinator))).json()
+    assert participant["schedule"][0]["status"] == "open"
+
+    r = await team.post(response("I1", "baseline", parts["mutual_help"], status="partial",
+                                 complete_instruments=["mutual_help"], completed_at=done_at.isoformat()))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "complete" and set(body["instruments"].values()) == {"complete"}
+    assert datetime.fromisoformat(body["completed_at"]) == done_at
+    assert body["derived"]["aud_severity"] == sum(1 for i in range(1, 12) if answers[f"aud_{i}"])
+
+    stored = (await team.client.get(f"{BASE}/responses/{body['id']}", headers=auth(team.coordinator))).json()
+    assert stored["answers"] == answers and set(stored["instruments"].values()) == {"complete"}
+    listed = (await team.client.get(f"{BASE}/responses", params={"external_id": "I1"},
+                                    headers=auth(team.coordinator))).json()["items"]
+    assert listed[0]["instruments"] == stored["instruments"]
+    # all the effects of completion: schedule completed, reminders cancelled, no more plain posts
+    participant = (await team.client.get(f"{BASE}/participants/I1", headers=auth(team.coordinator))).json()
+    assert participant["schedule"][0]["status"] == "completed"
+    reminders = (await team.client.get(f"{BASE}/participants/I1/reminders", headers=auth(team.coordinator))).json()
+    assert all(s["status"] != "pending" for s in reminders["items"] if s["wave"] == "baseline")
+    r = await team.post(response("I1", "baseline", {"income": None}, status="partial"))
+    assert r.status_code == 409
+
+
+async def test_completed_at_of_the_last_instrument(team: Team) -> None:
+    await team.enrol("I2", days_ago=200)
+    answers = valid_answers("month6", random.Random(12), primary_group="none")
+    parts = _by_instrument(answers)
+    assert list(parts) == ["substance_use", "self_efficacy", "mutual_help"]  # only what month6 asks
+    for key, part in parts.items():
+        r = await team.post(response("I2", "month6", part, status="partial", complete_instruments=[key]))
+        assert r.status_code in (200, 201), r.text
+    body = r.json()
+    assert body["status"] == "complete"
+    completed = datetime.fromisoformat(body["completed_at"])
+    assert abs((completed - datetime.now(UTC)).total_seconds()) < 60
+
+
+async def test_complete_instruments_checked(team: Team) -> None:
+    await team.enrol("I3", days_ago=200)
+    r = await team.post(response("I3", "month6", {}, status="partial",
+                                 complete_instruments=["demographics", "nonsense"]))
+    assert r.status_code == 422
+    assert [(e["loc"], e["code"]) for e in r.json()["errors"]] == [
+        (["complete_instruments", 0], "not_in_wave"), (["complete_instruments", 1], "unknown_instrument")]
+    # completing the instrument whose controlling item is unanswered rejects the dependent item then
+    r = await team.post(response("I3", "month6", {"home_group": True}, status="partial"))
+    assert r.status_code == 201, r.text
+    r = await team.post(response("I3", "month6", {}, status="partial", complete_instruments=["mutual_help"]))
+    assert r.status_code == 422
+    codes = {e["loc"][-1]: e["code"] for e in r.json()["errors"]}
+    assert codes["home_group"] == "not_enabled" and codes["primary_group"] == "required"
+    assert "alcohol_last_use" not in codes  # another instrument's items are not required yet
+
+
+async def test_status_complete_still_completes_everything(team: Team) -> None:
+    await team.enrol("I4", days_ago=2)
+    answers = valid_answers("baseline", random.Random(13), primary_group="aa_12step")
+    r = await team.post(response("I4", "baseline", answers))
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "complete" and set(r.json()["instruments"].values()) == {"complete"}

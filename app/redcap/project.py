@@ -8,13 +8,18 @@ field (`record_id`, the participant's external_id) comes first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from app.instruments.codebook import Codebook
+from app.redcap.logic import Schema
 
 RECORD_ID = "record_id"
 ARM = 1
+MANAGED = ("redcap_survey_identifier", "redcap_data_access_group", "redcap_repeat_instrument",
+           "redcap_repeat_instance")
+COMPLETE_LABELS = {"0": "Incomplete", "1": "Unverified", "2": "Complete"}
 OPERATORS = {"==": "=", "!=": "<>", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
 
 
@@ -116,7 +121,9 @@ class Project:
 
     # -- records -----------------------------------------------------------------------------------
 
-    def columns(self, fields: list[Field]) -> list[str]:
+    def columns(self, fields: list[Field], *, survey: bool = False) -> list[str]:
+        """Columns of a flat export: each form's fields, then `<form>_complete` (`<form>_timestamp` first with
+        survey fields, as REDCap puts it)."""
         out: list[str] = []
         forms_seen: list[str] = []
         for f in fields:
@@ -124,33 +131,74 @@ class Project:
                 if forms_seen:
                     out.append(f"{forms_seen[-1]}_complete")
                 forms_seen.append(f.form)
+                if survey:
+                    out.append(f"{f.form}_timestamp")
             out += [f"{f.name}___{c}" for c, _ in f.options] if f.type == "multi_choice" else [f.name]
         if forms_seen:
             out.append(f"{forms_seen[-1]}_complete")
         return out
 
-    def flat_row(self, record: str, wave: str, answers: dict[str, Any], complete: bool, fields: list[Field],
-                 labels: bool) -> dict[str, str]:
+    def header_labels(self) -> dict[str, str]:
+        """Column -> REDCap's label header (`rawOrLabelHeaders=label`)."""
+        out = {RECORD_ID: "Record ID", "redcap_event_name": "Event Name",
+               "redcap_data_access_group": "Data Access Group", "redcap_survey_identifier": "Survey Identifier"}
+        for form, _ in self.forms:
+            out[f"{form}_complete"] = "Complete?"
+            out[f"{form}_timestamp"] = "Survey Timestamp"
+        for f in self.fields:
+            if f.type == "multi_choice":
+                out.update({f"{f.name}___{c}": f"{f.label} (choice={label})" for c, label in f.options})
+            else:
+                out[f.name] = f.label
+        return out
+
+    def form_statuses(self, wave: str, answers: dict[str, Any], status: str,
+                      completed: Iterable[str]) -> dict[str, str]:
+        """`<form>_complete` of each form of the event: 2 complete (the response, or that instrument, contract
+        section 5), 1 started (unverified), 0 untouched."""
+        done = set(completed)
+        out: dict[str, str] = {}
+        for form, _ in self.forms:
+            if wave not in self.form_waves[form]:
+                continue
+            if status == "complete" or form in done:
+                out[form] = "2"
+            else:
+                touched = any(answers.get(f.name) is not None for f in self.fields if f.form == form)
+                out[form] = "1" if touched else "0"
+        return out
+
+    def logic_schema(self) -> Schema:
+        names: dict[str, tuple[str, ...] | None] = {RECORD_ID: None, "redcap_event_name": None}
+        for f in self.fields:
+            names[f.name] = tuple(c for c, _ in f.options) if f.type == "multi_choice" else None
+        for form, _ in self.forms:
+            names[f"{form}_complete"] = None
+        return Schema(names, {event_name(w) for w in self.codebook.wave_keys})
+
+    def flat_row(self, record: str, wave: str, answers: dict[str, Any], statuses: dict[str, str],
+                 fields: list[Field], labels: bool, *, checkbox_labels: bool = False,
+                 survey: dict[str, str] | None = None) -> dict[str, str]:
+        """One record-event row. `statuses` is form -> 0/1/2 for the forms of this event; `survey`, when
+        survey fields are exported, form -> its completion timestamp."""
         row = {RECORD_ID: record, "redcap_event_name": event_name(wave)}
-        forms_here = {f.form for f in fields if wave in self.form_waves[f.form]}
         for f in fields:
             value = answers.get(f.name)
             if f.type == "multi_choice":
                 chosen = set(value or []) if isinstance(value, list) else set()
                 for code, label in f.options:
-                    if labels:
-                        row[f"{f.name}___{code}"] = label if code in chosen else ("Unchecked" if value is not None
-                                                                                  else "")
-                    else:
-                        row[f"{f.name}___{code}"] = ("1" if code in chosen else "0") if value is not None else ""
+                    row[f"{f.name}___{code}"] = _checkbox(code in chosen, value is not None, label, labels,
+                                                          checkbox_labels)
             else:
                 row[f.name] = _export_value(f, value, labels)
             key = f"{f.form}_complete"
-            if key not in row or row[key] == "":
-                status = ("2" if complete else "1") if f.form in forms_here else ""
-                row[key] = ("Complete" if complete else "Unverified") if labels and status else status
+            if key not in row:
+                status = statuses.get(f.form, "")
+                row[key] = COMPLETE_LABELS[status] if labels and status else status
+            if survey is not None:
+                row[f"{f.form}_timestamp"] = survey.get(f.form, "")
         ordered = {RECORD_ID: row[RECORD_ID], "redcap_event_name": row["redcap_event_name"]}
-        for column in self.columns(fields):
+        for column in self.columns(fields, survey=survey is not None):
             ordered[column] = row.get(column, "")
         return ordered
 
@@ -161,9 +209,15 @@ class Project:
         checkboxes: dict[str, list[str]] = {}
         touched_boxes: set[str] = set()
         for column, raw in row.items():
-            if column in (RECORD_ID, "redcap_event_name") or column.endswith("_complete"):
+            if column in (RECORD_ID, "redcap_event_name") or (column.endswith("_complete")
+                                                                and column not in self.by_name):
                 continue
             text = "" if raw is None else str(raw).strip()
+            if column in MANAGED or (column.endswith("_timestamp") and column.removesuffix("_timestamp")
+                                     in self.form_waves and column not in self.by_name):
+                if text:
+                    problems.append(f"{column}: set by the service, not imported (leave it blank)")
+                continue
             if "___" in column:
                 name, _, code = column.partition("___")
                 f = self.by_name.get(name)
@@ -192,9 +246,30 @@ class Project:
             answers[name] = checkboxes.get(name, [])
         return answers, problems
 
-    def complete_flags(self, row: dict[str, Any], wave: str) -> list[str]:
-        forms = [form for form, _ in self.forms if wave in self.form_waves[form]]
-        return [str(row.get(f"{form}_complete", "")).strip() for form in forms if f"{form}_complete" in row]
+    def complete_flags(self, row: dict[str, Any], wave: str) -> tuple[dict[str, str], list[str]]:
+        """The `<form>_complete` cells of an imported row: form -> 0/1/2 (blank cells left out), and problems."""
+        flags: dict[str, str] = {}
+        problems: list[str] = []
+        for column, raw in row.items():
+            if not column.endswith("_complete") or column in self.by_name:
+                continue
+            form = column.removesuffix("_complete")
+            value = "" if raw is None else str(raw).strip()
+            if form not in self.form_waves:
+                problems.append(f"{column}: {form!r} is not a form of this project")
+            elif value == "":
+                continue
+            elif value not in ("0", "1", "2"):
+                problems.append(f"{column}: a form status is 0 (incomplete), 1 (unverified) or 2 (complete), "
+                                f"not {value!r}")
+            elif wave not in self.form_waves[form]:
+                problems.append(f"{column}: form {form!r} is not used at event {event_name(wave)}")
+            else:
+                flags[form] = value
+        return flags, problems
+
+    def forms_at(self, wave: str) -> list[str]:
+        return [form for form, _ in self.forms if wave in self.form_waves[form]]
 
 
 def _meta(name: str, form: str, field_type: str, label: str) -> dict[str, str]:
@@ -219,6 +294,18 @@ def _raw(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     return _text(value)
+
+
+def _checkbox(checked: bool, answered: bool, label: str, labels: bool, checkbox_labels: bool) -> str:
+    """REDCap's checkbox cell: 1/0 raw; "Checked"/"Unchecked" as labels, or the option's label and blank
+    with exportCheckboxLabel. An item never answered is blank."""
+    if not answered:
+        return ""
+    if not labels:
+        return "1" if checked else "0"
+    if checkbox_labels:
+        return label if checked else ""
+    return "Checked" if checked else "Unchecked"
 
 
 def _export_value(f: Field, value: Any, labels: bool) -> str:

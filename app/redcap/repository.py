@@ -28,8 +28,10 @@ def _next_ids(study_id: uuid.UUID, after: str, limit: int) -> Any:
 
 def responses_after(session: Session, study_id: uuid.UUID, after: str, limit: int,
                     records: set[str] | None) -> Sequence[Any]:
-    """(external_id, wave, answers, status) of the next `limit` participants by external_id."""
-    query = (select(Participant.external_id, Response.wave, Response.answers, Response.status)
+    """(external_id, wave, answers, status, completed_at, updated_at, completed_instruments) of the next
+    `limit` participants."""
+    query = (select(Participant.external_id, Response.wave, Response.answers, Response.status,
+                    Response.completed_at, Response.updated_at, Response.completed_instruments)
              .join(Response, Response.participant_id == Participant.id)
              .where(Participant.study_id == study_id,
                     Participant.external_id.in_(_next_ids(study_id, after, limit).scalar_subquery()))
@@ -52,6 +54,18 @@ def stored_answers(session: Session, study_id: uuid.UUID, external_id: str, wave
     return answers
 
 
+def completed_forms(session: Session, study_id: uuid.UUID, external_id: str, wave: str) -> set[str] | None:
+    """The instruments already complete in a participant's response at `wave` (None: no response yet)."""
+    row = session.execute(
+        select(Response.status, Response.completed_instruments)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave)
+    ).first()
+    if row is None:
+        return None
+    return {"*"} if row.status == "complete" else set(row.completed_instruments or {})
+
+
 def wave_windows(session: Session, study_id: uuid.UUID, wave: str,
                  external_id: str | None = None) -> Sequence[tuple[uuid.UUID, str, datetime, datetime | None]]:
     """(participant id, external_id, closes_at, completed_at) for one wave, by external_id."""
@@ -63,6 +77,24 @@ def wave_windows(session: Session, study_id: uuid.UUID, wave: str,
     return [tuple(r) for r in session.execute(query.order_by(Participant.external_id))]  # type: ignore[misc]
 
 
-def audit_entries(session: Session, study_id: uuid.UUID, limit: int = 10_000) -> Sequence[AuditEntry]:
-    return list(session.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id)
-                                .order_by(AuditEntry.id.desc()).limit(limit)))
+def audit_entries(session: Session, study_id: uuid.UUID, *, tables: Sequence[str] | None = None,
+                  actions: Sequence[str] | None = None, actor: str | None = None, begin: datetime | None = None,
+                  end: datetime | None = None, limit: int = 10_000) -> Sequence[AuditEntry]:
+    query = select(AuditEntry).where(AuditEntry.study_id == study_id)
+    if tables is not None:
+        query = query.where(AuditEntry.table_name.in_(tables))
+    if actions is not None:
+        query = query.where(AuditEntry.action.in_(actions))
+    if actor is not None:
+        query = query.where(AuditEntry.actor == actor)
+    if begin is not None:
+        query = query.where(AuditEntry.at >= begin)
+    if end is not None:
+        query = query.where(AuditEntry.at <= end)
+    return list(session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit)))
+
+
+def external_ids(session: Session, study_id: uuid.UUID) -> dict[str, str]:
+    """participant id (as text) -> external_id, for naming records in the log."""
+    return {str(pid): ext for pid, ext in session.execute(
+        select(Participant.id, Participant.external_id).where(Participant.study_id == study_id))}

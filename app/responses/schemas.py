@@ -20,6 +20,15 @@ class ResponseIn(BaseModel):
         default=None, description="client-reported completion time; defaults to the time received"
     )
     answers: dict[str, Any] = Field(description="item code -> answer, validated against the codebook for the wave")
+    complete_instruments: list[str] = Field(
+        default_factory=list, max_length=200,
+        description="instruments this submission completes (with status partial): their required items are "
+                    "checked now and they are recorded complete; when every instrument asked at the wave is "
+                    "complete, the response becomes complete")
+
+
+InstrumentState = Literal["complete", "partial", "not_started"]
+INSTRUMENTS_DESCRIPTION = "each instrument asked at the wave: complete, partial (some answers) or not_started"
 
 
 class ResponseCreated(BaseModel):
@@ -31,6 +40,7 @@ class ResponseCreated(BaseModel):
     completed_at: datetime | None
     late: bool
     derived: dict[str, Any]
+    instruments: dict[str, InstrumentState] = Field(description=INSTRUMENTS_DESCRIPTION)
 
 
 class CorrectionOut(BaseModel):
@@ -49,6 +59,7 @@ class ResponseOut(BaseModel):
     status: Literal["complete", "partial"]
     answers: dict[str, Any]
     derived: dict[str, Any]
+    instruments: dict[str, InstrumentState] = Field(description=INSTRUMENTS_DESCRIPTION)
     late: bool
     received_at: datetime
     completed_at: datetime | None

@@ -21,7 +21,15 @@ from app.reminders import repository as reminders_repo
 from app.responses import repository
 from app.responses.models import Response, ResponseCorrection
 from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
-from app.responses.validation import carried_from, check_answers, compute_derived, dependent_waves
+from app.responses.validation import (
+    carried_from,
+    check_answers,
+    check_complete_instruments,
+    compute_derived,
+    dependent_waves,
+    instrument_states,
+    instruments_at,
+)
 from app.studies.service import StudyContext
 
 
@@ -90,21 +98,32 @@ def submit(
     participant = participants.find(session, ctx, data.external_id, for_update=True)
     if participant.status == "withdrawn":
         raise Conflict(f"participant {data.external_id!r} has withdrawn; responses are no longer accepted")
-    complete = data.status == "complete"
-    completed_at = (data.completed_at or now) if complete else None
-    late = _is_late(codebook, participant, data.wave, completed_at or now)
+    problems = check_complete_instruments(codebook, data.wave, data.complete_instruments)
+    if problems:
+        raise Invalid("complete_instruments names instruments not asked at this wave", errors=problems)
+    asked = instruments_at(codebook, data.wave)
+    completing = asked if data.status == "complete" else tuple(dict.fromkeys(data.complete_instruments))
+    finished_at = data.completed_at or now
+
+    def outcome(already: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+        """The status after this submission, and the instruments then complete (with their times)."""
+        done = {**already, **{i: already.get(i, finished_at.isoformat()) for i in completing}}
+        return ("complete" if all(i in done for i in asked) else "partial"), done
 
     # The usual case is a first submission: insert straight away, and let the unique
     # (participant, wave) constraint say whether a stored response must be merged instead.
-    as_new = check_answers(codebook, data.wave, data.answers, data.answers, data.status)
+    status, done = outcome({})
+    completed_at = finished_at if status == "complete" else None
+    as_new = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
     response: Response | None = None
     if not as_new:
         carried = _carried_values(session, codebook, participant.id, data.wave)
         values = dict(
             id=uuid.uuid4(), study_id=ctx.study.id, participant_id=participant.id, wave=data.wave,
-            status=data.status, answers=data.answers,
+            status=status, answers=data.answers,
             derived=compute_derived(codebook, data.wave, data.answers, carried),
-            derived_signature=codebook.derived_signature, codebook_revision=ctx.revision or 1, late=late,
+            derived_signature=codebook.derived_signature, codebook_revision=ctx.revision or 1,
+            late=_is_late(codebook, participant, data.wave, completed_at or now), completed_instruments=done,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
         if repository.insert_if_absent(session, values):
@@ -117,21 +136,25 @@ def submit(
         if existing.status == "complete":
             raise AlreadyComplete(f"the {data.wave} response of {data.external_id!r} is already complete; "
                                   "a coordinator corrects it with PATCH")
+        status, done = outcome(existing.completed_instruments or {})
+        # A response completed by its last instrument takes that instrument's time, unless the client gave one.
+        completed_at = finished_at if status == "complete" else None
         merged = {**existing.answers, **data.answers}
-        errors = check_answers(codebook, data.wave, data.answers, merged, data.status)
+        errors = check_answers(codebook, data.wave, data.answers, merged, status, tuple(done))
         if errors:
             raise _invalid(errors)
         existing.answers = merged
-        existing.status = data.status
+        existing.status = status
+        existing.completed_instruments = done
         existing.completed_at = completed_at
         existing.updated_at = now
         existing.derived = compute_derived(codebook, data.wave, merged,
                                            _carried_values(session, codebook, participant.id, data.wave))
         existing.derived_signature = codebook.derived_signature
         existing.codebook_revision = ctx.revision or 1
-        existing.late = late
+        existing.late = _is_late(codebook, participant, data.wave, completed_at or now)
         response = existing
-    if complete:
+    if response.status == "complete":
         _on_complete(session, ctx, codebook, participant, response)
     _refresh_dependents(session, codebook, response)
     session.flush()
@@ -139,8 +162,14 @@ def submit(
         id=response.id, external_id=participant.external_id, wave=response.wave,
         status=response.status,
         received_at=response.received_at, completed_at=response.completed_at, late=response.late,
-        derived=response.derived,
+        derived=response.derived, instruments=states_of(codebook, response),
     ), created
+
+
+def states_of(codebook: Codebook, response: Response) -> dict[str, Any]:
+    """The `instruments` map of a stored response."""
+    return instrument_states(codebook, response.wave, response.answers, response.completed_instruments or {},
+                             response.status)
 
 
 def _current_derived(session: Session, codebook: Codebook, response: Response) -> dict[str, Any]:
@@ -160,6 +189,7 @@ def to_out(session: Session, ctx: StudyContext, rows: list[tuple[Response, str]]
             id=r.id, external_id=ext if show_external_id else None, pseudonym=pseudonymise(ext), wave=r.wave,
             status=r.status,
             answers=r.answers, derived=_current_derived(session, codebook, r), late=r.late,
+            instruments=states_of(codebook, r),
             received_at=r.received_at, completed_at=r.completed_at, updated_at=r.updated_at,
             codebook_revision=r.codebook_revision,
             corrections=[CorrectionOut(at=c.created_at, token_id=c.token_id, reason=c.reason, before=c.before,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import date
 from functools import lru_cache
 from typing import Any
@@ -96,10 +96,46 @@ def condition_holds(cond: ConditionDoc, answers: Mapping[str, Any]) -> bool | No
         return None
 
 
+def instruments_at(codebook: Codebook, wave: str) -> tuple[str, ...]:
+    """The instruments asked at `wave` (those with an item asked there), in codebook order."""
+    return tuple(dict.fromkeys(item.instrument for item in codebook.items_by_wave.get(wave, ())))
+
+
+def instrument_states(codebook: Codebook, wave: str, answers: Mapping[str, Any], completed: Iterable[str],
+                      status: Status) -> dict[str, str]:
+    """complete / partial / not_started for every instrument asked at `wave`."""
+    done = set(completed)
+    started = {codebook.items[c].instrument for c, v in answers.items() if v is not None and c in codebook.items}
+    return {
+        inst: "complete" if status == "complete" or inst in done else "partial" if inst in started else "not_started"
+        for inst in instruments_at(codebook, wave)
+    }
+
+
+def check_complete_instruments(codebook: Codebook, wave: str, names: Iterable[str]) -> list[FieldError]:
+    """Unknown instruments, or instruments not asked at `wave`, named in `complete_instruments`."""
+    asked = set(instruments_at(codebook, wave))
+    known = {item.instrument for item in codebook.items.values()}
+    errors: list[FieldError] = []
+    for index, name in enumerate(names):
+        if name not in known:
+            errors.append({"loc": ["complete_instruments", index], "code": "unknown_instrument",
+                           "message": f"{name!r} is not an instrument of this codebook"})
+        elif name not in asked:
+            errors.append({"loc": ["complete_instruments", index], "code": "not_in_wave",
+                           "message": f"instrument {name} is not asked at {wave}"})
+    return errors
+
+
 def check_answers(
-    codebook: Codebook, wave: str, incoming: Mapping[str, Any], merged: Mapping[str, Any], status: Status
+    codebook: Codebook, wave: str, incoming: Mapping[str, Any], merged: Mapping[str, Any], status: Status,
+    completing: Collection[str] = (),
 ) -> list[FieldError]:
-    """Problems with `incoming` (what this request sends) in the light of `merged` (all answers so far)."""
+    """Problems with `incoming` (what this request sends) in the light of `merged` (all answers so far).
+
+    `completing` names instruments recorded complete by this request (with a partial status):
+    their required items are checked as a complete response's are, and only theirs.
+    """
     errors: list[FieldError] = []
     bad: set[str] = set()
 
@@ -120,20 +156,24 @@ def check_answers(
                 flag(code, *problem)
 
     complete = status == "complete"
+
+    def completes(item: Item) -> bool:
+        return complete or item.instrument in completing
+
     for code, value in merged.items():
         item = codebook.items.get(code)
         if code in bad or item is None or value is None or item.enable_when is None:
             continue
         state = condition_holds(item.enable_when, merged)
         # For a partial response an unanswered controlling item does not reject the dependent
-        # one; the check runs again when the response is completed.
-        if state is False or (state is None and complete):
+        # one; the check runs again when the response (or the item's instrument) is completed.
+        if state is False or (state is None and completes(item)):
             cond = item.enable_when
             flag(code, "not_enabled", f"{code} is asked only when {cond.item} {cond.operator} {cond.value!r}")
 
-    if complete:
+    if complete or completing:
         for item in codebook.items_by_wave.get(wave, ()):
-            if not item.required or merged.get(item.code) is not None or item.code in bad:
+            if not item.required or not completes(item) or merged.get(item.code) is not None or item.code in bad:
                 continue
             if item.enable_when is not None and condition_holds(item.enable_when, merged) is not True:
                 continue
