@@ -1,7 +1,7 @@
 """instruments complete one at a time: responses.completed_instruments
 
 Revision ID: 5c1f0a7d2b94
-Revises: e77cbfe5c19d
+Revises: e2aa1303946b
 Create Date: 2026-11-30 23:30:00.000000+00:00
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = '5c1f0a7d2b94'
-down_revision: str | None = 'e77cbfe5c19d'
+down_revision: str | None = 'e2aa1303946b'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """derived recomputes are due rows; lease columns end in _at
 
 Revision ID: e120f520ba58
-Revises: e2aa1303946b
+Revises: 5c1f0a7d2b94
 Create Date: 2026-11-30 23:39:36.380233+00:00
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = 'e120f520ba58'
-down_revision: str | None = 'e2aa1303946b'
+down_revision: str | None = '5c1f0a7d2b94'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
