@@ -104,7 +104,9 @@ def _bootstrap(settings: Settings) -> str | None:
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="API processes (default: one per core with REDIS_URL; one without it, where the rate limit is "
+             "counted in each process)", min=1, max=64)] = None,
     worker: Annotated[
         bool | None,
         typer.Option("--worker/--no-worker", help="also run a Celery worker with beat (default: on when embedded)"),
@@ -118,6 +120,11 @@ def serve(
     _setup_logging(settings.log_level)
     embedded = settings.embedded
     run_worker = embedded if worker is None else worker
+    if workers is None:
+        workers = (os.cpu_count() or 1) if settings.redis_url else 1
+    elif workers > 1 and not settings.redis_url:
+        typer.echo(f"note: without REDIS_URL each of the {workers} processes counts the rate limit on its own",
+                   err=True)
     child: subprocess.Popen[bytes] | None = None
     with database_runtime(exclusive=True) as settings:
         try:

@@ -214,9 +214,9 @@ def run_load(work: list[Any], clients: int, send: Callable[[Any, Any], bool],
                 p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], errors=errors)
 
 
-def http_connect(base: str) -> Callable[[], http.client.HTTPConnection]:
+def http_connect(base: str, timeout: float = 120) -> Callable[[], http.client.HTTPConnection]:
     host, port = base.removeprefix("http://").split(":")
-    return lambda: http.client.HTTPConnection(host, int(port), timeout=120)
+    return lambda: http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

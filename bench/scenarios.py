@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import statistics
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.engine import URL
 
 from bench.common import (
+    ADMIN,
     SECRET,
     Databases,
     conninfo,
@@ -45,12 +47,14 @@ class Scale:
     participants_scan: int
     refit_sizes: tuple[int, ...]
     export_rows: int
+    burst_clients: int
+    burst_each: int
 
 
 QUICK = Scale("quick", posts=150, levels=(1, 8), import_rows=3_000, participants_scan=10_000,
-              refit_sizes=(300,), export_rows=15_000)
+              refit_sizes=(300,), export_rows=15_000, burst_clients=48, burst_each=2)
 FULL = Scale("full", posts=3_000, levels=(1, 8, 32), import_rows=100_000, participants_scan=1_000_000,
-             refit_sizes=(647, 10_000), export_rows=1_000_000)
+             refit_sizes=(647, 10_000), export_rows=1_000_000, burst_clients=256, burst_each=4)
 
 
 def _baseline_answers(n: int) -> list[dict[str, Any]]:
@@ -73,7 +77,7 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
     with psycopg.connect(conninfo(db), autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, participant text, wave text, answers jsonb)")
     levels = scale.levels
-    total = scale.posts * len(levels)
+    total = scale.posts * (len(levels) + 1)  # the last share: the top level again, on two processes
     answers = _baseline_answers(total)
     people = [f"B{i:06d}" for i in range(total)]
     bodies = [{"external_id": p, "wave": "baseline", "answers": a} for p, a in zip(people, answers, strict=False)]
@@ -99,6 +103,14 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
             chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
             load = run_load(chunk, clients, post_response, http_connect(api.url))
             out["levels"][clients] = {"service": load.__dict__}
+
+    # the top level again on two API processes against the same database (more cores, more processes)
+    with serve(env, "--workers", "2") as api2:
+        top = max(levels)
+        chunk = bodies[len(levels) * scale.posts:]
+        two = run_load(chunk, top, post_response, http_connect(api2.url))
+    out["processes"] = {"clients": max(levels), "1": out["levels"][max(levels)]["service"]["rate"],
+                        "2": two.rate, "p99_ms_2": two.p99_ms, "errors_2": two.errors}
 
     bare_env = {**env, "BENCH_RAW_DSN": conninfo(db)}
     with serve(bare_env, "--log-level", "warning",
@@ -128,6 +140,66 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
         level["ratio_to_bare_fastapi"] = level["service"]["rate"] / level["bare_fastapi"]["rate"]
         level["ratio_to_raw_insert"] = level["service"]["rate"] / load.rate
     return out
+
+
+# -- 1b. a burst beyond every pool ------------------------------------------------------------------
+
+
+def burst(dbs: Databases, scale: Scale) -> dict[str, Any]:
+    """Many survey front-end clients at once (a 09:00 reminder wave), one collector token, each posting
+    complete responses for different participants; a coordinator reads retention meanwhile."""
+    db = dbs.new("burst")
+    n = scale.burst_clients * scale.burst_each
+    answers = _baseline_answers(n)
+    people = [f"U{i:06d}" for i in range(n)]
+    bodies = [{"external_id": p, "wave": "baseline", "status": "complete", "answers": a}
+              for p, a in zip(people, answers, strict=True)]
+    with serve(service_env(db)) as api:
+        _study(api.url)
+        status, _ = request(api.url, "POST", "/api/v1/studies/bench/participants:import", [
+            {"external_id": p, "enrolled_at": datetime.now(UTC).isoformat()} for p in people])
+        assert status == 200
+        _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "collector", "label": "burst"})
+        collector = made["token"]
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def post(conn: Any, body: dict[str, Any]) -> bool:
+            conn.request("POST", "/api/v1/studies/bench/responses", body=json.dumps(body), headers={
+                "Authorization": f"Bearer {collector}", "Content-Type": "application/json",
+                "Idempotency-Key": str(uuid.uuid4())})
+            response = conn.getresponse()
+            response.read()
+            with lock:
+                statuses.append(response.status)
+            return bool(response.status == 201)
+
+        reads: list[float] = []
+        done = threading.Event()
+
+        def read_retention() -> None:
+            conn = http_connect(api.url)()
+            while not done.is_set():
+                started = time.perf_counter()
+                conn.request("GET", "/api/v1/studies/bench/retention", headers={"Authorization": f"Bearer {ADMIN}"})
+                conn.getresponse().read()
+                reads.append(time.perf_counter() - started)
+                time.sleep(0.2)
+            conn.close()
+
+        reader = threading.Thread(target=read_retention)
+        reader.start()
+        load = run_load(bodies, scale.burst_clients, post, http_connect(api.url, timeout=300))
+        done.set()
+        reader.join()
+        _, stored = request(api.url, "GET", "/api/v1/studies/bench/retention")
+    reads.sort()
+    baseline = next(w for w in stored["waves"] if w["wave"] == "baseline")
+    return {"clients": scale.burst_clients, "responses": n, "acknowledged": statuses.count(201),
+            "server_errors": sum(1 for s in statuses if s >= 500), "stored": baseline["completed"],
+            "rate": load.rate, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms,
+            "retention_reads": len(reads), "retention_p99_ms": 1000 * reads[min(len(reads) - 1, int(0.99 * len(reads)))]
+            if reads else None}
 
 
 # -- 2. participant import -----------------------------------------------------------------------
@@ -440,6 +512,7 @@ def export(dbs: Databases, scale: Scale) -> dict[str, Any]:
 
 SCENARIOS = {
     "ingest": ingest,
+    "burst": burst,
     "import": participant_import,
     "reminder_claims": reminder_claims,
     "retention": retention_at_scale,

@@ -40,6 +40,9 @@ def test_the_quick_benchmark_runs_every_scenario(pg_server: URL, tmp_path: Path)
     for level in results["ingest"]["levels"].values():  # every request of every load level answered
         assert level["service"]["errors"] == 0 and level["service"]["rate"] > 0
         assert 0 < level["ratio_to_bare_fastapi"] < math.inf
+    assert results["ingest"]["processes"]["2"] > 0 and results["ingest"]["processes"]["errors_2"] == 0
+    burst = results["burst"]
+    assert burst["server_errors"] == 0 and burst["acknowledged"] == burst["responses"] == burst["stored"]
     assert results["import"]["rows"] == 3_000 and results["import"]["ratio_to_copy"] > 0
     assert results["reminder_claims"]["claimed"] == 1_000 == results["reminder_claims"]["decided"]
     assert results["retention"]["eligible_month6"] > 0
