@@ -107,7 +107,7 @@ def condition_met(item: dict[str, Any], answers: dict[str, Any]) -> bool:
     raise AssertionError(f"operator {op} not handled by the test generator")
 
 
-def valid_answers(wave: str, rng: Any, codebook: dict[str, Any] | None = None, **fixed: Any) -> dict[str, Any]:
+def valid_answers(wave: str, rng: Any, codebook: dict[str, Any] | None = None, /, **fixed: Any) -> dict[str, Any]:
     """Answers for every item asked at `wave`, honouring conditions and the codebook's rules."""
     codebook = codebook or pal_codebook()
     answers: dict[str, Any] = {}

@@ -414,6 +414,7 @@ def test_signing_out_ends_the_session_on_the_server(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url, follow_redirects=False, timeout=30) as browser:
         assert browser.post("/ui/login", data={"token": ADMIN_TOKEN}).status_code == 303
         cookie = browser.cookies.get("cohort_session")
+        assert cookie is not None
         home = browser.get("/ui/")
         assert home.status_code == 200
         csrf = home.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]

@@ -220,7 +220,8 @@ def test_a_killed_worker_and_a_restarted_broker_still_finish_every_fit_once(fres
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, [j["error"] for j in jobs]
     engine = create_engine(fresh_db)
     with engine.connect() as conn:
-        attempts = dict(conn.execute(text("SELECT id::text, attempts FROM analyses")).all())
+        attempts: dict[str, int] = {str(k): int(v) for k, v in
+                                    conn.execute(text("SELECT id::text, attempts FROM analyses")).all()}
     engine.dispose()
     assert max(attempts.values()) >= 2  # the killed fit ran again ...
     assert all(j["finished_at"] and j["results"] for j in jobs)  # ... and each job has one result

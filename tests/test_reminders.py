@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ async def test_a_study_year_of_reminders(api: httpx.AsyncClient, smtp: SmtpServe
         for k in totals:
             totals[k] += result[k]
 
-    def expected_ny(kinds_by_wave: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], datetime]:
+    def expected_ny(kinds_by_wave: Mapping[str, tuple[str, ...]]) -> dict[tuple[str, str], datetime]:
         out = {}
         for wave, kinds in kinds_by_wave.items():
             open_day, last_day = WAVES[wave]

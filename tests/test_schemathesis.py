@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import schemathesis
@@ -53,5 +54,5 @@ def api_server(template_db: URL, tmp_path_factory: pytest.TempPathFactory) -> It
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much])
-def test_the_api_honours_its_schema(case: schemathesis.Case, api_server: LiveServer) -> None:
+def test_the_api_honours_its_schema(case: schemathesis.Case[Any], api_server: LiveServer) -> None:
     case.call_and_validate(base_url=api_server.url, headers=auth(ADMIN_TOKEN), checks=CHECKS)
