@@ -64,6 +64,7 @@ def database_runtime(*, exclusive: bool = False) -> Iterator[Settings]:
     """Settings with a usable DATABASE_URL: the configured server, or the embedded one."""
     settings = _settings()
     if not settings.embedded:
+        _check_database(settings)
         yield settings
         return
     from app.core.embedded import EmbeddedError, EmbeddedPostgres
@@ -82,8 +83,25 @@ def database_runtime(*, exclusive: bool = False) -> Iterator[Settings]:
         yield get_settings()
     finally:
         _ignore_signals()  # a second Ctrl-C or SIGTERM must not cut the shutdown short
+        started_here = embedded.owned
         embedded.stop()
-        typer.echo("embedded PostgreSQL stopped", err=True)
+        if started_here:  # attached to a running `cohort serve`'s database: that one keeps running
+            typer.echo("embedded PostgreSQL stopped", err=True)
+
+
+def _check_database(settings: Settings) -> None:
+    """One line naming DATABASE_URL's host and the reason, instead of a driver's traceback."""
+    import psycopg
+
+    url = settings.sqlalchemy_url
+    try:
+        with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False),
+                             connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+        raise _fail(f"DATABASE_URL ({where}) cannot be reached: {reason}") from None
 
 
 def _bootstrap(settings: Settings) -> str | None:
@@ -179,12 +197,23 @@ def worker(
 ) -> None:
     """Run a Celery worker for reminders and analyses."""
     _terminate_on_sigterm()
+    embedded = _settings().embedded
     with database_runtime() as settings:
         _setup_logging(settings.log_level)
         from app.core.celery import configure
         from workers.celery_app import app
 
         configure(app, settings)
+        if embedded and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # Celery warns about root on every start. Its concern is a broker that can send
+            # pickles, and these workers accept JSON only; in the embedded mode the broker is
+            # this machine's own database. Said once here instead; production runs as a user.
+            import warnings
+
+            from celery.exceptions import SecurityWarning
+
+            warnings.filterwarnings("ignore", category=SecurityWarning)
+            log.info("the worker runs as root (embedded mode; tasks are JSON only, the broker is local)")
         argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--loglevel={settings.log_level}",
                 "--prefetch-multiplier=1"]
         if not settings.redis_url:
@@ -284,6 +313,56 @@ def simulate(
     typer.echo(f"true coefficients: {path} (also GET /api/v1/studies/{study}/simulation)")
 
 
+@cli.command("import")
+def import_participants(
+    study: Annotated[str, typer.Argument(help="study key")],
+    file: Annotated[Path, typer.Argument(help="a CSV (external_id, enrolled_at, timezone, email, phone, name) "
+                                              "or a JSON array of participants", exists=True, dir_okay=False)],
+    partial: Annotated[bool, typer.Option("--partial", help="store the good rows even if others are bad")] = False,
+) -> None:
+    """Enrol participants from a file, through the same checks as participants:import (all-or-nothing by default)."""
+    import time
+
+    from rich.console import Console
+
+    from app.core.crypto import settings_sealer
+    from app.core.db import Database, transaction
+    from app.core.errors import DomainError
+    from app.core.timeutil import utcnow
+    from app.participants import importer
+    from app.participants import service as participants
+    from app.studies import service as studies
+
+    console = Console(stderr=True)
+    raw = file.read_bytes()
+    started = time.perf_counter()
+    with database_runtime() as settings, console.status("reading", spinner="dots") as status:
+        _setup_logging(settings.log_level)
+        db = Database.from_settings(settings)
+        try:
+            records, csv_mode = importer.read_csv(raw) if file.suffix.lower() == ".csv" else importer.read_json(raw)
+            status.update(f"checking {len(records):,} rows")
+            rows, errors = importer.validate(records, csv_mode=csv_mode)
+            status.update(f"enrolling {len(rows):,} rows (schedules, sealed contacts, audit)")
+            with transaction(db, actor="cli:import") as session:
+                result = participants.import_rows(session, studies.system_context(session, study), rows, errors,
+                                                  partial=partial, sealer=settings_sealer(settings), now=utcnow())
+        except DomainError as exc:
+            raise _fail(exc.detail) from None
+        finally:
+            db.dispose()
+    seconds = time.perf_counter() - started
+    for e in result.errors[:20]:
+        typer.echo(f"row {e.row}: {'.'.join(map(str, e.loc))}: {e.code}: {e.message}", err=True)
+    if len(result.errors) > 20:
+        typer.echo(f"... and {len(result.errors) - 20} more problems", err=True)
+    rate = result.created / seconds if seconds > 0 else 0
+    typer.echo(f"{result.created:,} enrolled in {seconds:.1f} s ({rate:,.0f} rows/s); {len(result.errors)} problems"
+               + ("" if result.created or not result.errors else " (nothing stored: fix them or use --partial)"))
+    if result.errors and not partial:
+        raise typer.Exit(code=1)
+
+
 @cli.command()
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="every scenario at a small scale (about two minutes)")] = False,
@@ -339,7 +418,8 @@ def openapi(
 
 def main() -> None:
     try:
-        cli()
+        # named as the user typed it: `./dev` sets COHORT_PROG, so help and errors say `./dev serve`
+        cli(prog_name=os.environ.get("COHORT_PROG") or "cohort")
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
