@@ -83,6 +83,7 @@ async def test_long_csv_holds_every_value_under_a_pseudonym(app_client: httpx.As
     by_name = {v: k for k, v in names.items()}
     assert list(rows[0])[:4] == ["participant", "wave", "completed_at", "late"]
     assert list(rows[0])[4:] == [it["code"] for it in ITEMS] + DERIVED
+    assert {row["late"] for row in rows} <= {"true", "false"}  # one spelling of booleans everywhere
     for row in rows:
         ext = by_name[row["participant"]]
         expected = data["sent"][(ext, row["wave"])]
@@ -136,6 +137,14 @@ async def test_parquet_has_typed_columns(app_client: httpx.AsyncClient, data: di
     wide = pd.read_parquet(io.BytesIO((await get(app_client, data["analyst"], format="parquet",
                                                   layout="wide")).content))
     assert len(wide) == 12 and "age_baseline" in wide.columns
+    # what pandas, R arrow and DuckDB read: typed columns, not text
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(io.BytesIO(r.content))
+    assert str(schema.field("completed_at").type) == "timestamp[us, tz=UTC]"
+    assert str(schema.field("age").type) == "int64" and str(schema.field("late").type) == "bool"
+    assert str(schema.field("gender").type) == "dictionary<values=string, indices=int32, ordered=0>"
+    assert str(frame["completed_at"].dtype) == "datetime64[us, UTC]"
 
 
 async def test_data_dictionary_and_roles(app_client: httpx.AsyncClient, admin: httpx.AsyncClient,

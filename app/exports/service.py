@@ -82,8 +82,11 @@ def _pseudonym(alias: str = "p") -> sql.Composable:
     ).format(sql.Identifier(alias), sql.Literal(16))
 
 
-def query(codebook: Codebook, layout: str, *, inert: bool = False) -> tuple[sql.Composable, list[Column]]:
-    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV)."""
+def query(codebook: Codebook, layout: str, *, inert: bool = False,
+          typed: bool = False) -> tuple[sql.Composable, list[Column]]:
+    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV); `typed`:
+    timestamps as timestamps (Parquet) rather than RFC 3339 text (CSV). Booleans are spelled
+    true/false everywhere in CSV, as the derived values are."""
     cols = columns(codebook, layout)
     wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
     source = sql.SQL(
@@ -93,8 +96,9 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False) -> tuple[sql.
     if layout == "long":
         select = sql.SQL(", ").join([
             sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
-            sql.SQL("to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
-            sql.SQL("r.late"),
+            sql.SQL("r.completed_at") if typed else sql.SQL(
+                "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
+            sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
             *[sql.SQL("{} AS {}").format(_value(c, inert=inert), sql.Identifier(c.name)) for c in cols],
         ])
         statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
@@ -160,10 +164,13 @@ class _Drain(io.RawIOBase):
 def _schema(cols: list[Column], layout: str) -> Any:
     import pyarrow as pa
 
-    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+    category = pa.dictionary(pa.int32(), pa.string())
+    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "date": pa.date32(),
+             "single_choice": category}
     fields = [pa.field("participant", pa.string())]
     if layout == "long":
-        fields += [pa.field("wave", pa.string()), pa.field("completed_at", pa.string()), pa.field("late", pa.bool_())]
+        fields += [pa.field("wave", category), pa.field("completed_at", pa.timestamp("us", tz="UTC")),
+                   pa.field("late", pa.bool_())]
     fields += [pa.field(c.name, arrow.get(c.type, pa.string())) for c in cols]
     return pa.schema(fields)
 
@@ -173,9 +180,11 @@ def _array(values: tuple[Any, ...], kind: Any) -> Any:
 
     if pa.types.is_string(kind):
         return pa.array(values, type=kind)
-    if pa.types.is_boolean(kind) and any(isinstance(v, bool) for v in values):
-        return pa.array(values, type=kind)  # a column the query already types (late)
-    return pa.array(values, type=pa.string()).cast(kind)  # text from JSON ("3", "true"): cast, vectorised
+    if pa.types.is_dictionary(kind):
+        return pa.array(values, type=pa.string()).dictionary_encode()
+    if pa.types.is_timestamp(kind) or (pa.types.is_boolean(kind) and any(isinstance(v, bool) for v in values)):
+        return pa.array(values, type=kind)  # columns the query already types (completed_at, late)
+    return pa.array(values, type=pa.string()).cast(kind)  # text from JSON ("3", "true", "2026-01-31"): cast
 
 
 def _batch(rows: list[tuple[Any, ...]], schema: Any) -> Any:
@@ -191,7 +200,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    statement, cols = query(codebook, layout)
+    statement, cols = query(codebook, layout, typed=True)
     schema = _schema(cols, layout)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
