@@ -15,6 +15,27 @@ def compose() -> dict[str, Any]:
     return document
 
 
+def test_compose_file_is_valid_against_the_compose_specification() -> None:
+    """Where Docker has no compose plugin to try it, the schema of the Compose Specification
+    (vendored in tests/vendor/compose-spec, Apache-2.0) still checks every key and value."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((ROOT / "tests" / "vendor" / "compose-spec" / "compose-spec.json").read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose()), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_every_setting_the_compose_file_sets_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, service in compose()["services"].items():
+        if service.get("build") != ".":
+            continue
+        for variable in service.get("environment", {}):
+            assert f"`{variable}`" in readme, f"{name}: {variable} is not in the README's configuration table"
+
+
 def test_compose_has_every_service_with_a_healthcheck() -> None:
     services = compose()["services"]
     assert {"postgres", "redis", "api", "worker", "beat"} <= services.keys()
