@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.errors import PROBLEM_JSON
+from app.core.middleware import send_complete
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,4 @@ async def _busy(send: Send, waited: float) -> None:
     body = json.dumps({"type": "/problems/unavailable", "title": "Service Unavailable", "status": 503,
                        "detail": f"the service is at capacity and this request waited {waited:.0f} s; retry shortly"}
                       ).encode()
-    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"retry-after", b"2"),
-               (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_complete(send, 503, body, headers=((b"retry-after", b"2"),))

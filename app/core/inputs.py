@@ -33,6 +33,19 @@ def json_depth(raw: bytes) -> int:
     return deepest
 
 
+def parsed_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in already parsed JSON (iterative: no recursion limit
+    to hit), counted no further than one level past MAX_JSON_DEPTH."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _nul_paths(value: Any, loc: list[str | int]) -> Iterator[list[str | int]]:
     if isinstance(value, str):
         if "\x00" in value:

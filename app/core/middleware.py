@@ -20,12 +20,18 @@ log = logging.getLogger(__name__)
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
 
 
+async def send_complete(send: Send, status: int, body: bytes, media_type: bytes = PROBLEM_JSON.encode(),
+                        headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A whole response from a guard, before (or instead of) the application."""
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", media_type), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_problem(send: Send, status: int, title: str, detail: str, slug: str) -> None:
     body = json.dumps({"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail},
                       separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_complete(send, status, body)
 
 
 class BodyLimit:
@@ -188,9 +194,7 @@ class InputGuard:
             if any(e["code"] == "too_deep" for e in errors):
                 detail = errors[0]["message"]
             status, body, media_type = _rejection(path, detail, errors)
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_complete(send, status, body, media_type)
             return
         await self.app(scope, receive, send)
 
@@ -227,9 +231,7 @@ class Unhandled:
             body = json.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500,
                                "detail": "internal error; the request was not applied",
                                "instance": scope["path"]}).encode()
-            await send({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_complete(send, 500, body)
 
 
 PAGE_HEADERS = [

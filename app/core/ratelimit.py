@@ -25,8 +25,7 @@ from urllib.parse import parse_qsl
 import redis.asyncio as aioredis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.errors import PROBLEM_JSON
-from app.core.middleware import buffer_body
+from app.core.middleware import buffer_body, send_complete
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +89,7 @@ class RateLimit:
                 "type": "/problems/rate-limited", "title": "Too Many Requests", "status": 429,
                 "detail": f"more than {self.per_minute} writes a minute with this token; retry in {retry} s",
             }).encode()
-            await send({"type": "http.response.start", "status": 429, "headers": [
-                (b"content-type", PROBLEM_JSON.encode()), (b"retry-after", str(retry).encode()),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_complete(send, 429, body, headers=((b"retry-after", str(retry).encode()),))
             return
         await self.app(scope, receive, send)
 

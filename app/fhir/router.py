@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
 from app.core.errors import AlreadyComplete, DomainError, Forbidden, Invalid, Malformed, NotFound
+from app.core.inputs import MAX_JSON_DEPTH, parsed_depth
 from app.core.security import Principal, Role, authenticate
 from app.core.timeutil import utcnow
 from app.fhir import repository
@@ -61,7 +62,6 @@ EXPRESSIONS = {"external_id": "QuestionnaireResponse.subject.identifier.value",
                "completed_at": "QuestionnaireResponse.authored", "status": "QuestionnaireResponse.status",
                "complete_instruments": "QuestionnaireResponse.questionnaire",
                "reason": "QuestionnaireResponse.text"}
-MAX_DEPTH = 64
 DEFAULT_COUNT, MAX_COUNT = 50, 500
 Q_PARAMS = ("url", "name", "status", "_count", "_offset", "_format")
 QR_PARAMS = ("subject", "subject:identifier", "questionnaire", "status", "authored", "_lastUpdated", "_count",
@@ -381,26 +381,15 @@ def get_questionnaire(questionnaire_id: str, request: Request, session: SessionD
 # -- responses ------------------------------------------------------------------------------------
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if level <= MAX_DEPTH:
-                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 def _json(body: bytes) -> Any:
     try:
         value = json.loads(body)
     except RecursionError:
-        raise Malformed(f"the JSON nests deeper than {MAX_DEPTH} levels") from None
+        raise Malformed(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError:
         raise Malformed("the body is not JSON") from None
-    if _depth(value) > MAX_DEPTH:
-        raise Malformed(f"the JSON nests deeper than {MAX_DEPTH} levels")
+    if parsed_depth(value) > MAX_JSON_DEPTH:
+        raise Malformed(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 

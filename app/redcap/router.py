@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.core.errors import AlreadyComplete, DomainError
+from app.core.inputs import MAX_JSON_DEPTH, parsed_depth
 from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
@@ -444,19 +445,6 @@ def _stream(fmt: str, rows: Iterator[dict[str, str]], columns: list[str], raw_ce
 # -- record import ---------------------------------------------------------------------------------
 
 
-MAX_JSON_DEPTH = 64
-
-
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest in parsed JSON (iterative: no recursion limit to hit)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if level <= MAX_JSON_DEPTH:
-                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def _parse(data: str, fmt: str) -> list[dict[str, Any]]:
@@ -465,7 +453,7 @@ def _parse(data: str, fmt: str) -> list[dict[str, Any]]:
     try:
         if fmt == "json":
             parsed = json.loads(data)
-            if _depth(parsed) > MAX_JSON_DEPTH:
+            if parsed_depth(parsed) > MAX_JSON_DEPTH:
                 raise RedcapError(f"data nests deeper than {MAX_JSON_DEPTH} levels")
             if not isinstance(parsed, list) or not all(isinstance(r, dict) for r in parsed):
                 raise RedcapError("data must be a JSON array of records")
