@@ -18,6 +18,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from app.analysis import service as analyses
+from app.analysis.plan import PlanDoc
 from app.analysis.router import fmt_number, fmt_p
 from app.analysis.router import to_out as analysis_out
 from app.core.crypto import settings_sealer
@@ -51,11 +52,6 @@ from app.studies.service import StudyContext
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
-MODELS: tuple[tuple[str, str | None, str], ...] = (
-    ("online_attendance", None, "Who attends online (logistic regression)"),
-    ("abstinence", "model1", "Abstinence over time (GEE, model 1)"),
-    ("abstinence", "model2", "Abstinence over time (GEE, model 2: + primary group, multiple groups)"),
-)
 
 
 def _pct(value: float | None) -> str:
@@ -205,7 +201,7 @@ def _safe_back(back: str, key: str) -> str:
 
 def forest(results: dict[str, Any], label: str) -> str:
     items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
-             for c in results.get("coefficients", []) if c["term"] != "Intercept"]
+             for c in results.get("coefficients", []) if c["term"].lower() != "intercept"]
     return charts.intervals(label, items, log_scale=True, reference=1.0, axis="odds ratio (log scale), 95 % CI")
 
 
@@ -222,22 +218,43 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                          r.rate, r.ci_low, r.ci_high) for r in result.items],
         axis="proportion abstinent", fmt="{:.2f}")
     latest = analyses.latest_succeeded(session, ctx.study.id)
+    plan = analyses.current_plan(session, ctx)
     models = []
-    for model, variant, title in MODELS:
+    for model, variant, title in _plan_models(plan.doc):
         job = latest.get((model, variant or ""))
         out = analysis_out(job, ctx.study.key) if job is not None else None
+        contrasts = (job.results or {}).get("contrasts") if job is not None else None
         models.append({"model": model, "variant": variant, "title": title, "job": out,
+                       "contrast_plot": contrast_plot(contrasts, f"Contrasts: {title}") if contrasts else "",
                        "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
     return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
-                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of)
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version)
+
+
+def _plan_models(plan: PlanDoc) -> list[tuple[str, str | None, str]]:
+    """The plan's regression models and their variants, in the plan's order."""
+    out: list[tuple[str, str | None, str]] = []
+    for key, model in plan.models.items():
+        if model.kind == "table1":
+            continue
+        out.append((key, None, model.label or key))
+        out += [(key, variant, doc.label or f"{model.label or key} ({variant})")
+                for variant, doc in model.variants.items()]
+    return out
+
+
+def contrast_plot(contrasts: list[dict[str, Any]], label: str) -> str:
+    items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
+             for c in contrasts]
+    return charts.intervals(label, items, log_scale=True, reference=1.0, axis="odds ratio (log scale), 95 % CI")
 
 
 @router.post("/studies/{key}/analyses")
 def refit(key: str, viewer: FormViewer, session: SessionDep,
-          model: Annotated[Literal["table1", "online_attendance", "abstinence"], Form()],
-          variant: Annotated[Literal["", "model1", "model2"], Form()] = "") -> Response:
+          model: Annotated[str, Form(max_length=40)],
+          variant: Annotated[str, Form(max_length=40)] = "") -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    job, _ = analyses.request(session, ctx, model=model, variant=variant or None, as_of=None,
+    job, _ = analyses.request(session, ctx, model=model, variant=variant or None, spec=None, as_of=None,
                               requested_by=viewer.principal.token_id)
     return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
 
