@@ -406,3 +406,20 @@ def test_simulated_true_effects_are_recovered() -> None:
     assert total == 3 * (18 + 12 + 3)
     assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 99 intervals
     assert 0.30 <= cohort.truth["online_share"] <= 0.42  # close to the study's 36 % online
+
+
+def test_simulate_show_truth_prints_the_truth_table() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from app.analysis.simulate import truth_table
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["simulate", "--show-truth"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown == truth_table()
+    assert list(shown["online_attendance"]) == ONLINE_TERMS[1:]
+    assert list(shown["abstinence_model2"]) == MODEL2_TERMS
+    assert list(shown["abstinence_model2_contrasts"]) == list(CONTRASTS)
