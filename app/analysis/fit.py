@@ -70,12 +70,33 @@ def _source(rows: pd.DataFrame, frame: pd.DataFrame, var: dict[str, Any]) -> pd.
     """The source value on each row: the row's own, or the participant's at the variable's wave."""
     source = var["source"]
     if source not in frame.columns:
-        return pd.Series(np.nan, index=rows.index, dtype="object")
+        return pd.Series(None, index=rows.index, dtype="object")
     if var.get("at") is None:
         own: pd.Series = rows[source].astype("object")
         return own
-    at = frame.loc[frame["wave"] == var["at"]].drop_duplicates("participant").set_index("participant")[source]
-    return rows["participant"].map(at.astype("object")).astype("object")
+    at_wave, positions = _at(rows, frame, var["at"])
+    values = np.empty(len(rows), dtype=object)
+    found = positions >= 0
+    values[found] = at_wave[source].to_numpy(dtype=object)[positions[found]]
+    values[~found] = None
+    return pd.Series(values, index=rows.index, dtype="object")
+
+
+_AT_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, np.ndarray]] = {}
+
+
+def _at(rows: pd.DataFrame, frame: pd.DataFrame, wave: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The participants' responses at `wave` and each row's position among them (-1: none),
+    computed once while a fit builds its columns from the same rows and frame (the cache holds
+    both objects, so an identity match cannot be a different frame)."""
+    cached = _AT_CACHE.get(wave)
+    if cached is not None and cached[0] is rows and cached[1] is frame:
+        return cached[2], cached[3]
+    at_wave = frame.loc[frame["wave"] == wave].drop_duplicates("participant").set_index("participant")
+    positions = at_wave.index.get_indexer(pd.Index(rows["participant"]))
+    _AT_CACHE.clear()
+    _AT_CACHE[wave] = (rows, frame, at_wave, positions)
+    return at_wave, positions
 
 
 def _as_float(values: pd.Series, kind: str | None) -> pd.Series:
@@ -85,7 +106,7 @@ def _as_float(values: pd.Series, kind: str | None) -> pd.Series:
 
 
 def _known(values: pd.Series) -> pd.Series:
-    return values.map(lambda v: v is not None and v is not pd.NA and not (isinstance(v, float) and math.isnan(v)))
+    return pd.Series(pd.notna(values.to_numpy(dtype=object)), index=values.index)
 
 
 def variable_columns(rows: pd.DataFrame, frame: pd.DataFrame, name: str, var: dict[str, Any],
@@ -375,8 +396,11 @@ def _continuous(name: str, groups: dict[str, pd.DataFrame]) -> dict[str, Any]:
 
 
 def run(spec: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
-    if spec["kind"] == "table1":
-        return table1(spec, frame)
-    if spec["kind"] == "logistic":
-        return logistic(spec, frame)
-    return gee(spec, frame)
+    try:
+        if spec["kind"] == "table1":
+            return table1(spec, frame)
+        if spec["kind"] == "logistic":
+            return logistic(spec, frame)
+        return gee(spec, frame)
+    finally:
+        _AT_CACHE.clear()  # do not keep the frame alive after the fit
