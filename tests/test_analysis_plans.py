@@ -96,6 +96,7 @@ async def test_unknown_names_are_422_with_the_path_of_each(app_client: httpx.Asy
     plan["models"]["abstinence"]["terms"][5] = "ages"
     plan["models"]["abstinence"]["rows"] = {"waves": ["baseline", "week9"]}
     plan["models"]["abstinence"]["contrasts"].append({"name": "x", "weights": {"online:wave[month9]": 1}})
+    plan["models"]["online_attendance"]["outcome"] = "primary_group"  # levels, not one 0/1 column
     r = await app_client.put(PLAN, json=plan, headers=auth(analyst))
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
     errors = {(tuple(e["loc"]), e["code"]) for e in r.json()["errors"]}
@@ -106,6 +107,7 @@ async def test_unknown_names_are_422_with_the_path_of_each(app_client: httpx.Asy
         (("models", "abstinence", "terms", 5), "unknown_variable"),
         (("models", "abstinence", "rows", "waves", 1), "unknown_wave"),
         (("models", "abstinence", "contrasts", 3, "weights", "online:wave[month9]"), "unknown_term"),
+        (("models", "online_attendance", "outcome"), "type"),
     } <= errors
     assert (await app_client.get(PLAN, headers=auth(analyst))).json()["version"] == 1  # nothing stored
     r = await app_client.post("/api/v1/studies/pal/analyses", headers=auth(analyst), json={"spec": {

@@ -66,7 +66,8 @@ Term = Annotated[str | InteractionDoc, Field(description="a variable name, or {i
 
 
 class RowsDoc(_Strict):
-    waves: list[str] | None = Field(default=None, description="wave keys of the rows used (default: every wave)")
+    waves: list[str] | None = Field(default=None, min_length=1,
+                                    description="wave keys of the rows used (default: every wave)")
 
 
 class ContrastDoc(_Strict):
@@ -246,6 +247,14 @@ class _Checker:
             return [f"{term}[{w}]" for w in waves if w != v.reference]
         return [term]
 
+    def single_column(self, loc: list[str | int], name: str, waves: list[str]) -> None:
+        """An outcome or a table's `by`: one column (numeric or indicator), not levels."""
+        v = self.variables.get(name)
+        if v is not None and v.kind in ("categorical", "wave"):
+            self.error(loc, "type", f"{name} is {v.kind}; use a numeric or indicator variable here")
+            return
+        self.term_names(loc, name, waves)
+
     def model(self, loc: list[str | int], key: str, m: ModelDoc) -> list[str]:
         if not NAME.match(key):
             self.error(loc, "name", "a model key is lowercase letters, digits and _")
@@ -265,7 +274,7 @@ class _Checker:
         if m.outcome is None:
             self.error([*loc, "outcome"], "required", f"a {m.kind} model needs an outcome")
         else:
-            self.term_names([*loc, "outcome"], m.outcome, waves)
+            self.single_column([*loc, "outcome"], m.outcome, waves)
         if m.kind == "logistic" and (m.family, m.link) != ("binomial", "logit"):
             self.error([*loc, "family"], "not_allowed", "a logistic model is binomial with the logit link")
         if CANONICAL_LINK[m.family] != m.link:
@@ -301,7 +310,7 @@ class _Checker:
         if m.by is None:
             self.error([*loc, "by"], "required", "table1 needs `by`, the 0/1 variable splitting the groups")
         else:
-            self.term_names([*loc, "by"], m.by, [])
+            self.single_column([*loc, "by"], m.by, [])
         if not m.describe:
             self.error([*loc, "describe"], "required", "table1 needs the codes it describes")
         for j, code in enumerate(m.describe):
