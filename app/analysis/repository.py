@@ -1,16 +1,20 @@
-"""All SQL of the analysis domain: jobs, snapshots and plan versions (add and flush only)."""
+"""All SQL of the analysis domain: jobs, snapshots, plan versions and the rows of the analysis frame
+(add and flush only; the request and task wrappers commit)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import Row, Text, bindparam, case, cast, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.analysis.models import Analysis, AnalysisPlan, Snapshot
+from app.participants.models import Participant
+from app.responses.models import Response
 from app.studies.models import Study
 
 LIVE = ("queued", "running", "succeeded")
@@ -115,3 +119,39 @@ def add_plan(session: Session, plan: AnalysisPlan) -> AnalysisPlan:
     session.add(plan)
     session.flush()
     return plan
+
+
+def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> tuple[int, int]:
+    """How many complete responses, and a hash over their ids, versions and derived signatures."""
+    query = select(
+        func.count(),
+        func.coalesce(func.sum(func.hashtextextended(
+            cast(Response.id, Text) + cast(Response.updated_at, Text) + Response.derived_signature, 0)), 0),
+    ).where(Response.study_id == study_id, Response.status == "complete")
+    if as_of is not None:
+        query = query.where(Response.completed_at <= as_of)
+    count, digest = session.execute(query).one()
+    return int(count), int(digest)
+
+
+def frame_rows(session: Session, study_id: uuid.UUID, items: list[str], derived: list[str], signature: str, *,
+               as_of: datetime | None, batch: int) -> Sequence[Row[Any]]:
+    """One row per complete response: participant id, external id, wave, completed_at, the raw
+    answers when its derived values were computed under another signature (else null), then each
+    item and each derived value as text; ordered by participant and wave."""
+    answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
+    derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
+    # the raw answers travel (and are decoded) only for rows whose derived values are stale
+    stale_answers = case((Response.derived_signature.is_distinct_from(signature), Response.answers), else_=None)
+    query = (
+        select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
+               stale_answers, *answer_cols, *derived_cols)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Response.study_id == study_id, Response.status == "complete")
+        .order_by(Response.participant_id, Response.wave)
+    )
+    if as_of is not None:
+        query = query.where(Response.completed_at <= bindparam("as_of", as_of))
+    # Core rows (no ORM loading), streamed from a server-side cursor
+    result = session.connection().execute(query.execution_options(stream_results=True, yield_per=batch))
+    return result.all()
