@@ -274,13 +274,24 @@ def token_create(
 
 @cli.command()
 def simulate(
-    study: Annotated[str, typer.Option(help="study key (created from the pal-replication template if new)")],
+    study: Annotated[str | None, typer.Option(help="study key (created from the pal-replication template if new)")]
+    = None,
     participants: Annotated[int, typer.Option(min=10, help="cohort size")] = 647,
     seed: Annotated[int, typer.Option(help="random seed")] = 1,
     timezone: Annotated[str, typer.Option(help="time zone of a new study")] = "America/New_York",
+    show_truth: Annotated[bool, typer.Option("--show-truth", help=(
+        "print the simulator's true coefficients by model of PAL's plan (JSON) and write nothing"))] = False,
 ) -> None:
     """Write a synthetic PAL cohort with known true effects through the service layer."""
+    import json
+
     from app.analysis import simulate as sim
+
+    if show_truth:
+        typer.echo(json.dumps(sim.truth_table(), indent=2))
+        return
+    if study is None:
+        raise _fail("--study is required (or --show-truth)")
     from app.core.crypto import settings_sealer
     from app.core.db import Database, transaction
     from app.core.errors import DomainError

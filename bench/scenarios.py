@@ -422,9 +422,8 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
     from statsmodels.genmod.cov_struct import Exchangeable
     from statsmodels.genmod.generalized_estimating_equations import GEE
 
+    from app.analysis.fit import model_data
     from app.analysis.simulate import default_start, generate, write
-    from app.analysis.stats import abstinence_data
-    from app.analysis.variables import design
     from app.core.crypto import Sealer
     from app.core.db import Database, transaction
     from app.core.settings import Settings
@@ -469,10 +468,11 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
             assert state["status"] == "succeeded", state
             _, frame_bytes = request(api.url, "GET", f"/api/v1/analyses/{job['id']}/frame", token=analyst)
         frame = pd.read_parquet(io.BytesIO(frame_bytes))
-        long, terms, _ = abstinence_data(frame, None)
-        x = design(long, terms)
+        # statsmodels alone: the same design (built here by the plan's code), only the fit timed
+        data = model_data(state["spec"], frame)
+        long, x = data["rows"], data["x"]
         groups = pd.factorize(long["participant"])[0]
-        model = GEE(long["abstinent"], x, groups=groups, family=sm.families.Binomial(), cov_struct=Exchangeable())
+        model = GEE(data["y"], x, groups=groups, family=sm.families.Binomial(), cov_struct=Exchangeable())
         fit_seconds, _ = timed(partial(model.fit, maxiter=100))
         out[n] = {"participants": n, "observations": len(long), "api_seconds": api_seconds,
                   "statsmodels_fit_seconds": fit_seconds, "ratio_api_to_statsmodels": api_seconds / fit_seconds}

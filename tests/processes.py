@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -54,9 +55,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+_private_redis: RedisServer | None = None
+
+
+def _run_redis() -> str:
+    """A redis-server of this test run's own, started once and stopped when the run ends, so runs
+    side by side on one machine (or a stray worker of an earlier one) never take each other's tasks."""
+    global _private_redis
+    if _private_redis is None:
+        server = RedisServer()
+        server.start()
+        atexit.register(server.stop)
+        _private_redis = server
+    return f"redis://127.0.0.1:{_private_redis.port}"
+
+
 def machine_redis(db: int) -> str | None:
-    """The machine's Redis, if it answers, on a database index of the test's own."""
-    url = f"redis://127.0.0.1:6379/{db}"
+    """A Redis on a database index of the test's own: this run's private server where the machine
+    has the redis-server binary, else the machine's Redis if it answers."""
+    url = f"{_run_redis()}/{db}" if shutil.which("redis-server") else f"redis://127.0.0.1:6379/{db}"
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=1)
         client.flushdb()

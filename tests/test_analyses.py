@@ -19,25 +19,28 @@ from scipy import stats as scipy_stats
 from statsmodels.genmod.cov_struct import Exchangeable
 from statsmodels.genmod.generalized_estimating_equations import GEE
 
-from app.analysis import service as analyses
+from app.analysis import tasks
 from app.analysis.simulate import default_start, generate, write
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.core.settings import Settings
 from app.studies.service import pseudonymiser, system_context
 from tests.conftest import ADMIN_TOKEN
-from tests.factories import auth, create_study, create_token
+from tests.factories import auth, create_study, create_token, pal_codebook
 
 pytestmark = pytest.mark.anyio
 
 BASE = "/api/v1/studies/pal"
-ONLINE_TERMS = ["intercept", "woman", "age", "white", "hispanic", "married", "college", "employed", "alcohol_recent",
-                "drug_recent", "aud_severity", "self_efficacy_score", "multiple_groups", "goal_abstinence",
-                "primary_group[smart]", "primary_group[lifering]", "primary_group[wfs]"]
+# the contract's term names and order (section 7, v1.1), written here, not read from the plan
+ONLINE_TERMS = ["intercept", "woman", "age", "white", "hispanic", "married", "college", "employed",
+                "alcohol_last_use[within_30d]", "alcohol_last_use[30d_to_1y]", "drug_last_use[within_1y]",
+                "drug_last_use[1y_to_5y]", "aud_severity", "self_efficacy_score", "multiple_groups", "goal_abstinence",
+                "primary_group[aa_12step]", "primary_group[wfs]"]
 GEE_TERMS = ["intercept", "online", "wave[month6]", "wave[month12]", "online:wave[month6]", "online:wave[month12]",
              "woman", "age", "aud_severity"]
-MODEL2_TERMS = [*GEE_TERMS, "primary_group[smart]", "primary_group[lifering]", "primary_group[wfs]",
-                "multiple_groups"]
+MODEL2_TERMS = [*GEE_TERMS, "primary_group[aa_12step]", "primary_group[wfs]", "multiple_groups"]
+CONTRASTS = {"online at baseline": ["online"], "online at month6": ["online", "online:wave[month6]"],
+             "online at month12": ["online", "online:wave[month12]"]}
 
 
 def simulate_into(database: Database, settings: Settings, n: int, seed: int) -> dict[str, Any]:
@@ -54,11 +57,11 @@ async def analyst(admin: httpx.AsyncClient) -> str:
 
 
 async def fit(client: httpx.AsyncClient, token: str, database: Database, settings: Settings,
-              body: dict[str, Any]) -> dict[str, Any]:
-    r = await client.post(f"{BASE}/analyses", json=body, headers=auth(token))
+              body: dict[str, Any], study: str = "pal") -> dict[str, Any]:
+    r = await client.post(f"/api/v1/studies/{study}/analyses", json=body, headers=auth(token))
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/api/v1/analyses/{r.json()['id']}"
-    analyses.run(database, settings, r.json()["id"])  # what the worker does (a real worker: test_workers.py)
+    tasks.run(database, settings, r.json()["id"])  # what the worker does (a real worker: test_workers.py)
     got = await client.get(f"/api/v1/analyses/{r.json()['id']}", headers=auth(token))
     assert got.status_code == 200
     job: dict[str, Any] = got.json()
@@ -79,15 +82,17 @@ def baseline_design(frame: pd.DataFrame) -> pd.DataFrame:
     d["married"] = (b["marital_status"] == "married_partnered").astype(float)
     d["college"] = b["education"].isin(["bachelors", "graduate"]).astype(float)
     d["employed"] = b["employment"].isin(["full_time", "part_time"]).astype(float)
-    d["alcohol_recent"] = (b["alcohol_last_use"] == "within_30d").astype(float)
-    d["drug_recent"] = b["drug_last_use"].isin(["within_30d", "30d_to_1y"]).astype(float)
+    d["alcohol_last_use[within_30d]"] = (b["alcohol_last_use"] == "within_30d").astype(float)
+    d["alcohol_last_use[30d_to_1y]"] = (b["alcohol_last_use"] == "30d_to_1y").astype(float)
+    d["drug_last_use[within_1y]"] = b["drug_last_use"].isin(["within_30d", "30d_to_1y"]).astype(float)
+    d["drug_last_use[1y_to_5y]"] = (b["drug_last_use"] == "1y_to_5y").astype(float)
     d["aud_severity"] = b["aud_severity"].astype(float)
     d["self_efficacy_score"] = b["self_efficacy_score"].astype(float)
     d["multiple_groups"] = b["multiple_groups"].astype(float)
     d["goal_abstinence"] = (b["recovery_goal"] == "abstinence_forever").astype(float)
     d["group"] = b["primary_group"]
-    for g in ("smart", "lifering", "wfs"):
-        d[f"primary_group[{g}]"] = (b["primary_group"] == g).astype(float)
+    d["primary_group[aa_12step]"] = (b["primary_group"] == "aa_12step").astype(float)
+    d["primary_group[wfs]"] = (b["primary_group"] == "wfs").astype(float)
     d["intercept"] = 1.0
     return d
 
@@ -98,12 +103,12 @@ def statsmodels_logit(frame: pd.DataFrame) -> Any:
     return sm.Logit(d["online"], d[ONLINE_TERMS]).fit(disp=0, method="newton", maxiter=100)
 
 
-def statsmodels_gee(frame: pd.DataFrame, model2: bool) -> Any:
+def statsmodels_gee(frame: pd.DataFrame, model2: bool, outcome: str = "alcohol_abstinent_30d") -> Any:
     d = baseline_design(frame)
     if model2:
         d = d[~d["group"].isin(["other", "none"])]
-    long = frame[["participant", "wave", "abstinent_30d"]].merge(d, left_on="participant", right_index=True)
-    long["abstinent"] = long["abstinent_30d"].astype(float)
+    long = frame[["participant", "wave", outcome]].merge(d, left_on="participant", right_index=True)
+    long["abstinent"] = long[outcome].astype(float)
     for w in ("month6", "month12"):
         long[f"wave[{w}]"] = (long["wave"] == w).astype(float)
         long[f"online:wave[{w}]"] = long["online"] * long[f"wave[{w}]"]
@@ -129,6 +134,31 @@ def assert_same(job: dict[str, Any], reference: Any, terms: list[str]) -> None:
         assert coefficients[term]["odds_ratio"] == pytest.approx(math.exp(reference.params[term]), rel=1e-12)
 
 
+def assert_same_contrasts(job: dict[str, Any], reference: Any) -> None:
+    """Each contrast against statsmodels' own t_test of the same linear combination (robust covariance)."""
+    got = {c["term"]: c for c in job["results"]["contrasts"]}
+    assert list(got) == list(CONTRASTS)
+    names = list(reference.params.index)
+    for name, terms in CONTRASTS.items():
+        weights = np.array([[1.0 if n in terms else 0.0 for n in names]])
+        test = reference.t_test(weights)
+        estimate, se = float(np.squeeze(test.effect)), float(np.squeeze(test.sd))
+        low, high = np.squeeze(test.conf_int(alpha=0.05))
+        assert abs(got[name]["estimate"] - estimate) < 1e-8, name
+        assert abs(got[name]["std_error"] - se) < 1e-8, name
+        assert abs(got[name]["p_value"] - float(np.squeeze(test.pvalue))) < 1e-8, name
+        assert got[name]["ci_low"] == pytest.approx(math.exp(low), rel=1e-9)
+        assert got[name]["ci_high"] == pytest.approx(math.exp(high), rel=1e-9)
+
+
+def assert_counts_add_up(results: dict[str, Any], frame: pd.DataFrame) -> None:
+    """n + every exclusion (each participant once) = the participants with a baseline response."""
+    with_baseline = frame.loc[frame["wave"] == "baseline", "participant"].nunique()
+    assert results["n"] + sum(e["n"] for e in results["excluded"]) == with_baseline
+    assert results["population"]["participants"] == with_baseline
+    assert results["population"]["without_response_at_wave"] == frame["participant"].nunique() - with_baseline
+
+
 async def exported_frame(client: httpx.AsyncClient, token: str, job: dict[str, Any]) -> pd.DataFrame:
     r = await client.get(f"/api/v1/analyses/{job['id']}/frame", headers=auth(token))
     assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.apache.parquet"
@@ -150,14 +180,20 @@ async def test_online_attendance_equals_statsmodels_on_the_exported_frame(
     job = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
     assert job["status"] == "succeeded", job["error"]
     assert job["software"]["statsmodels"] == sm.__version__ and job["software"]["python"]
+    assert job["software"]["cohort"] and len(job["software"].get("cohort_git_commit", "x" * 40)) == 40
     assert len(job["data"]["snapshot_sha256"]) == 64 and job["data"]["n_participants"] == 700
-    reference = statsmodels_logit(await exported_frame(app_client, analyst, job))
+    frame = await exported_frame(app_client, analyst, job)
+    reference = statsmodels_logit(frame)
     assert_same(job, reference, ONLINE_TERMS)
     results = job["results"]
-    assert results["n"] == reference.nobs and results["converged"] is True
-    excluded = {e["reason"]: e["n"] for e in results["n_excluded"]}
-    assert set(excluded) <= {"primary_group is other", "primary_group is none", "missing a model variable"}
-    assert sum(excluded.values()) == 700 - results["n"]
+    assert results["plan_version"] == job["plan_version"] == 1
+    assert results["formula"].startswith("online_30d ~ 1 + woman + age + white")
+    assert results["n"] == results["n_observations"] == reference.nobs and results["converged"] is True
+    excluded = {e["reason"]: e["n"] for e in results["excluded"]}
+    assert set(excluded) <= {"baseline primary group is other or none", "missing a model variable"}
+    assert excluded["baseline primary group is other or none"] == int(
+        frame.loc[frame["wave"] == "baseline", "primary_group"].isin(["other", "none"]).sum())
+    assert_counts_add_up(results, frame)
 
 
 @pytest.mark.parametrize("variant", [None, "model2"])
@@ -168,13 +204,36 @@ async def test_abstinence_gee_equals_statsmodels_on_the_exported_frame(
     body = {"model": "abstinence", **({"variant": variant} if variant else {})}
     job = await fit(app_client, analyst, database, settings, body)
     assert job["status"] == "succeeded", job["error"]
-    assert job["variant"] == (variant or "model1")
-    reference = statsmodels_gee(await exported_frame(app_client, analyst, job), model2=variant == "model2")
+    assert job["variant"] == variant and job["plan_version"] == 1
+    frame = await exported_frame(app_client, analyst, job)
+    reference = statsmodels_gee(frame, model2=variant == "model2")
     assert_same(job, reference, MODEL2_TERMS if variant else GEE_TERMS)
+    assert_same_contrasts(job, reference)
     results = job["results"]
-    assert results["n"] == reference.nobs
+    assert results["outcome"] == "alcohol_abstinent_30d" and results["cov_type"] == "robust"
+    assert results["n_observations"] == reference.nobs
+    assert results["n"] == len(set(reference.model.groups))
+    in_model = frame[frame["participant"].isin(
+        frame.loc[frame["wave"] == "baseline", "participant"])]
+    if variant:
+        groups = frame.loc[frame["wave"] == "baseline"].set_index("participant")["primary_group"]
+        in_model = in_model[~in_model["participant"].map(groups).isin(["other", "none"])]
+    assert results["n_by_wave"] == {w: int((in_model["wave"] == w).sum()) for w in ("baseline", "month6", "month12")}
     assert results["within_participant_correlation"] == pytest.approx(reference.model.cov_struct.dep_params, abs=1e-10)
     assert results["working_correlation"] == "exchangeable" and results["family"] == "binomial"
+    assert_counts_add_up(results, frame)
+    if variant:  # each left-out participant once, under one reason
+        assert [e["reason"] for e in results["excluded"]] == ["baseline primary group is other or none"]
+
+
+async def test_abstinence_any_keeps_the_old_outcome(
+    app_client: httpx.AsyncClient, analyst: str, database: Database, settings: Settings, cohort: dict[str, Any],
+) -> None:
+    job = await fit(app_client, analyst, database, settings, {"model": "abstinence_any"})
+    assert job["status"] == "succeeded", job["error"]
+    reference = statsmodels_gee(await exported_frame(app_client, analyst, job), model2=False, outcome="abstinent_30d")
+    assert job["results"]["outcome"] == "abstinent_30d"
+    assert_same(job, reference, GEE_TERMS)
 
 
 async def test_table1_matches_scipy(app_client: httpx.AsyncClient, analyst: str, database: Database,
@@ -186,6 +245,8 @@ async def test_table1_matches_scipy(app_client: httpx.AsyncClient, analyst: str,
     online = base["online_30d"].astype(bool)
     rows = {v["variable"]: v for v in job["results"]["variables"]}
     assert job["results"]["n"] == {"online": int(online.sum()), "not_online": int((~online).sum())}
+    assert job["results"]["population"] == {"wave": "baseline", "participants": len(base),
+                                            "without_response_at_wave": 0}
     age = rows["age"]
     welch = scipy_stats.ttest_ind(base.loc[online, "age"].astype(float), base.loc[~online, "age"].astype(float),
                                   equal_var=False)
@@ -193,10 +254,18 @@ async def test_table1_matches_scipy(app_client: httpx.AsyncClient, analyst: str,
     assert age["online"]["mean"] == pytest.approx(base.loc[online, "age"].astype(float).mean())
     gender = rows["gender"]
     table = pd.crosstab(base["gender"], online)
-    _, p, dof, _ = scipy_stats.chi2_contingency(table.to_numpy(), correction=False)
+    _, p, dof, expected = scipy_stats.chi2_contingency(table.to_numpy(), correction=False)
     assert gender["test"] == "chi-square" and gender["p_value"] == pytest.approx(p, rel=1e-9) and gender["df"] == dof
+    assert gender["expected_below_5"] == bool((expected < 5).any())
     woman = next(level for level in gender["levels"] if level["level"] == "woman")
     assert woman["online"]["n"] == int(((base["gender"] == "woman") & online).sum())
+    # levels in codebook order, every option listed
+    options = {it["code"]: [o["code"] for o in it.get("options") or []]
+               for inst in pal_codebook()["instruments"] for it in inst["items"]}
+    for name in ("gender", "race", "education", "alcohol_last_use", "drug_last_use", "primary_group"):
+        assert [lv["level"] for lv in rows[name]["levels"]] == options[name], name
+    flagged = [v["variable"] for v in job["results"]["variables"] if v.get("expected_below_5")]
+    assert flagged and all(name in job["results"]["notes"][0] for name in flagged)
     report = await app_client.get(f"/api/v1/analyses/{job['id']}/report", headers=auth(analyst))
     assert report.status_code == 200 and "Baseline characteristics" in report.text
 
@@ -209,7 +278,7 @@ async def test_identical_requests_on_unchanged_data_reuse_the_result(
     again = await app_client.post(f"{BASE}/analyses", json={"model": "online_attendance"}, headers=auth(analyst))
     assert again.status_code == 202
     assert again.json() == {"id": first["id"], "status": "succeeded", "model": "online_attendance", "variant": None,
-                            "reused": True}
+                            "plan_version": 1, "reused": True}
     # a correction changes the data: a new fit, with another snapshot
     listed = (await admin.get(f"{BASE}/responses", params={"wave": "baseline", "limit": 1})).json()["items"][0]
     r = await admin.patch(f"{BASE}/responses/{listed['id']}", json={"answers": {"age": 77}, "reason": "typo"})
@@ -227,7 +296,8 @@ async def test_identical_requests_on_unchanged_data_reuse_the_result(
 async def test_the_same_snapshot_gives_the_same_numbers(database: Database, settings: Settings,
                                                         admin: httpx.AsyncClient) -> None:
     from app.analysis import frame as frames
-    from app.analysis.stats import abstinence
+    from app.analysis import plan as plans
+    from app.analysis.fit import run
 
     await create_study(admin, ADMIN_TOKEN, key="pal")
     simulate_into(database, settings, 300, seed=5)
@@ -236,8 +306,11 @@ async def test_the_same_snapshot_gives_the_same_numbers(database: Database, sett
         pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
         one = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
         two = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
+        codebook = ctx.require_codebook()
     assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
-    assert abstinence(one) == abstinence(two)
+    doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))
+    spec = plans.resolve(doc.models["abstinence"], doc.variables, None, codebook, key="abstinence", plan_version=1)
+    assert run(spec, one) == run(spec, two)
     restored = frames.from_parquet(frames.to_parquet(one))
     assert frames.snapshot_sha256(restored) == frames.snapshot_sha256(one)
 
@@ -255,9 +328,9 @@ async def test_bad_data_fails_with_a_readable_message(app_client: httpx.AsyncCli
     with transaction(database) as session:
         write(session, system_context(session, "pal"), cohort, settings_sealer(settings), datetime.now(UTC))
     one_group = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
-    assert one_group["status"] == "failed" and "only one primary group" in one_group["error"]
+    assert one_group["status"] == "failed" and "only one primary_group level" in one_group["error"]
     model2 = await fit(app_client, analyst, database, settings, {"model": "abstinence", "variant": "model2"})
-    assert model2["status"] == "failed" and "only one primary group" in model2["error"]
+    assert model2["status"] == "failed" and "only one primary_group level" in model2["error"]
     model1 = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
     assert model1["status"] == "succeeded"  # model 1 does not use primary_group
 
@@ -292,24 +365,61 @@ async def test_requests_are_validated(app_client: httpx.AsyncClient, analyst: st
 
 @pytest.mark.slow
 def test_simulated_true_effects_are_recovered() -> None:
-    """5,000 participants, three seeds: the true odds ratios fall inside the reported 95 % intervals."""
-    from app.analysis.stats import abstinence, online_attendance
-    from tests.simulated import frame_of
+    """5,000 participants, three seeds: the true odds ratios of the two exactly specified models
+    (the online Logit and model 2) fall inside the reported 95 % intervals at about the nominal
+    rate; model 1, which leaves out the confounder (12-step membership), overstates the online
+    effects that model 2 reports."""
+    from app.analysis import plan as plans
+    from app.analysis.fit import run
+    from tests.simulated import CODEBOOK, frame_of
+
+    doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))
+
+    def spec(key: str, variant: str | None) -> dict[str, Any]:
+        return plans.resolve(doc.models[key], doc.variables, variant, CODEBOOK, key=key, plan_version=1)
 
     covered, total, misses = 0, 0, []
     for seed in (101, 202, 303):
         cohort = generate(5000, seed, enrolled_from=default_start())
         frame = frame_of(cohort)
-        for key, result in (("online_attendance", online_attendance(frame)),
-                            ("abstinence", abstinence(frame)),
-                            ("abstinence_model2", abstinence(frame, "model2"))):
-            for c in result["coefficients"]:
+        model1 = run(spec("abstinence", None), frame)
+        model2 = run(spec("abstinence", "model2"), frame)
+        checks = (("online_attendance", run(spec("online_attendance", None), frame)["coefficients"]),
+                  ("abstinence_model2", model2["coefficients"]),
+                  ("abstinence_model2_contrasts", model2["contrasts"]))
+        for key, rows in checks:
+            for c in rows:
                 true_or = math.exp(cohort.truth[key][c["term"]])
                 total += 1
                 if c["ci_low"] <= true_or <= c["ci_high"]:
                     covered += 1
                 else:
                     misses.append((seed, key, c["term"]))
-    assert total == 3 * (17 + 9 + 13)
-    assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 117 intervals
+        # adjusting for primary group weakens the online effects (the paper's model 2)
+        one = {c["term"]: c["estimate"] for c in model1["contrasts"]}
+        two = {c["term"]: c["estimate"] for c in model2["contrasts"]}
+        truth = cohort.truth["abstinence_model2_contrasts"]
+        for name in ("online at month6", "online at month12"):
+            assert one[name] > two[name], (seed, name, one[name], two[name])
+        assert truth["online at baseline"] < 0 < truth["online at month6"]  # the seed study's directions
+        assert abs(truth["online at month12"]) < 0.1
+    assert total == 3 * (18 + 12 + 3)
+    assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 99 intervals
     assert 0.30 <= cohort.truth["online_share"] <= 0.42  # close to the study's 36 % online
+
+
+def test_simulate_show_truth_prints_the_truth_table() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from app.analysis.simulate import truth_table
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["simulate", "--show-truth"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown == truth_table()
+    assert list(shown["online_attendance"]) == ONLINE_TERMS[1:]
+    assert list(shown["abstinence_model2"]) == MODEL2_TERMS
+    assert list(shown["abstinence_model2_contrasts"]) == list(CONTRASTS)

@@ -289,7 +289,7 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
 
                 # a refit, watched until it finishes
                 page.get_by_role("link", name="Outcomes", exact=True).click()
-                section = page.locator('section[data-model="abstinence"][data-variant="model1"]')
+                section = page.locator('section[data-model="abstinence"][data-variant=""]')
                 assert "Not fitted yet" in section.inner_text()
                 section.get_by_role("button", name="Refit on the data as it stands").click()
                 status = page.locator("#job-status")
@@ -303,11 +303,19 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
                 for c in job["results"]["coefficients"]:
                     shown = page.locator(f'tr[data-term="{c["term"]}"] [data-field="odds_ratio"]')
                     assert shown.inner_text() == f"{c['odds_ratio']:.3f}"
+                # the online odds ratio at each wave first, with the plan version and who was left out
+                assert [c["term"] for c in job["results"]["contrasts"]] == [
+                    "online at baseline", "online at month6", "online at month12"]
+                for c in job["results"]["contrasts"]:
+                    shown = page.locator(f'tr[data-contrast="{c["term"]}"] [data-field="odds_ratio"]')
+                    assert shown.inner_text() == f"{c['odds_ratio']:.3f}"
+                assert page.locator('[data-field="plan_version"]').first.inner_text() == "1"
                 assert page.locator("svg[role=img]").count() >= 1  # the forest plot
                 page.screenshot(path=str(SCREENSHOTS / "analysis.png"), full_page=True)
                 page.get_by_role("link", name="Back to the outcomes").click()
-                assert job["data"]["snapshot_sha256"] in page.locator(
-                    'section[data-model="abstinence"][data-variant="model1"]').inner_text()
+                outcome_section = page.locator('section[data-model="abstinence"][data-variant=""]')
+                assert job["data"]["snapshot_sha256"] in outcome_section.inner_text()
+                assert "online at month6" in outcome_section.locator("table.contrasts").inner_text()
                 page.screenshot(path=str(SCREENSHOTS / "outcomes.png"), full_page=True)
 
                 # an export download

@@ -18,7 +18,13 @@ SHARED_CODEBOOK = Path(__file__).resolve().parents[2] / "shared" / "codebook" / 
 def test_the_shipped_codebook_is_the_shared_one() -> None:
     if not SHARED_CODEBOOK.exists():
         pytest.skip("../shared/codebook is not next to this checkout")
-    assert pal_codebook() == json.loads(SHARED_CODEBOOK.read_text())
+    shipped = pal_codebook()
+    # the copy adds an evaluable `expression` beside the two prose definitions, and nothing else
+    expressions = {d["code"]: d.pop("expression") for d in shipped["derived"] if "expression" in d}
+    assert expressions == {"involvement_score": "home_group + has_sponsor + service_30d + program_work_30d + "
+                                                "weekly_attendance",
+                           "aud_severity": "count(aud_1..aud_11)"}
+    assert shipped == json.loads(SHARED_CODEBOOK.read_text())
 
 
 async def test_template_study_serves_the_codebook_exactly(admin: httpx.AsyncClient) -> None:

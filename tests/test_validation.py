@@ -163,9 +163,10 @@ def test_derived_variables_follow_the_contract() -> None:
     )
     derived = compute_derived(CODEBOOK, "baseline", answers)
     assert derived == {
-        "abstinent_30d": True, "online_30d": True, "multiple_groups": True, "weekly_attendance": True,
-        "involvement_score": 4, "cohesion_score": pytest.approx(sum(i % 5 + 1 for i in range(1, 7)) / 6),
-        "self_efficacy_score": 4.0, "aud_severity": 7,
+        "abstinent_30d": True, "alcohol_abstinent_30d": True, "online_30d": True, "multiple_groups": True,
+        "weekly_attendance": True, "involvement_score": 4,
+        "cohesion_score": pytest.approx(sum(i % 5 + 1 for i in range(1, 7)) / 6), "self_efficacy_score": 4.0,
+        "aud_severity": 7,
     }
     drinking = compute_derived(CODEBOOK, "baseline", {**answers, "alcohol_last_use": "within_30d"})
     assert drinking["abstinent_30d"] is False

@@ -20,12 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Text, bindparam, case, cast, func, select
 from sqlalchemy.orm import Session
 
+from app.analysis import repository
 from app.instruments.codebook import Codebook
-from app.participants.models import Participant
-from app.responses.models import Response
 from app.responses.validation import carried_from, compute_derived
 
 ID_COLUMNS = ("participant", "wave", "completed_at")
@@ -38,14 +36,7 @@ def columns_of(codebook: Codebook) -> tuple[list[str], list[str]]:
 def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
                      as_of: datetime | None) -> str:
     """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the snapshot."""
-    query = select(
-        func.count(),
-        func.coalesce(func.sum(func.hashtextextended(
-            cast(Response.id, Text) + cast(Response.updated_at, Text) + Response.derived_signature, 0)), 0),
-    ).where(Response.study_id == study_id, Response.status == "complete")
-    if as_of is not None:
-        query = query.where(Response.completed_at <= as_of)
-    count, digest = session.execute(query).one()
+    count, digest = repository.complete_digest(session, study_id, as_of)
     raw = f"{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -63,23 +54,8 @@ def _typed(values: list[Any], kind: str) -> pd.Series:
 def load(session: Session, study_id: uuid.UUID, codebook: Codebook, pseudonymise: Callable[[str], str], *,
          as_of: datetime | None = None, batch: int = 20_000) -> pd.DataFrame:
     items, derived = columns_of(codebook)
-    answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
-    derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
-    # the raw answers travel (and are decoded) only for rows whose derived values are stale
-    stale_answers = case((Response.derived_signature.is_distinct_from(codebook.derived_signature), Response.answers),
-                         else_=None)
-    query = (
-        select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
-               stale_answers, *answer_cols, *derived_cols)
-        .join(Participant, Participant.id == Response.participant_id)
-        .where(Response.study_id == study_id, Response.status == "complete")
-        .order_by(Response.participant_id, Response.wave)
-    )
-    if as_of is not None:
-        query = query.where(Response.completed_at <= bindparam("as_of", as_of))
-    # Core rows, transposed into columns in one pass (no ORM loading, no per-cell appends)
-    result = session.connection().execute(query.execution_options(stream_results=True, yield_per=batch))
-    rows = result.all()
+    rows = repository.frame_rows(session, study_id, items, derived, codebook.derived_signature, as_of=as_of,
+                                 batch=batch)
     n_fixed = 5
     transposed: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * (n_fixed + len(items)
                                                                                            + len(derived))

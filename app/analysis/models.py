@@ -4,14 +4,23 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.models import Base, created_at, uuid_pk
 
 ANALYSIS_STATUSES = ("queued", "running", "succeeded", "failed")
-MODELS = ("table1", "online_attendance", "abstinence")
 
 
 class Analysis(Base):
@@ -20,7 +29,6 @@ class Analysis(Base):
     __tablename__ = "analyses"
     __table_args__ = (
         CheckConstraint(f"status IN ({', '.join(repr(s) for s in ANALYSIS_STATUSES)})", name="status"),
-        CheckConstraint(f"model IN ({', '.join(repr(m) for m in MODELS)})", name="model"),
         Index("ix_analyses_study_created", "study_id", "created_at"),
         Index("ix_analyses_reuse", "study_id", "model", "variant", "data_fingerprint"),
         Index("ix_analyses_queued", "created_at", postgresql_where="status = 'queued'"),
@@ -32,6 +40,10 @@ class Analysis(Base):
     )
     model: Mapped[str] = mapped_column(String(40), nullable=False)
     variant: Mapped[str] = mapped_column(String(40), nullable=False, default="")
+    # the plan version the model came from (null: fitted before plans, or a one-off spec) and the
+    # resolved spec the worker fits, so a later plan change never alters a queued or past fit
+    plan_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSONB, nullable=True)
     as_of: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     status: Mapped[str] = mapped_column(String(20), nullable=False, default="queued")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -59,4 +71,23 @@ class Snapshot(Base):
     rows: Mapped[int] = mapped_column(Integer, nullable=False)
     participants: Mapped[int] = mapped_column(Integer, nullable=False)
     parquet: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = created_at()
+
+
+class AnalysisPlan(Base):
+    """One version of a study's analysis plan (a document, like the codebook); audited by trigger."""
+
+    __tablename__ = "analysis_plans"
+    __table_args__ = (
+        UniqueConstraint("study_id", "version"),
+        CheckConstraint("version >= 1", name="version"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+    )
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    document: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    created_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
     created_at: Mapped[datetime] = created_at()

@@ -2,18 +2,18 @@ from __future__ import annotations
 
 import io
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import select
 
-from app.analysis import service
+from app.analysis import service, tasks
 from app.analysis.models import Analysis
-from app.analysis.schemas import AnalysisData, AnalysisIn, AnalysisOut, AnalysisQueued
-from app.core.db import SessionDep
-from app.core.errors import Forbidden
+from app.analysis.presentation import fmt_number, fmt_p, to_out
+from app.analysis.schemas import AnalysisIn, AnalysisOut, AnalysisQueued, PlanIn, PlanOut
+from app.core.db import SessionDep, on_commit
+from app.core.errors import Conflict, Forbidden
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
 from app.core.security import Analyst, Principal, Reader
@@ -25,16 +25,6 @@ router = APIRouter(tags=["analyses"], route_class=RoleRoute)
 _templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
 
 
-def to_out(job: Analysis, study_key: str) -> AnalysisOut:
-    return AnalysisOut(
-        id=job.id, study=study_key, model=job.model, variant=job.variant or None,
-        status=job.status,
-        error=job.error, requested_as_of=job.as_of,
-        data=AnalysisData(**job.data) if job.data else None, software=job.software, results=job.results,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-    )
-
-
 @router.post("/api/v1/studies/{key}/analyses", status_code=202, response_model=AnalysisQueued,
              summary="Queue a model fit on the data as it stands",
              description="Poll GET /api/v1/analyses/{id}. An identical request on unchanged data returns the "
@@ -42,28 +32,49 @@ def to_out(job: Analysis, study_key: str) -> AnalysisOut:
 def request_analysis(body: AnalysisIn, principal: Analyst, study: StudyFromPath, session: SessionDep,
                      idem: IdempotencyDep) -> JSONResponse:
     idem.check(body)
-    job, reused = service.request(session, study, model=body.model, variant=body.variant, as_of=body.as_of,
-                                  requested_by=principal.token_id)
-    out = AnalysisQueued(id=job.id, status=job.status, model=job.model,
-                         variant=job.variant or None, reused=reused)
+    spec = body.spec.model_dump(mode="json", exclude_unset=True) if body.spec is not None else None
+    job, reused = service.request(session, study, model=body.model, variant=body.variant, spec=spec,
+                                  as_of=body.as_of, requested_by=principal.token_id)
+    if not reused:
+        # the queued row is the guarantee (the sweep picks up a job nobody started); this starts it now
+        job_id = str(job.id)
+        on_commit(session, lambda: tasks.run_analysis.delay(job_id))
+    out = AnalysisQueued(id=job.id, status=job.status, model=job.model, variant=job.variant or None,
+                         plan_version=job.plan_version, reused=reused)
     return idem.remember(202, out, headers={"Location": f"/api/v1/analyses/{job.id}"})
 
 
 @router.get("/api/v1/studies/{key}/analyses", response_model=Page[AnalysisOut], summary="A study's analyses")
 def list_analyses(principal: Reader, study: StudyFromPath, session: SessionDep,
-                  model: Literal["table1", "online_attendance", "abstinence"] | None = None,
+                  model: Annotated[str | None, Query(max_length=40)] = None,
                   limit: LimitQuery = 50, cursor: CursorQuery = None) -> Page[AnalysisOut]:
-    from sqlalchemy import tuple_
-
-    query = select(Analysis).where(Analysis.study_id == study.study.id)
-    if model is not None:
-        query = query.where(Analysis.model == model)
-    after = decode_time_id(cursor)
-    if after is not None:
-        query = query.where(tuple_(Analysis.created_at, Analysis.id) > tuple_(*after))
-    rows = list(session.scalars(query.order_by(Analysis.created_at, Analysis.id).limit(limit + 1)))
+    rows = service.page(session, study.study.id, model, decode_time_id(cursor), limit)
     page = page_of(rows, limit, time_id_key)
     return Page(items=[to_out(j, study.study.key) for j in page.items], next_cursor=page.next_cursor)
+
+
+def _plan_out(study_key: str, plan: service.CurrentPlan) -> PlanOut:
+    doc = plan.doc
+    return PlanOut(study=study_key, version=plan.version, created_at=plan.created_at, variables=doc.variables,
+                   models=doc.models)
+
+
+@router.get("/api/v1/studies/{key}/analysis-plan", response_model=PlanOut, summary="The study's analysis plan",
+            description="Variables (codebook items and derived variables, recoded) and models as data; "
+                        "see docs/analysis-plan.md.")
+def get_plan(principal: Reader, study: StudyFromPath, session: SessionDep) -> PlanOut:
+    return _plan_out(study.study.key, service.current_plan(session, study))
+
+
+@router.put("/api/v1/studies/{key}/analysis-plan", response_model=PlanOut,
+            summary="Store a new version of the analysis plan",
+            description="Every name is checked against the codebook (422 with the path of each error); the "
+                        "new version is audited. Past results keep the version they were fitted with.")
+def put_plan(body: PlanIn, principal: Analyst, study: StudyFromPath, session: SessionDep) -> PlanOut:
+    document = body.model_dump(mode="json", exclude={"version", "study", "created_at"}, exclude_none=True)
+    plan = service.replace_plan(session, study, document, expected_version=body.version,
+                                created_by=principal.token_id)
+    return _plan_out(study.study.key, plan)
 
 
 def _visible(session: SessionDep, analysis_id: uuid.UUID, principal: Principal) -> tuple[Analysis, str]:
@@ -78,23 +89,12 @@ def get_analysis(analysis_id: uuid.UUID, principal: Reader, session: SessionDep)
     return to_out(*_visible(session, analysis_id, principal))
 
 
-def fmt_number(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
-
-
-def fmt_p(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return ""
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
-
 @router.get("/api/v1/analyses/{analysis_id}/report", response_class=HTMLResponse,
             summary="The results as a readable HTML table (the same numbers)")
 def report(analysis_id: uuid.UUID, principal: Reader, session: SessionDep) -> HTMLResponse:
     job, key = _visible(session, analysis_id, principal)
     out = to_out(job, key)
-    title = {"table1": "Table 1", "online_attendance": "Online attendance (logistic regression)",
-             "abstinence": f"Abstinence over time (GEE, {job.variant})"}[job.model]
+    title = str((job.results or {}).get("label") or job.model)
     html = _templates.get_template("report.html").render(
         title=title, study=key, id=job.id, status=job.status, error=job.error, data=out.data,
         software=job.software, results=job.results, fmt=fmt_number, pfmt=fmt_p)
@@ -108,8 +108,6 @@ def snapshot_frame(analysis_id: uuid.UUID, principal: Analyst, session: SessionD
                    format: Annotated[Literal["parquet", "csv"], Query()] = "parquet") -> Response:
     job, _ = _visible(session, analysis_id, principal)
     if job.snapshot_sha256 is None:
-        from app.core.errors import Conflict
-
         raise Conflict(f"analysis {analysis_id} has no data snapshot yet (status {job.status})")
     from app.analysis import frame as frames  # pandas and pyarrow, only for this download
 

@@ -1,36 +1,77 @@
-"""Analysis jobs: requested by the API (202), fitted by a Celery task on the `analysis` queue.
+"""Analysis plans and jobs: the rules. SQL is in `repository`; transactions belong to the
+request wrapper (`app.core.db.get_session`) and the task wrapper (`tasks.run`).
 
-A request on data that has not changed since an identical request (same model, variant,
-as_of and data fingerprint) returns that job instead of queueing another; the same snapshot
-and model always give the same numbers.
+A request names a model of the study's current plan (optionally a variant) or carries a
+one-off `spec`; either is resolved against the codebook into a self-contained spec that is
+stored on the job, so the fit reads the plan as it was when asked, and the result names the
+plan version. A request on unchanged data and an unchanged spec returns the existing job.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.analysis import plan as plans
+from app.analysis import repository
 from app.analysis.errors import ModelError
-from app.analysis.models import Analysis, Snapshot
+from app.analysis.models import Analysis, AnalysisPlan, Snapshot
 from app.core.crypto import settings_sealer
-from app.core.db import Database, on_commit, transaction
-from app.core.errors import Invalid, NotFound
+from app.core.errors import Conflict, Invalid, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
-from app.studies.models import Study
+from app.instruments.codebook import Codebook
 from app.studies.service import StudyContext, pseudonymiser, system_context
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+
+
+# -- software ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the running code when it is a git checkout (None otherwise), read from
+    the repository's files (a worktree's `.git` file, loose or packed refs) without running git."""
+    dot_git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        gitdir = dot_git
+        if dot_git.is_file():
+            gitdir = (dot_git.parent / dot_git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+        head = (gitdir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head if len(head) == 40 else None
+        ref = head[4:].strip()
+        for base in (gitdir, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()[:40]
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line[:40]
+    except (OSError, IndexError):
+        return None
+    return None
 
 
 def software() -> dict[str, str]:
@@ -40,147 +81,217 @@ def software() -> dict[str, str]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "unknown"
+    commit = git_commit()
+    if commit is not None:
+        versions["cohort_git_commit"] = commit
     return versions
 
 
-def request(session: Session, ctx: StudyContext, *, model: str, variant: str | None, as_of: datetime | None,
-            requested_by: uuid.UUID) -> tuple[Analysis, bool]:
+# -- plans -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurrentPlan:
+    version: int
+    document: dict[str, Any]
+    created_at: datetime | None
+    created_by: uuid.UUID | None
+
+    @property
+    def doc(self) -> plans.PlanDoc:
+        parsed: plans.PlanDoc = plans.PlanDoc.model_validate(self.document)
+        return parsed
+
+
+def current_plan(session: Session, ctx: StudyContext) -> CurrentPlan:
+    """The newest stored version; before any, the plan the template ships (version 1), or an
+    empty plan (version 0) for a study whose codebook has none."""
+    stored = repository.latest_plan(session, ctx.study.id)
+    if stored is not None:
+        return CurrentPlan(stored.version, stored.document, stored.created_at, stored.created_by)
+    codebook = ctx.require_codebook()
+    shipped = plans.shipped_plan(codebook.key)
+    if shipped is not None:
+        return CurrentPlan(1, shipped, None, None)
+    return CurrentPlan(0, {"variables": {}, "models": {}}, None, None)
+
+
+def replace_plan(session: Session, ctx: StudyContext, document: dict[str, Any], *, expected_version: int | None,
+                 created_by: uuid.UUID | None) -> CurrentPlan:
+    """Validate every name against the codebook and store the plan as the next version."""
+    codebook = ctx.require_codebook()
+    doc: plans.PlanDoc = plans.parse(document, plans.PlanDoc)
+    plans.check(doc, codebook)
+    current = current_plan(session, ctx)
+    if expected_version is not None and expected_version != current.version:
+        raise Conflict(f"the plan is at version {current.version}, not {expected_version}; "
+                       "read it again and apply the change to that version")
+    stored = repository.add_plan(session, AnalysisPlan(
+        study_id=ctx.study.id, version=current.version + 1, document=doc.model_dump(mode="json", exclude_none=True),
+        created_by=created_by, created_at=utcnow()))
+    return CurrentPlan(stored.version, stored.document, stored.created_at, stored.created_by)
+
+
+def resolve_request(session: Session, ctx: StudyContext, *, model: str | None, variant: str | None,
+                    spec: dict[str, Any] | None) -> dict[str, Any]:
+    codebook = ctx.require_codebook()
+    current = current_plan(session, ctx)
+    doc = current.doc
+    if spec is not None:
+        if model is not None or variant is not None:
+            raise Invalid("give either a model of the plan or a spec", errors=[
+                {"loc": ["spec"], "code": "not_allowed", "message": "spec replaces model and variant"}])
+        one_off: plans.SpecDoc = plans.parse(spec, plans.SpecDoc, ("spec",))
+        if one_off.variants:
+            raise Invalid("a one-off spec has no variants", errors=[
+                {"loc": ["spec", "variants"], "code": "not_allowed", "message": "put the terms in `terms`"}])
+        plans.check_spec(one_off, doc, codebook)
+        variables = {**doc.variables, **one_off.variables}
+        return plans.resolve(one_off, variables, None, codebook, key="spec", plan_version=current.version)
+    if model is None:
+        raise Invalid("name a model of the plan, or give a spec", errors=[
+            {"loc": ["model"], "code": "required", "message": "model or spec is required"}])
+    found = doc.models.get(model)
+    if found is None:
+        raise Invalid(f"the plan (version {current.version}) has no model {model!r}", errors=[
+            {"loc": ["model"], "code": "unknown_model",
+             "message": f"models of the plan: {', '.join(doc.models) or 'none'}"}])
+    if variant is not None and variant not in found.variants:
+        raise Invalid(f"{model} has no variant {variant!r}", errors=[
+            {"loc": ["variant"], "code": "not_allowed",
+             "message": f"variants of {model}: {', '.join(found.variants) or 'none'}"}])
+    return plans.resolve(found, doc.variables, variant, codebook, key=model, plan_version=current.version)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def _fingerprint(data: str, spec: dict[str, Any]) -> str:
+    return hashlib.sha256((data + json.dumps(spec, sort_keys=True)).encode()).hexdigest()
+
+
+def request(session: Session, ctx: StudyContext, *, model: str | None, variant: str | None,
+            spec: dict[str, Any] | None, as_of: datetime | None, requested_by: uuid.UUID) -> tuple[Analysis, bool]:
     from app.analysis import frame as frames
 
+    resolved = resolve_request(session, ctx, model=model, variant=variant, spec=spec)
     codebook = ctx.require_codebook()
-    if variant is not None and model != "abstinence":
-        raise Invalid("only the abstinence model has variants", errors=[
-            {"loc": ["variant"], "code": "not_allowed", "message": f"{model} takes no variant"}])
-    variant_key = "model2" if variant == "model2" else ("model1" if model == "abstinence" else "")
-    fingerprint = frames.data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of)
-    existing = session.scalar(
-        select(Analysis).where(Analysis.study_id == ctx.study.id, Analysis.model == model,
-                               Analysis.variant == variant_key, Analysis.data_fingerprint == fingerprint,
-                               Analysis.status.in_(("queued", "running", "succeeded")))
-        .order_by(Analysis.created_at.desc()).limit(1)
-    )
+    fingerprint = _fingerprint(frames.data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of),
+                               resolved)
+    variant_key = resolved["variant"] or ""
+    existing = repository.reusable(session, ctx.study.id, resolved["key"], variant_key, fingerprint)
     if existing is not None:
         return existing, True
-    job = Analysis(study_id=ctx.study.id, model=model, variant=variant_key, as_of=as_of, status="queued",
-                   data_fingerprint=fingerprint, requested_by=requested_by, created_at=utcnow())
-    session.add(job)
-    session.flush()
-    job_id = str(job.id)
-    on_commit(session, lambda: enqueue(job_id))
+    job = repository.add(session, Analysis(
+        study_id=ctx.study.id, model=resolved["key"], variant=variant_key, as_of=as_of, status="queued",
+        data_fingerprint=fingerprint, requested_by=requested_by, created_at=utcnow(),
+        plan_version=resolved["plan_version"], spec=resolved))
     return job, False
 
 
-def enqueue(analysis_id: str) -> None:
-    from app.analysis.tasks import run_analysis
-
-    run_analysis.delay(analysis_id)
-
-
 def get(session: Session, analysis_id: uuid.UUID) -> tuple[Analysis, str]:
-    row = session.execute(
-        select(Analysis, Study.key).join(Study, Study.id == Analysis.study_id).where(Analysis.id == analysis_id)
-    ).one_or_none()
-    if row is None:
+    found = repository.with_study_key(session, analysis_id)
+    if found is None:
         raise NotFound(f"no analysis {analysis_id}")
-    return row[0], row[1]
+    return found
 
 
-def run(db: Database, settings: Settings, analysis_id: uuid.UUID) -> str:
-    """Fit one queued analysis; idempotent (a job that is not `queued` is left alone)."""
-    with transaction(db) as session:
-        claimed = session.execute(
-            update(Analysis).where(Analysis.id == analysis_id, Analysis.status == "queued")
-            .values(status="running", started_at=utcnow(), attempts=Analysis.attempts + 1)
-            .returning(Analysis.study_id, Analysis.model, Analysis.variant, Analysis.as_of)
-        ).one_or_none()
-    if claimed is None:
-        return "not queued"
-    study_id, model, variant, as_of = claimed
-    try:
-        outcome = _fit(db, settings, study_id, model, variant or None, as_of)
-    except ModelError as exc:
-        _finish(db, analysis_id, status="failed", error=str(exc))
-        return "failed"
-    except Exception as exc:
-        log.exception("analysis %s crashed", analysis_id)
-        _finish(db, analysis_id, status="failed", error=f"internal error while fitting ({type(exc).__name__})")
-        return "failed"
-    _finish(db, analysis_id, status="succeeded", **outcome)
-    return "succeeded"
+def page(session: Session, study_id: uuid.UUID, model: str | None, after: tuple[Any, ...] | None,
+         limit: int) -> list[Analysis]:
+    return repository.page(session, study_id, model, after, limit)
 
 
-def _fit(db: Database, settings: Settings, study_id: uuid.UUID, model: str, variant: str | None,
-         as_of: datetime | None) -> dict[str, Any]:
-    # pandas and statsmodels are imported here, in the worker, not by every API process
+@dataclass(frozen=True)
+class Claim:
+    analysis_id: uuid.UUID
+    study_id: uuid.UUID
+    model: str
+    variant: str | None
+    as_of: datetime | None
+    spec: dict[str, Any] | None
+
+
+def claim(session: Session, analysis_id: uuid.UUID) -> Claim | None:
+    row = repository.claim(session, analysis_id, utcnow())
+    if row is None:
+        return None
+    study_id, model, variant, as_of, spec = row
+    return Claim(analysis_id, study_id, model, variant or None, as_of, spec)
+
+
+def _legacy_variant(variant: str | None) -> str | None:
+    return None if variant in (None, "", "model1") else variant  # jobs queued before plans said model1
+
+
+def prepare(session: Session, settings: Settings, job: Claim) -> tuple[pd.DataFrame, dict[str, Any], Codebook]:
+    """The analysis frame and the spec to fit (a job queued before plans gets the current plan's)."""
     from app.analysis import frame as frames
-    from app.analysis.stats import run_model
 
-    taken_at = as_of or utcnow()
-    with transaction(db) as session:
-        key = session.scalar(select(Study.key).where(Study.id == study_id))
-        assert key is not None
-        ctx = system_context(session, key)
-        pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-        frame = frames.load(session, study_id, ctx.require_codebook(), pseudonymise, as_of=as_of)
+    key = repository.study_key(session, job.study_id)
+    if key is None:
+        raise ModelError("the study no longer exists")
+    ctx = system_context(session, key)
+    codebook = ctx.require_codebook()
+    spec = job.spec
+    if spec is None:
+        spec = resolve_request(session, ctx, model=job.model, variant=_legacy_variant(job.variant), spec=None)
+    pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
+    return frames.load(session, job.study_id, codebook, pseudonymise, as_of=job.as_of), spec, codebook
+
+
+def store_snapshot(session: Session, study_id: uuid.UUID, frame: pd.DataFrame) -> str:
+    from app.analysis import frame as frames
+
     sha = frames.snapshot_sha256(frame)
-    with transaction(db) as session:
-        session.execute(insert(Snapshot).values(
-            sha256=sha, study_id=study_id, rows=len(frame), participants=int(frame["participant"].nunique()),
-            parquet=frames.to_parquet(frame), created_at=utcnow(),
-        ).on_conflict_do_nothing(index_elements=[Snapshot.sha256]))
+    repository.save_snapshot(session, sha256=sha, study_id=study_id, rows=len(frame),
+                             participants=int(frame["participant"].nunique()), parquet=frames.to_parquet(frame),
+                             now=utcnow())
+    return sha
+
+
+def fit(job: Claim, spec: dict[str, Any], frame: pd.DataFrame, sha: str) -> dict[str, Any]:
+    """The fit itself (pure: no database); raises ModelError with a message for the PI."""
+    from app.analysis.fit import run
+
+    taken_at = job.as_of or utcnow()
     if frame.empty:
         raise ModelError("there are no complete responses to analyse yet")
-    results = run_model(model, variant, frame)
     return {
         "snapshot_sha256": sha,
         "data": {"n_participants": int(frame["participant"].nunique()), "n_observations": len(frame),
                  "snapshot_sha256": sha, "as_of": taken_at.isoformat()},
         "software": software(),
-        "results": results,
+        "results": run(spec, frame),
+        "spec": spec, "plan_version": spec.get("plan_version"),
     }
 
 
-def _finish(db: Database, analysis_id: uuid.UUID, **values: Any) -> None:
-    with transaction(db) as session:
-        session.execute(update(Analysis).where(Analysis.id == analysis_id)
-                        .values(finished_at=utcnow(), **values))
+def finish(session: Session, analysis_id: uuid.UUID, values: dict[str, Any]) -> None:
+    repository.finish(session, analysis_id, utcnow(), values)
 
 
 def latest_succeeded(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:
     """The newest succeeded fit of each (model, variant) of a study."""
-    rows = session.scalars(select(Analysis).where(Analysis.study_id == study_id, Analysis.status == "succeeded")
-                           .order_by(Analysis.finished_at.desc()))
     latest: dict[tuple[str, str], Analysis] = {}
-    for row in rows:
+    for row in repository.succeeded_newest_first(session, study_id):
         latest.setdefault((row.model, row.variant or ""), row)
     return latest
 
 
 def snapshot(session: Session, sha256: str) -> Snapshot:
-    found = session.get(Snapshot, sha256)
+    found = repository.snapshot(session, sha256)
     if found is None:
         raise NotFound("the data snapshot of this analysis is not stored")
     return found
 
 
-def sweep(db: Database, lease: timedelta) -> dict[str, int]:
-    """Jobs the broker lost (down at commit, or restarted empty) are sent again; jobs whose worker
-    died mid-fit (running past the lease) are queued again, up to MAX_ATTEMPTS, then failed with a
-    message. The claim (queued -> running) keeps every job to one fit at a time."""
+def sweep(session: Session, lease: timedelta) -> tuple[list[uuid.UUID], int]:
+    """Jobs whose worker died mid-fit (running past the lease) are queued again, up to
+    MAX_ATTEMPTS, then failed with a message; jobs the broker lost are returned to be sent
+    again (after the commit). The claim (queued -> running) keeps every job to one fit at a time."""
     now = utcnow()
-    with transaction(db) as session:
-        session.execute(
-            update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease,
-                                   Analysis.attempts >= MAX_ATTEMPTS)
-            .values(status="failed", finished_at=now,
-                    error=f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
-        )
-        revived = session.execute(
-            update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease)
-            .values(status="queued", started_at=None)
-        )
-        stuck = list(session.scalars(select(Analysis.id).where(
-            Analysis.status == "queued", Analysis.created_at < now - min(lease, timedelta(minutes=2)))))
-    for analysis_id in stuck:
-        enqueue(str(analysis_id))
-    return {"requeued": len(stuck), "revived": int(getattr(revived, "rowcount", 0) or 0)}
+    repository.fail_exhausted(session, now - lease, MAX_ATTEMPTS, now,
+                              f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
+    revived = repository.revive_expired(session, now - lease)
+    stuck = repository.queued_before(session, now - min(lease, timedelta(minutes=2)))
+    return stuck, revived

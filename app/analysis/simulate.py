@@ -1,18 +1,25 @@
 """A synthetic PAL cohort with known true effects, written through the service layer.
 
-The data-generating process makes both contract models exactly right, so their true
-coefficients are known numbers, not estimates:
+The effects point the way the seed study found (contract section 9, v1.1), and the data are
+generated so that two of PAL's models are exactly right, so their true coefficients are
+known numbers (the truth table below, reported by `cohort simulate --show-truth`):
 
-- Baseline abstinence depends on woman, age and aud_severity only (online has no effect at
-  baseline), so given those, baseline alcohol and drug use carry no information about online
-  attendance: in the online-attendance Logit the true coefficients of alcohol_recent and
-  drug_recent are 0 and every other term is the generating coefficient.
-- Online attendance is drawn from that Logit (intercept tuned to about 36 % online).
-- Abstinence at each wave is drawn with exactly the GEE marginal model's probability,
-  P = expit(b0 + b_wave + b_int_wave * online + b_w * woman + b_a * age + b_s * aud_severity),
-  correlated within participant through a Gaussian copula (latent correlation 0.5), which
-  leaves every marginal probability as given. primary_group and multiple_groups have no
-  effect on abstinence given online, so model 2's true values are model 1's plus zeros.
+- Online attendance at baseline follows the plan's Logit exactly: women, younger people,
+  recent drinking (alcohol in the last 30 days) and drug use (within a year, 1 to 5 years),
+  higher AUD severity, lower self-efficacy, multiple groups and a 12-step or WFS primary group
+  attend more; recovery goal has no effect; alcohol last use 30 days to 1 year has none.
+- Baseline abstinence from alcohol (A) and online attendance (O) are drawn jointly from the
+  log-linear model P(A, O | X) ~ exp(gamma A O + A f(X) + O h(X)); both conditionals are then
+  logistic: O given A is the Logit above (recent drinking = A is 0, coefficient -gamma) and A
+  given O is expit(f + gamma O), model 2's GEE at baseline, with f in model 2's covariates
+  (woman, age, AUD severity, primary group 12-step / WFS against SMART+LifeRing, multiple
+  groups). gamma < 0: online attendees are less often abstinent at baseline.
+- Follow-up abstinence is drawn with exactly model 2's marginal probability,
+  expit(f + wave + (gamma + online x wave) O), more often for online attendees at 6 months and
+  about equally at 12, correlated within participant through a Gaussian copula.
+- 12-step membership drives both online attendance and abstinence, so model 1 (which leaves
+  primary group out) overstates the online effects that model 2 reports; model 1 has no exact
+  truth (it is the confounded model), model 2 and the Logit do.
 - Follow-ups are answered with probability 0.81 (month 6) and 0.83 (month 12), at random.
 """
 
@@ -29,11 +36,8 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import expit
 from sqlalchemy.orm import Session
 
-from app.analysis.stats import MODEL1_TERMS
-from app.analysis.variables import GROUP_TERMS, ONLINE_PREDICTORS
 from app.core.crypto import Sealer
 from app.core.errors import Invalid
 from app.participants import service as participants
@@ -41,19 +45,38 @@ from app.participants.schemas import ContactIn, ParticipantIn
 from app.responses.service import NewResponse, submit_many
 from app.studies.service import StudyContext
 
-ONLINE_EFFECTS = {  # log odds, in the contract's order; the intercept is tuned
-    "woman": 0.30, "age": -0.02, "white": -0.25, "hispanic": 0.20, "married": -0.15, "college": 0.35,
-    "employed": -0.20, "alcohol_recent": 0.0, "drug_recent": 0.0, "aud_severity": 0.06,
-    "self_efficacy_score": -0.20, "multiple_groups": 0.60, "goal_abstinence": 0.25,
-    "primary_group[smart]": 0.80, "primary_group[lifering]": 0.50, "primary_group[wfs]": 1.00,
+# log odds of online attendance, the plan's online_attendance terms in order (intercept tuned)
+ONLINE_EFFECTS = {
+    "woman": 0.30, "age": -0.02, "white": -0.10, "hispanic": 0.10, "married": -0.10, "college": 0.15,
+    "employed": -0.10, "alcohol_last_use[within_30d]": 0.50, "alcohol_last_use[30d_to_1y]": 0.0,
+    "drug_last_use[within_1y]": 0.35, "drug_last_use[1y_to_5y]": 0.20, "aud_severity": 0.06,
+    "self_efficacy_score": -0.25, "multiple_groups": 0.60, "goal_abstinence": 0.0,
+    "primary_group[aa_12step]": 0.70, "primary_group[wfs]": 0.80,
 }
-ABSTINENCE_EFFECTS = {
-    "intercept": -0.20, "online": 0.0, "wave[month6]": 0.30, "wave[month12]": 0.45,
-    "online:wave[month6]": 0.40, "online:wave[month12]": 0.30, "woman": 0.25, "age": 0.02, "aud_severity": -0.08,
+GAMMA = -ONLINE_EFFECTS["alcohol_last_use[within_30d]"]  # the A x O association of the joint draw
+# log odds of abstinence from alcohol: model 2's terms in order
+MODEL2_EFFECTS = {
+    "intercept": -0.60, "online": GAMMA, "wave[month6]": 0.30, "wave[month12]": 0.45,
+    "online:wave[month6]": 0.90, "online:wave[month12]": 0.50, "woman": 0.25, "age": 0.02,
+    "aud_severity": -0.08, "primary_group[aa_12step]": 0.60, "primary_group[wfs]": 0.20, "multiple_groups": 0.15,
 }
 LATENT_CORRELATION = 0.5
 RESPONSE_RATES = {"month6": 0.81, "month12": 0.83}
 TARGET_ONLINE = 0.36
+WAVES = (("baseline", (0, 30)), ("month6", (168, 228)), ("month12", (351, 411)))
+
+
+def truth_table() -> dict[str, Any]:
+    """The true coefficients, by model of PAL's plan (the intercept of the Logit depends on the draw)."""
+    b = MODEL2_EFFECTS
+    return {
+        "online_attendance": dict(ONLINE_EFFECTS),
+        "abstinence_model2": dict(MODEL2_EFFECTS),
+        "abstinence_model2_contrasts": {
+            "online at baseline": b["online"], "online at month6": b["online"] + b["online:wave[month6]"],
+            "online at month12": b["online"] + b["online:wave[month12]"]},
+        "abstinence_model1": None,  # confounded by primary group by design: no exact truth
+    }
 
 
 @dataclass
@@ -83,88 +106,101 @@ def _choice(rng: np.random.Generator, options: dict[str, float]) -> str:
 
 def generate(n: int, seed: int, *, enrolled_from: datetime, prefix: str = "SIM") -> Cohort:
     rng = np.random.default_rng(seed)
-    people: list[dict[str, Any]] = []
-    for i in range(n):
-        gender = _choice(rng, {"woman": 0.47, "man": 0.50, "another": 0.03})
-        groups_by_gender = ({"aa_12step": 0.25, "smart": 0.30, "lifering": 0.17, "wfs": 0.23, "other": 0.03,
-                             "none": 0.02} if gender == "woman" else
-                            {"aa_12step": 0.38, "smart": 0.37, "lifering": 0.20, "other": 0.03, "none": 0.02})
-        primary = _choice(rng, groups_by_gender)
-        groups = [] if primary == "none" else [primary]
-        if rng.random() < (0.35 if primary != "none" else 0.3):
-            extra = _choice(rng, {"aa_12step": 1, "smart": 1, "lifering": 1, "other": 0.3,
-                                  **({"wfs": 1.0} if gender == "woman" else {})})
-            if extra not in groups:
-                groups.append(extra)
-        aud_p = rng.beta(4, 3)
-        se_base = rng.normal(3.5, 0.6)
-        p: dict[str, Any] = {
-            "i": i, "gender": gender, "age": _clip(round(rng.normal(46, 12)), 18, 85),
-            "race": _choice(rng, {"white": 0.80, "black": 0.07, "asian": 0.03, "american_indian": 0.02,
-                                  "pacific_islander": 0.01, "multiracial": 0.04, "other": 0.03}),
-            "hispanic": bool(rng.random() < 0.08),
-            "marital_status": _choice(rng, {"married_partnered": 0.45, "never_married": 0.25,
-                                            "divorced_separated_widowed": 0.30}),
-            "education": _choice(rng, {"high_school_or_less": 0.15, "some_college": 0.30, "bachelors": 0.30,
-                                       "graduate": 0.25}),
-            "employment": _choice(rng, {"full_time": 0.45, "part_time": 0.12, "unemployed": 0.12, "retired": 0.15,
-                                        "disabled": 0.07, "student": 0.04, "homemaker": 0.05}),
-            "income": _choice(rng, {k: 1 for k in ("under_20k", "20k_40k", "40k_60k", "60k_80k", "80k_100k",
-                                                   "100k_plus")}),
-            "urbanicity": _choice(rng, {"urban": 0.4, "suburban": 0.4, "rural": 0.2}),
-            "recovery_goal": _choice(rng, {"abstinence_forever": 0.70, "drink_after_abstinence": 0.15,
-                                           "drink_occasionally": 0.15}),
-            "aud": [bool(rng.random() < aud_p) for _ in range(11)],
-            "se": [_clip(round(se_base + rng.normal(0, 0.6)), 1, 5) for _ in range(12)],
-            "primary_group": primary, "groups_30d": sorted(groups),
-            "meetings_30d": int(rng.poisson(8) + 1) if groups else int(rng.poisson(0.4)),
-            "enrolled_at": enrolled_from + timedelta(days=float(rng.uniform(0, 90))),
-        }
-        people.append(p)
-
-    # Baseline abstinence (online has no effect at baseline), then the answers it implies.
-    latent = rng.standard_normal(n)
+    people = [_person(rng, i, enrolled_from) for i in range(n)]
+    # drug use first (it shifts online attendance only), then alcohol abstinence and online attendance jointly
     for p in people:
-        p["woman"] = float(p["gender"] == "woman")
-        p["aud_severity"] = float(sum(p["aud"]))
-        p["z"] = [np.sqrt(LATENT_CORRELATION) * latent[p["i"]] + np.sqrt(1 - LATENT_CORRELATION) * rng.standard_normal()
-                  for _ in range(3)]
-        p["abstinent"] = {"baseline": _abstinent(p, "baseline", 0.0)}
-        p["alcohol_last_use"], p["drug_last_use"] = _use(rng, p["abstinent"]["baseline"])
-
-    # Online attendance from the contract's Logit, with the intercept tuned to ~36 % online.
-    x = np.array([[_predictor(p, name) for name in ONLINE_EFFECTS] for p in people])
-    beta = np.array(list(ONLINE_EFFECTS.values()))
+        p["drug_level"] = _choice(rng, {"within_1y": 0.25, "1y_to_5y": 0.15, "over_5y": 0.60})
+    x = np.array([[_predictor(p, name) for name in ONLINE_EFFECTS if not name.startswith("alcohol_last_use")]
+                  for p in people])
+    beta = np.array([v for k, v in ONLINE_EFFECTS.items() if not k.startswith("alcohol_last_use")])
     linear = x @ beta
-    intercept = float(brentq(lambda b: float(np.mean(expit(b + linear))) - TARGET_ONLINE, -20, 20))
-    online = rng.random(n) < expit(intercept + linear)
-    for p, is_online in zip(people, online, strict=True):
-        p["online"] = float(is_online)
-        p["abstinent"]["month6"] = _abstinent(p, "month6", p["online"])
-        p["abstinent"]["month12"] = _abstinent(p, "month12", p["online"])
+    f = np.array([_model2_linear(p, "baseline", 0.0) for p in people])
+    alcohol = ONLINE_EFFECTS["alcohol_last_use[within_30d]"]
+
+    def cells(b0: float) -> np.ndarray:
+        """P(A, O) for (0,0), (1,0), (0,1), (1,1) given the covariates: exp(gamma a o + a f + o h)."""
+        h = b0 + linear + alcohol
+        w = np.stack([np.ones(n), np.exp(f), np.exp(h), np.exp(GAMMA + f + h)], axis=1)
+        out: np.ndarray = w / w.sum(axis=1, keepdims=True)
+        return out
+
+    intercept = float(brentq(lambda b0: float(np.mean(cells(b0)[:, 2] + cells(b0)[:, 3])) - TARGET_ONLINE, -20, 20))
+    probabilities = cells(intercept)
+    draws = rng.random(n)
+    latent = rng.standard_normal(n)
+    for i, p in enumerate(people):
+        cell = min(int(np.searchsorted(np.cumsum(probabilities[i]), draws[i], side="right")), 3)
+        abstinent, online = cell in (1, 3), cell in (2, 3)
+        p["online"] = float(online)
+        p["abstinent"] = {"baseline": abstinent}
+        p["alcohol_last_use"] = _alcohol(rng, abstinent)
+        p["drug_last_use"] = _drug(rng, p["drug_level"])
+        z = [math.sqrt(LATENT_CORRELATION) * latent[i] + math.sqrt(1 - LATENT_CORRELATION) * rng.standard_normal()
+             for _ in range(2)]
+        for wave, zi in zip(("month6", "month12"), z, strict=True):
+            eta = _model2_linear(p, wave, p["online"])
+            p["abstinent"][wave] = bool(_phi(zi) < 1.0 / (1.0 + math.exp(-eta)))
 
     roster, responses = [], []
     for p in people:
         ext = f"{prefix}{p['i']:06d}"
         contact = ContactIn(email=f"{ext.lower()}@example.org", name=f"Participant {p['i']}")
         roster.append(ParticipantIn(external_id=ext, enrolled_at=p["enrolled_at"], contact=contact))
-        for wave, (open_day, close_day) in (("baseline", (0, 30)), ("month6", (168, 228)), ("month12", (351, 411))):
+        for wave, (open_day, close_day) in WAVES:
             if wave in RESPONSE_RATES and rng.random() >= RESPONSE_RATES[wave]:
                 continue
             day = rng.uniform(open_day + 0.5, close_day + (4 if rng.random() < 0.05 else 0.5))
             responses.append(NewResponse(external_id=ext, wave=wave, answers=_answers(rng, p, wave),
                                          completed_at=p["enrolled_at"] + timedelta(days=float(day))))
 
+    table = truth_table()
     truth: dict[str, Any] = {
-        "online_attendance": {"intercept": intercept, **ONLINE_EFFECTS},
-        "abstinence": dict(ABSTINENCE_EFFECTS),
-        "abstinence_model2": {**ABSTINENCE_EFFECTS, **dict.fromkeys(GROUP_TERMS, 0.0), "multiple_groups": 0.0},
+        **table, "online_attendance": {"intercept": intercept, **table["online_attendance"]},
         "latent_correlation": LATENT_CORRELATION, "response_rates": RESPONSE_RATES,
-        "online_share": float(online.mean()), "seed": seed, "participants": n,
+        "online_share": float(np.mean([p["online"] for p in people])), "seed": seed, "participants": n,
     }
-    assert list(truth["abstinence"]) == ["intercept", *MODEL1_TERMS]
-    assert list(truth["online_attendance"]) == ["intercept", *ONLINE_PREDICTORS, *GROUP_TERMS]
     return Cohort(roster, responses, truth)
+
+
+def _person(rng: np.random.Generator, i: int, enrolled_from: datetime) -> dict[str, Any]:
+    gender = _choice(rng, {"woman": 0.47, "man": 0.50, "another": 0.03})
+    groups_by_gender = ({"aa_12step": 0.25, "smart": 0.30, "lifering": 0.17, "wfs": 0.23, "other": 0.03,
+                         "none": 0.02} if gender == "woman" else
+                        {"aa_12step": 0.38, "smart": 0.37, "lifering": 0.20, "other": 0.03, "none": 0.02})
+    primary = _choice(rng, groups_by_gender)
+    groups = [] if primary == "none" else [primary]
+    if rng.random() < (0.35 if primary != "none" else 0.3):
+        extra = _choice(rng, {"aa_12step": 1, "smart": 1, "lifering": 1, "other": 0.3,
+                              **({"wfs": 1.0} if gender == "woman" else {})})
+        if extra not in groups:
+            groups.append(extra)
+    aud_p = rng.beta(4, 3)
+    se_base = rng.normal(3.5, 0.6)
+    p: dict[str, Any] = {
+        "i": i, "gender": gender, "age": _clip(round(rng.normal(46, 12)), 18, 85),
+        "race": _choice(rng, {"white": 0.80, "black": 0.07, "asian": 0.03, "american_indian": 0.02,
+                              "pacific_islander": 0.01, "multiracial": 0.04, "other": 0.03}),
+        "hispanic": bool(rng.random() < 0.08),
+        "marital_status": _choice(rng, {"married_partnered": 0.45, "never_married": 0.25,
+                                        "divorced_separated_widowed": 0.30}),
+        "education": _choice(rng, {"high_school_or_less": 0.15, "some_college": 0.30, "bachelors": 0.30,
+                                   "graduate": 0.25}),
+        "employment": _choice(rng, {"full_time": 0.45, "part_time": 0.12, "unemployed": 0.12, "retired": 0.15,
+                                    "disabled": 0.07, "student": 0.04, "homemaker": 0.05}),
+        "income": _choice(rng, {k: 1 for k in ("under_20k", "20k_40k", "40k_60k", "60k_80k", "80k_100k",
+                                               "100k_plus")}),
+        "urbanicity": _choice(rng, {"urban": 0.4, "suburban": 0.4, "rural": 0.2}),
+        "recovery_goal": _choice(rng, {"abstinence_forever": 0.70, "drink_after_abstinence": 0.15,
+                                       "drink_occasionally": 0.15}),
+        "aud": [bool(rng.random() < aud_p) for _ in range(11)],
+        "se": [_clip(round(se_base + rng.normal(0, 0.6)), 1, 5) for _ in range(12)],
+        "primary_group": primary, "groups_30d": sorted(groups),
+        "meetings_30d": int(rng.poisson(8) + 1) if groups else int(rng.poisson(0.4)),
+        "enrolled_at": enrolled_from + timedelta(days=float(rng.uniform(0, 90))),
+    }
+    p["woman"] = float(gender == "woman")
+    p["aud_severity"] = float(sum(p["aud"]))
+    return p
 
 
 def _clip(value: float, low: int, high: int) -> int:
@@ -182,35 +218,40 @@ def _predictor(p: dict[str, Any], name: str) -> float:
         "hispanic": float(p["hispanic"]), "married": float(p["marital_status"] == "married_partnered"),
         "college": float(p["education"] in ("bachelors", "graduate")),
         "employed": float(p["employment"] in ("full_time", "part_time")),
-        "alcohol_recent": float(p["alcohol_last_use"] == "within_30d"),
-        "drug_recent": float(p["drug_last_use"] in ("within_30d", "30d_to_1y")),
+        "drug_last_use[within_1y]": float(p["drug_level"] == "within_1y"),
+        "drug_last_use[1y_to_5y]": float(p["drug_level"] == "1y_to_5y"),
         "aud_severity": p["aud_severity"], "self_efficacy_score": sum(p["se"]) / len(p["se"]),
         "multiple_groups": float(len(p["groups_30d"]) >= 2),
         "goal_abstinence": float(p["recovery_goal"] == "abstinence_forever"),
-        "primary_group[smart]": float(p["primary_group"] == "smart"),
-        "primary_group[lifering]": float(p["primary_group"] == "lifering"),
+        "primary_group[aa_12step]": float(p["primary_group"] == "aa_12step"),
         "primary_group[wfs]": float(p["primary_group"] == "wfs"),
     }
     return float(values[name])
 
 
-def _abstinent(p: dict[str, Any], wave: str, online: float) -> bool:
-    b = ABSTINENCE_EFFECTS
-    eta = (b["intercept"] + b["woman"] * p["woman"] + b["age"] * p["age"] + b["aud_severity"] * p["aud_severity"])
+def _model2_linear(p: dict[str, Any], wave: str, online: float) -> float:
+    """Model 2's linear predictor of abstinence at a wave (at baseline without the online term,
+    which the joint draw adds as gamma)."""
+    b = MODEL2_EFFECTS
+    eta = (b["intercept"] + b["woman"] * p["woman"] + b["age"] * p["age"] + b["aud_severity"] * p["aud_severity"]
+           + b["primary_group[aa_12step]"] * _predictor(p, "primary_group[aa_12step]")
+           + b["primary_group[wfs]"] * _predictor(p, "primary_group[wfs]")
+           + b["multiple_groups"] * _predictor(p, "multiple_groups"))
     if wave != "baseline":
-        eta += b[f"wave[{wave}]"] + b[f"online:wave[{wave}]"] * online
-    index = {"baseline": 0, "month6": 1, "month12": 2}[wave]
-    # Gaussian copula: the draw is correlated across waves, its marginal probability is exactly expit(eta).
-    return bool(_phi(p["z"][index]) < 1.0 / (1.0 + math.exp(-eta)))
+        eta += b[f"wave[{wave}]"] + (b["online"] + b[f"online:wave[{wave}]"]) * online
+    return float(eta)
 
 
-def _use(rng: np.random.Generator, abstinent: bool) -> tuple[str, str]:
-    if abstinent:
-        return (_choice(rng, {"30d_to_1y": 0.3, "over_1y": 0.7}),
-                _choice(rng, {"30d_to_1y": 0.08, "1y_to_5y": 0.15, "over_5y": 0.2, "never": 0.57}))
-    if rng.random() < 0.85:
-        return "within_30d", _choice(rng, {"within_30d": 0.2, "30d_to_1y": 0.1, "1y_to_5y": 0.15, "never": 0.55})
-    return _choice(rng, {"30d_to_1y": 0.5, "over_1y": 0.5}), "within_30d"
+def _alcohol(rng: np.random.Generator, abstinent: bool) -> str:
+    return _choice(rng, {"30d_to_1y": 0.35, "over_1y": 0.65}) if abstinent else "within_30d"
+
+
+def _drug(rng: np.random.Generator, level: str) -> str:
+    if level == "within_1y":
+        return _choice(rng, {"within_30d": 0.5, "30d_to_1y": 0.5})
+    if level == "1y_to_5y":
+        return "1y_to_5y"
+    return _choice(rng, {"over_5y": 0.3, "never": 0.7})
 
 
 def _answers(rng: np.random.Generator, p: dict[str, Any], wave: str) -> dict[str, Any]:
@@ -218,7 +259,8 @@ def _answers(rng: np.random.Generator, p: dict[str, Any], wave: str) -> dict[str
         alcohol, drug = p["alcohol_last_use"], p["drug_last_use"]
         online, meetings, groups, primary = p["online"], p["meetings_30d"], p["groups_30d"], p["primary_group"]
     else:
-        alcohol, drug = _use(rng, p["abstinent"][wave])
+        alcohol = _alcohol(rng, p["abstinent"][wave])
+        drug = _drug(rng, _choice(rng, {"within_1y": 0.2, "1y_to_5y": 0.15, "over_5y": 0.65}))
         online = float(rng.random() < 0.35)
         groups, primary = p["groups_30d"], p["primary_group"]
         meetings = int(rng.poisson(6)) if groups else int(rng.poisson(0.3))

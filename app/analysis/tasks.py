@@ -1,20 +1,65 @@
+"""Celery entry points of the analysis domain, and the transactions they own.
+
+`run` is what a worker does with one job: claim it, load the frame and store its snapshot,
+fit (outside any transaction: a fit can take seconds), record the outcome; each step commits
+on its own, so a crash mid-fit leaves the job `running` for the sweep to queue again.
+"""
+
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import timedelta
+from typing import Any
 
 from celery import shared_task
 
 from app.analysis import service
+from app.analysis.errors import ModelError
 from app.core.celery import task_database
-from app.core.settings import get_settings
+from app.core.db import Database, transaction
+from app.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
+    """Fit one queued analysis; idempotent (a job that is not `queued` is left alone)."""
+    job_id = uuid.UUID(str(analysis_id))
+    with transaction(db) as session:
+        job = service.claim(session, job_id)
+    if job is None:
+        return "not queued"
+    outcome: dict[str, Any]
+    try:
+        with transaction(db) as session:
+            frame, spec, _ = service.prepare(session, settings, job)
+        with transaction(db) as session:
+            sha = service.store_snapshot(session, job.study_id, frame)
+        outcome = {"status": "succeeded", **service.fit(job, spec, frame, sha)}
+    except ModelError as exc:
+        outcome = {"status": "failed", "error": str(exc)}
+    except Exception as exc:
+        log.exception("analysis %s crashed", job_id)
+        outcome = {"status": "failed", "error": f"internal error while fitting ({type(exc).__name__})"}
+    with transaction(db) as session:
+        service.finish(session, job_id, outcome)
+    return str(outcome["status"])
+
+
+def sweep(db: Database, lease: timedelta) -> dict[str, int]:
+    with transaction(db) as session:
+        stuck, revived = service.sweep(session, lease)
+    for analysis_id in stuck:  # after the commit: never enqueue inside an open transaction
+        run_analysis.delay(str(analysis_id))
+    return {"requeued": len(stuck), "revived": revived}
 
 
 @shared_task(name="cohort.analysis.run", ignore_result=True, acks_late=True)
 def run_analysis(analysis_id: str) -> str:
-    return service.run(task_database(), get_settings(), uuid.UUID(analysis_id))
+    return run(task_database(), get_settings(), analysis_id)
 
 
 @shared_task(name="cohort.analysis.sweep", ignore_result=True)
 def sweep_analyses() -> dict[str, int]:
-    return service.sweep(task_database(), timedelta(seconds=get_settings().analysis_lease_seconds))
+    return sweep(task_database(), timedelta(seconds=get_settings().analysis_lease_seconds))

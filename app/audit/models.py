@@ -23,6 +23,7 @@ AUDITED = (
     ("responses", "id", (), "column"),
     ("response_corrections", "id", (), "response"),
     ("reminder_sends", "id", (), "column"),
+    ("analysis_plans", "id", (), "column"),
 )
 
 

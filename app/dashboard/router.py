@@ -13,13 +13,15 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from app.analysis import service as analyses
-from app.analysis.router import fmt_number, fmt_p
-from app.analysis.router import to_out as analysis_out
+from app.analysis import tasks as analysis_tasks
+from app.analysis.plan import PlanDoc
+from app.analysis.presentation import fmt_number, fmt_p
+from app.analysis.presentation import to_out as analysis_out
 from app.core.crypto import settings_sealer
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
@@ -38,13 +40,12 @@ from app.dashboard.auth import (
     sign_in,
     sign_out,
 )
-from app.exports import router as exports_api
+from app.exports import service as exports
 from app.participants import repository as participants_repo
 from app.participants import service as participants
-from app.participants.schemas import WithdrawIn
+from app.participants.schemas import ScheduleStatus, WithdrawIn
 from app.reminders import service as reminders
 from app.reminders import tasks as reminder_tasks
-from app.retention import router as retention_api
 from app.retention import service as retention
 from app.studies import repository as studies_repo
 from app.studies import service as studies
@@ -54,11 +55,6 @@ from app.withdrawals import service as withdrawals
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
-MODELS: tuple[tuple[str, str | None, str], ...] = (
-    ("online_attendance", None, "Who attends online (logistic regression)"),
-    ("abstinence", "model1", "Abstinence over time (GEE, model 1)"),
-    ("abstinence", "model2", "Abstinence over time (GEE, model 2: + primary group, multiple groups)"),
-)
 
 
 def _pct(value: float | None) -> str:
@@ -142,7 +138,7 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
              ) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
-    overall = retention_api.get_retention(viewer.principal, ctx, session, as_of=when, by="primary_group")
+    overall = retention.retention_report(session, ctx, when, by="primary_group")
     enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone)
     retention_chart = charts.bars("Retention per wave (completed / eligible)",
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
@@ -156,7 +152,7 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)
 def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep, settings: SettingsDep,
              wave: Annotated[str | None, Query(max_length=63)] = None,
-             status: Annotated[Literal["open", "scheduled", "missed", "completed", "withdrawn"] | None,
+             status: Annotated[ScheduleStatus | None,
                                Query()] = "open",
              page_no: Annotated[int, Query(alias="page", ge=1, le=10_000)] = 1,
              notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
@@ -203,7 +199,7 @@ def _safe_back(back: str, key: str) -> str:
 
 def forest(results: dict[str, Any], label: str) -> str:
     items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
-             for c in results.get("coefficients", []) if c["term"] != "Intercept"]
+             for c in results.get("coefficients", []) if c["term"].lower() != "intercept"]
     return charts.intervals(label, items, log_scale=True, reference=1.0, axis="odds ratio (log scale), 95 % CI")
 
 
@@ -212,7 +208,7 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
              as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
-    result = retention_api.get_outcomes(viewer.principal, ctx, session, by="online_30d", as_of=when)
+    result = retention.outcomes_report(session, ctx, when, by="online_30d")
     names = {"true": "attended online", "false": "did not attend online"}
     rate_chart = charts.intervals(
         "Abstinent in the last 30 days, by wave and baseline online attendance (95 % Wilson CI)",
@@ -220,23 +216,47 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                          r.rate, r.ci_low, r.ci_high) for r in result.items],
         axis="proportion abstinent", fmt="{:.2f}")
     latest = analyses.latest_succeeded(session, ctx.study.id)
+    plan = analyses.current_plan(session, ctx)
     models = []
-    for model, variant, title in MODELS:
+    for model, variant, title in _plan_models(plan.doc):
         job = latest.get((model, variant or ""))
         out = analysis_out(job, ctx.study.key) if job is not None else None
+        contrasts = (job.results or {}).get("contrasts") if job is not None else None
         models.append({"model": model, "variant": variant, "title": title, "job": out,
+                       "contrast_plot": contrast_plot(contrasts, f"Contrasts: {title}") if contrasts else "",
                        "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
     return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
-                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of)
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version)
+
+
+def _plan_models(plan: PlanDoc) -> list[tuple[str, str | None, str]]:
+    """The plan's regression models and their variants, in the plan's order."""
+    out: list[tuple[str, str | None, str]] = []
+    for key, model in plan.models.items():
+        if model.kind == "table1":
+            continue
+        out.append((key, None, model.label or key))
+        out += [(key, variant, doc.label or f"{model.label or key} ({variant})")
+                for variant, doc in model.variants.items()]
+    return out
+
+
+def contrast_plot(contrasts: list[dict[str, Any]], label: str) -> str:
+    items = [charts.Interval(c["term"], "odds ratio", c.get("odds_ratio"), c.get("ci_low"), c.get("ci_high"))
+             for c in contrasts]
+    return charts.intervals(label, items, log_scale=True, reference=1.0, axis="odds ratio (log scale), 95 % CI")
 
 
 @router.post("/studies/{key}/analyses")
 def refit(key: str, viewer: FormViewer, session: SessionDep,
-          model: Annotated[Literal["table1", "online_attendance", "abstinence"], Form()],
-          variant: Annotated[Literal["", "model1", "model2"], Form()] = "") -> Response:
+          model: Annotated[str, Form(max_length=40)],
+          variant: Annotated[str, Form(max_length=40)] = "") -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    job, _ = analyses.request(session, ctx, model=model, variant=variant or None, as_of=None,
-                              requested_by=viewer.principal.token_id)
+    job, reused = analyses.request(session, ctx, model=model, variant=variant or None, spec=None, as_of=None,
+                                   requested_by=viewer.principal.token_id)
+    if not reused:
+        job_id = str(job.id)
+        on_commit(session, lambda: analysis_tasks.run_analysis.delay(job_id))
     return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
 
 
@@ -261,13 +281,16 @@ def export(key: str, viewer: ViewerDep, session: SessionDep, db: DatabaseDep, se
            format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
            layout: Annotated[Literal["long", "wide"], Query()] = "long") -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    return exports_api.export(viewer.principal, ctx, session, db, settings, format=format, layout=layout)
+    export = exports.export(session, db, ctx, settings_sealer(settings), format=format, layout=layout)
+    return StreamingResponse(export.body, media_type=export.media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
 
 
 @router.get("/studies/{key}/dictionary")
 def dictionary(key: str, viewer: ViewerDep, session: SessionDep) -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    return exports_api.dictionary(viewer.principal, ctx)
+    return Response(exports.dictionary_csv(ctx.require_codebook()), media_type=exports.MEDIA["csv"],
+                    headers={"Content-Disposition": f'attachment; filename="{ctx.study.key}-dictionary.csv"'})
 
 
 # -- errors as pages ---------------------------------------------------------------------------------

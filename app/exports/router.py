@@ -12,12 +12,8 @@ from app.core.routing import RoleRoute
 from app.core.security import Analyst
 from app.exports import service
 from app.studies.deps import StudyFromPath
-from app.studies.service import pseudonymiser
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["exports"], route_class=RoleRoute)
-
-MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
-
 
 @router.get(
     "/export", response_class=StreamingResponse,
@@ -32,20 +28,14 @@ def export(principal: Analyst, study: StudyFromPath, session: SessionDep, db: Da
                                                         "cell starting with = + - @ tab or CR gets a leading ' so "
                                                         "spreadsheets do not run it as a formula")] = False,
            ) -> StreamingResponse:
-    codebook = study.require_codebook()
-    service.query(codebook, layout)  # everything that can be refused is refused before the first byte
-    pseudonymise = pseudonymiser(session, study.study, settings_sealer(settings))
-    if format == "csv":
-        body = service.stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
-    else:
-        body = service.stream_parquet(db, study.study.id, codebook, pseudonymise, layout)
-    name = f"{study.study.key}-{layout}.{format}"
-    return StreamingResponse(body, media_type=MEDIA[format],
-                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    export = service.export(session, db, study, settings_sealer(settings), format=format, layout=layout,
+                            raw_cells=raw_cells)
+    return StreamingResponse(export.body, media_type=export.media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
 
 
 @router.get("/export/dictionary", response_class=Response, summary="The data dictionary of the export (CSV)",
             responses={200: {"content": {"text/csv": {}}}})
 def dictionary(principal: Analyst, study: StudyFromPath) -> Response:
-    return Response(service.dictionary_csv(study.require_codebook()), media_type=MEDIA["csv"],
+    return Response(service.dictionary_csv(study.require_codebook()), media_type=service.MEDIA["csv"],
                     headers={"Content-Disposition": f'attachment; filename="{study.study.key}-dictionary.csv"'})

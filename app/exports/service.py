@@ -21,13 +21,37 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.orm import Session
 
-from app.core.crypto import Pseudonymiser
+from app.core.crypto import Pseudonymiser, Sealer
 from app.core.db import Database
 from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
+from app.studies.service import StudyContext, pseudonymiser
 
 PARQUET_BATCH = 10_000
+MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
+
+
+@dataclass(frozen=True)
+class Export:
+    body: Iterator[bytes]
+    media_type: str
+    filename: str
+
+
+def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, *, format: str, layout: str,
+           raw_cells: bool = False) -> Export:
+    """A study's de-identified export, ready to stream (for the API and the dashboard alike).
+    Everything that can be refused is refused here, before the first byte."""
+    codebook = study.require_codebook()
+    query(codebook, layout)
+    pseudonymise = pseudonymiser(session, study.study, sealer)
+    if format == "csv":
+        body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
+    else:
+        body = stream_parquet(db, study.study.id, codebook, pseudonymise, layout)
+    return Export(body, MEDIA[format], f"{study.study.key}-{layout}.{format}")
 
 
 @dataclass(frozen=True)

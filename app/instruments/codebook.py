@@ -97,6 +97,9 @@ class DerivedDoc(_Strict):
     code: str = Field(pattern=CODE)
     type: Literal["boolean", "integer", "number", "text"]
     definition: str = Field(min_length=1)
+    expression: str | None = Field(default=None, min_length=1, description=(
+        "the definition in the expression language when `definition` is prose for readers; "
+        "when present it is what is evaluated"))
     description: str | None = None
 
 
@@ -151,7 +154,10 @@ class Codebook:
     @cached_property
     def derived_signature(self) -> str:
         """Changes when any derived definition changes; stored rows with another one are recomputed."""
-        payload = [[d.code, d.type, d.definition] for d in self.derived]
+        payload: list[list[Any]] = [[d.code, d.type, d.definition] for d in self.derived]
+        expressions = [[d.code, d.expression] for d in self.derived if d.expression is not None]
+        if expressions:  # signatures of codebooks without separate expressions stay as they were
+            payload.append(expressions)
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def waves(self) -> list[dict[str, Any]]:
@@ -318,9 +324,10 @@ def check_document(doc: CodebookDoc) -> list[FieldError]:
     available = {code: item.type for code, item in by_code.items()}
     for i, d in enumerate(doc.derived):
         try:
-            compile_derived(d.code, d.type, d.definition, available)
+            compile_derived(d.code, d.type, d.definition, available, expression=d.expression)
         except DefinitionError as exc:
-            errors.append(_err(["derived", i, "definition"], "definition", str(exc)))
+            field = "expression" if d.expression is not None else "definition"
+            errors.append(_err(["derived", i, field], "definition", str(exc)))
         available[d.code] = d.type
     return errors
 
@@ -369,7 +376,7 @@ def compile_codebook(document: dict[str, Any], doc: CodebookDoc) -> Codebook:
     available = {code: item.type for code, item in items.items()}
     derived = []
     for d in doc.derived:
-        derived.append(compile_derived(d.code, d.type, d.definition, available))
+        derived.append(compile_derived(d.code, d.type, d.definition, available, expression=d.expression))
         available[d.code] = d.type
     wave_keys = tuple(w.key for w in doc.waves)
     by_wave = {w: tuple(it for it in items.values() if w in it.waves) for w in wave_keys}

@@ -5,8 +5,10 @@ or ``mean(cohesion_1..cohesion_6)`` is parsed once with Python's `ast` into a wh
 tree (no attribute access, no calls but the few functions below) and evaluated against a
 response's answers. A missing input makes the result null rather than a guess.
 
-Some codebook definitions are prose, not expressions ("count of true aud_1..aud_11").
-Those the service knows by code are listed in `NAMED`; any other prose is rejected.
+A definition written as prose for readers ("count of true aud_1..aud_11 (baseline)") carries
+its expression beside it (`expression`: ``count(aud_1..aud_11)``); that is what is evaluated.
+No derived variable is computed by code that knows its name. A value asked at one wave only
+(aud_severity) is carried to later waves from the participant's response at that wave.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class DerivedVariable:
     definition: str
     inputs: frozenset[str]
     evaluate: Evaluator
+    expression: str | None = None
 
     def value(self, env: Mapping[str, Any]) -> Any:
         return _cast(self.type, self.evaluate(env))
@@ -82,6 +85,7 @@ FUNCTIONS: dict[str, Callable[[Any], Any]] = {
     "len": _len,
     "mean": _mean,
     "sum": _sum,
+    "count": _count_true,
     "count_true": _count_true,
 }
 
@@ -183,46 +187,21 @@ def _cast(type_: str, value: Any) -> Any:
     return str(value)
 
 
-def _involvement(env: Mapping[str, Any]) -> Any:
-    if env.get("primary_group") in (None, "none"):
-        return None
-    parts = [env.get(c) for c in ("home_group", "has_sponsor", "service_30d", "program_work_30d",
-                                  "weekly_attendance")]
-    if not _all_known(parts):
-        return None
-    return sum(1 for p in parts if p)
+def compile_derived(code: str, type_: str, definition: str, known: Mapping[str, str], *,
+                    expression: str | None = None) -> DerivedVariable:
+    """Compile one definition against the codes available so far (items, then earlier derived).
 
-
-_AUD = [f"aud_{i}" for i in range(1, 12)]
-
-# Variables whose codebook definition is prose; computed here by code, with their inputs.
-NAMED: dict[str, tuple[frozenset[str], Evaluator]] = {
-    "involvement_score": (
-        frozenset({"primary_group", "home_group", "has_sponsor", "service_30d", "program_work_30d",
-                   "weekly_attendance"}),
-        _involvement,
-    ),
-    "aud_severity": (frozenset(_AUD), lambda env: _count_true([env.get(c) for c in _AUD])),
-}
-
-
-def compile_derived(code: str, type_: str, definition: str, known: Mapping[str, str]) -> DerivedVariable:
-    """Compile one definition against the codes available so far (items, then earlier derived)."""
+    `expression`, when given, is evaluated and `definition` is the readers' text beside it;
+    no variable is computed by code that knows its name."""
+    source = expression if expression is not None else definition
     try:
-        tree = ast.parse(expand_ranges(definition), mode="eval")
+        tree = ast.parse(expand_ranges(source), mode="eval")
     except SyntaxError:
-        tree = None
-    if tree is not None:
-        inputs: set[str] = set()
-        evaluate = _compile_node(tree.body, known, inputs)
-        return DerivedVariable(code, type_, definition, frozenset(inputs), evaluate)
-    if code in NAMED:
-        needed, evaluate = NAMED[code]
-        missing = sorted(needed - set(known))
-        if missing:
-            raise DefinitionError(f"{code} needs items {', '.join(missing)}")
-        return DerivedVariable(code, type_, definition, needed, evaluate)
-    raise DefinitionError(
-        "not an expression the service can evaluate (use item codes, comparisons, and/or/not, + - * /, "
-        "len/mean/sum/count_true and ranges like x_1..x_6)"
-    )
+        raise DefinitionError(
+            "not an expression the service can evaluate (use item codes, comparisons, and/or/not, + - * /, "
+            "len/mean/sum/count and ranges like x_1..x_6; put prose in `definition` and the expression "
+            "in `expression`)"
+        ) from None
+    inputs: set[str] = set()
+    evaluate = _compile_node(tree.body, known, inputs)
+    return DerivedVariable(code, type_, definition, frozenset(inputs), evaluate, expression)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -12,7 +11,7 @@ from app.core.security import Coordinator, Reader
 from app.core.timeutil import Instant, utcnow
 from app.participants.schemas import ScheduleStatus
 from app.retention import service
-from app.retention.schemas import FollowupItem, FollowupPage, GroupRetention, OutcomeRow, Outcomes, Retention
+from app.retention.schemas import FollowupItem, FollowupPage, Outcomes, Retention
 from app.studies.deps import StudyFromPath
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["retention"], route_class=RoleRoute)
@@ -23,15 +22,7 @@ AsOf = Annotated[Instant | None, Query(description="RFC 3339 instant; default no
 @router.get("/retention", response_model=Retention, summary="Retention per wave as of an instant")
 def get_retention(principal: Reader, study: StudyFromPath, session: SessionDep, as_of: AsOf = None,
                   by: Annotated[Literal["primary_group"] | None, Query()] = None) -> Retention:
-    when = as_of or utcnow()
-    waves = list(study.require_codebook().wave_keys)
-    overall = service.retention(session, study.study.id, waves, when)[None]
-    body = Retention(as_of=when, waves=overall)
-    if by is not None:
-        grouped = service.retention(session, study.study.id, waves, when, by=by)
-        body.by = by
-        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in grouped.items()]
-    return body
+    return service.retention_report(session, study, as_of or utcnow(), by)
 
 
 @router.get("/followup", response_model=FollowupPage,
@@ -56,6 +47,4 @@ def get_followup(principal: Coordinator, study: StudyFromPath, session: SessionD
 def get_outcomes(principal: Reader, study: StudyFromPath, session: SessionDep,
                  by: Annotated[Literal["online_30d", "primary_group"], Query()] = "online_30d",
                  as_of: AsOf = None) -> Outcomes:
-    when: datetime = as_of or utcnow()
-    rows = service.outcomes(session, study.study.id, list(study.require_codebook().wave_keys), when, by)
-    return Outcomes(as_of=when, by=by, items=[OutcomeRow(**r) for r in rows])
+    return service.outcomes_report(session, study, as_of or utcnow(), by)

@@ -12,7 +12,7 @@ import math
 import uuid
 from collections import defaultdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Boolean, String, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
@@ -21,6 +21,8 @@ from app.participants.models import Participant, Schedule
 from app.participants.repository import schedule_status_sql
 from app.responses.models import Response
 from app.retention.models import RetentionCount, RetentionWatermark
+from app.retention.schemas import GroupRetention, OutcomeRow, Outcomes, Retention
+from app.studies.service import StudyContext
 
 UNKNOWN_GROUP = "unknown"
 
@@ -195,3 +197,20 @@ def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: dat
                     "rate": row.abstinent / row.n if row.n else None, "ci_low": low, "ci_high": high})
     return out
 
+
+def retention_report(session: Session, study: StudyContext, when: datetime,
+                     by: Literal["primary_group"] | None = None) -> Retention:
+    """Retention per wave as of `when` (overall, and per group with `by`): the API's and the dashboard's."""
+    waves = list(study.require_codebook().wave_keys)
+    body = Retention(as_of=when, waves=retention(session, study.study.id, waves, when)[None])
+    if by is not None:
+        grouped = retention(session, study.study.id, waves, when, by=by)
+        body.by = by
+        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in grouped.items()]
+    return body
+
+
+def outcomes_report(session: Session, study: StudyContext, when: datetime,
+                    by: Literal["online_30d", "primary_group"]) -> Outcomes:
+    rows = outcomes(session, study.study.id, list(study.require_codebook().wave_keys), when, by)
+    return Outcomes(as_of=when, by=by, items=[OutcomeRow(**r) for r in rows])

@@ -1,0 +1,157 @@
+"""All SQL of the analysis domain: jobs, snapshots, plan versions and the rows of the analysis frame
+(add and flush only; the request and task wrappers commit)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, Text, bindparam, case, cast, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.analysis.models import Analysis, AnalysisPlan, Snapshot
+from app.participants.models import Participant
+from app.responses.models import Response
+from app.studies.models import Study
+
+LIVE = ("queued", "running", "succeeded")
+
+
+def reusable(session: Session, study_id: uuid.UUID, model: str, variant: str, fingerprint: str) -> Analysis | None:
+    found: Analysis | None = session.scalar(
+        select(Analysis).where(Analysis.study_id == study_id, Analysis.model == model, Analysis.variant == variant,
+                               Analysis.data_fingerprint == fingerprint, Analysis.status.in_(LIVE))
+        .order_by(Analysis.created_at.desc()).limit(1)
+    )
+    return found
+
+
+def add(session: Session, job: Analysis) -> Analysis:
+    session.add(job)
+    session.flush()
+    return job
+
+
+def with_study_key(session: Session, analysis_id: uuid.UUID) -> tuple[Analysis, str] | None:
+    row = session.execute(
+        select(Analysis, Study.key).join(Study, Study.id == Analysis.study_id).where(Analysis.id == analysis_id)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def page(session: Session, study_id: uuid.UUID, model: str | None, after: tuple[Any, ...] | None,
+         limit: int) -> list[Analysis]:
+    query = select(Analysis).where(Analysis.study_id == study_id)
+    if model is not None:
+        query = query.where(Analysis.model == model)
+    if after is not None:
+        query = query.where(tuple_(Analysis.created_at, Analysis.id) > tuple_(*after))
+    return list(session.scalars(query.order_by(Analysis.created_at, Analysis.id).limit(limit + 1)))
+
+
+def claim(session: Session, analysis_id: uuid.UUID, now: datetime) -> Any:
+    """queued -> running, or None when the job is not queued (another worker has it, or it is done)."""
+    return session.execute(
+        update(Analysis).where(Analysis.id == analysis_id, Analysis.status == "queued")
+        .values(status="running", started_at=now, attempts=Analysis.attempts + 1)
+        .returning(Analysis.study_id, Analysis.model, Analysis.variant, Analysis.as_of, Analysis.spec)
+    ).one_or_none()
+
+
+def finish(session: Session, analysis_id: uuid.UUID, now: datetime, values: dict[str, Any]) -> None:
+    session.execute(update(Analysis).where(Analysis.id == analysis_id).values(finished_at=now, **values))
+
+
+def study_key(session: Session, study_id: uuid.UUID) -> str | None:
+    key: str | None = session.scalar(select(Study.key).where(Study.id == study_id))
+    return key
+
+
+def save_snapshot(session: Session, *, sha256: str, study_id: uuid.UUID, rows: int, participants: int,
+                  parquet: bytes, now: datetime) -> None:
+    session.execute(insert(Snapshot).values(
+        sha256=sha256, study_id=study_id, rows=rows, participants=participants, parquet=parquet, created_at=now,
+    ).on_conflict_do_nothing(index_elements=[Snapshot.sha256]))
+
+
+def snapshot(session: Session, sha256: str) -> Snapshot | None:
+    return session.get(Snapshot, sha256)
+
+
+def succeeded_newest_first(session: Session, study_id: uuid.UUID) -> list[Analysis]:
+    return list(session.scalars(select(Analysis).where(Analysis.study_id == study_id,
+                                                       Analysis.status == "succeeded")
+                                .order_by(Analysis.finished_at.desc())))
+
+
+def fail_exhausted(session: Session, before: datetime, max_attempts: int, now: datetime, error: str) -> None:
+    session.execute(
+        update(Analysis).where(Analysis.status == "running", Analysis.started_at < before,
+                               Analysis.attempts >= max_attempts)
+        .values(status="failed", finished_at=now, error=error)
+    )
+
+
+def revive_expired(session: Session, before: datetime) -> int:
+    revived = session.execute(
+        update(Analysis).where(Analysis.status == "running", Analysis.started_at < before)
+        .values(status="queued", started_at=None)
+    )
+    return int(getattr(revived, "rowcount", 0) or 0)
+
+
+def queued_before(session: Session, before: datetime) -> list[uuid.UUID]:
+    return list(session.scalars(select(Analysis.id).where(Analysis.status == "queued",
+                                                          Analysis.created_at < before)))
+
+
+def latest_plan(session: Session, study_id: uuid.UUID) -> AnalysisPlan | None:
+    found: AnalysisPlan | None = session.scalar(
+        select(AnalysisPlan).where(AnalysisPlan.study_id == study_id)
+        .order_by(AnalysisPlan.version.desc()).limit(1))
+    return found
+
+
+def add_plan(session: Session, plan: AnalysisPlan) -> AnalysisPlan:
+    session.add(plan)
+    session.flush()
+    return plan
+
+
+def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> tuple[int, int]:
+    """How many complete responses, and a hash over their ids, versions and derived signatures."""
+    query = select(
+        func.count(),
+        func.coalesce(func.sum(func.hashtextextended(
+            cast(Response.id, Text) + cast(Response.updated_at, Text) + Response.derived_signature, 0)), 0),
+    ).where(Response.study_id == study_id, Response.status == "complete")
+    if as_of is not None:
+        query = query.where(Response.completed_at <= as_of)
+    count, digest = session.execute(query).one()
+    return int(count), int(digest)
+
+
+def frame_rows(session: Session, study_id: uuid.UUID, items: list[str], derived: list[str], signature: str, *,
+               as_of: datetime | None, batch: int) -> Sequence[Row[Any]]:
+    """One row per complete response: participant id, external id, wave, completed_at, the raw
+    answers when its derived values were computed under another signature (else null), then each
+    item and each derived value as text; ordered by participant and wave."""
+    answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
+    derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
+    # the raw answers travel (and are decoded) only for rows whose derived values are stale
+    stale_answers = case((Response.derived_signature.is_distinct_from(signature), Response.answers), else_=None)
+    query = (
+        select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
+               stale_answers, *answer_cols, *derived_cols)
+        .join(Participant, Participant.id == Response.participant_id)
+        .where(Response.study_id == study_id, Response.status == "complete")
+        .order_by(Response.participant_id, Response.wave)
+    )
+    if as_of is not None:
+        query = query.where(Response.completed_at <= bindparam("as_of", as_of))
+    # Core rows (no ORM loading), streamed from a server-side cursor
+    result = session.connection().execute(query.execution_options(stream_results=True, yield_per=batch))
+    return result.all()
