@@ -27,6 +27,7 @@ from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.studies.models import Study
 from app.studies.service import StudyContext, pseudonymiser, system_context
+from app.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,13 @@ def _fit(db: Database, settings: Settings, study_id: uuid.UUID, model: str, vari
 
 def _finish(db: Database, analysis_id: uuid.UUID, **values: Any) -> None:
     with transaction(db) as session:
-        session.execute(update(Analysis).where(Analysis.id == analysis_id)
-                        .values(finished_at=utcnow(), **values))
+        row = session.execute(update(Analysis).where(Analysis.id == analysis_id)
+                              .values(finished_at=utcnow(), **values)
+                              .returning(Analysis.study_id, Analysis.model, Analysis.variant)).one_or_none()
+        if row is not None:
+            webhooks.emit(session, row.study_id,
+                          "analysis.succeeded" if values.get("status") == "succeeded" else "analysis.failed",
+                          {"analysis_id": str(analysis_id), "model": row.model, "variant": row.variant})
 
 
 def latest_succeeded(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:

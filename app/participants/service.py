@@ -32,6 +32,7 @@ from app.participants.schemas import (
     WithdrawIn,
 )
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -143,6 +144,8 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
     if contact is not None:
         session.add(Contact(participant_id=participant.id, sealed=sealer.seal(contact), updated_at=now))
     session.flush()
+    webhooks.emit(session, ctx.study.id, "participant.enrolled", {"enrolled_at": data.enrolled_at.isoformat()},
+                  participant_id=participant.id)
     return ParticipantView(participant, schedules, contact)
 
 
@@ -280,3 +283,5 @@ def _copy_participants(
         repository.copy_rows(session, "participants", PARTICIPANT_COLUMNS, participants)
         repository.copy_rows(session, "schedules", SCHEDULE_COLUMNS, schedules)  # ids: the column default
         repository.copy_rows(session, "participant_contacts", CONTACT_COLUMNS, contacts)
+        webhooks.emit_many(session, study_id, "participant.enrolled",
+                           [(row[0], {"enrolled_at": row[4].isoformat()}) for row in participants])

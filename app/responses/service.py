@@ -31,6 +31,7 @@ from app.responses.validation import (
     instruments_at,
 )
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 
 
 def _invalid(errors: list[Any]) -> Invalid:
@@ -75,6 +76,9 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
                  response: Response) -> None:
     assert response.completed_at is not None
     participants_repo.mark_wave_completed(session, participant.id, response.wave, response.completed_at)
+    webhooks.emit(session, ctx.study.id, "response.completed",
+                  {"response_id": str(response.id), "wave": response.wave,
+                   "completed_at": response.completed_at.isoformat()}, participant_id=participant.id)
     reminders_repo.cancel_pending(session, participant.id, "wave completed", wave=response.wave)
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
         participant.status = "completed"
@@ -236,6 +240,9 @@ def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: C
     session.flush()
     _refresh_dependents(session, codebook, response)
     session.flush()
+    webhooks.emit(session, ctx.study.id, "response.corrected",
+                  {"response_id": str(response.id), "wave": response.wave, "items": sorted(data.answers)},
+                  participant_id=response.participant_id)
     return response, external_id
 
 
@@ -346,6 +353,9 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     done = [r for r in rows if r["status"] == "complete"]
     participants_repo.complete_waves(session, [(r["participant_id"], r["wave"], r["completed_at"]) for r in done])
     reminders_repo.cancel_pending_waves(session, [(r["participant_id"], r["wave"]) for r in done])
+    webhooks.emit_many(session, ctx.study.id, "response.completed", [
+        (r["participant_id"], {"response_id": str(r["id"]), "wave": r["wave"],
+                               "completed_at": r["completed_at"].isoformat()}) for r in done])
     final = codebook.wave_keys[-1]
     participants_repo.set_statuses(
         session,
