@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.core.crypto import Sealer
 from app.core.db import add_unique, is_unique_violation
 from app.core.errors import Conflict, FieldError, Invalid, NotFound
+from app.core.etag import etag_of, require_current
 from app.idempotency import service as idempotency
 from app.instruments.codebook import Codebook
 from app.participants import repository
@@ -173,6 +174,23 @@ def views(session: Session, participants: list[Participant], sealer: Sealer | No
 
 def view(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer | None) -> ParticipantView:
     return views(session, [find(session, ctx, external_id)], sealer)[0]
+
+
+def etag(view: ParticipantView) -> str:
+    """The stored version of what a coordinator reads: the participant, its schedule and contact."""
+    p = view.participant
+    return etag_of("participant", p.id, p.status, p.enrolled_at, p.timezone, p.withdrawn_at, p.withdraw_reason,
+                   [(s.wave, s.opens_at, s.due_at, s.closes_at, s.status, s.completed_at) for s in view.schedules],
+                   view.contact)
+
+
+def require_version(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer,
+                    if_match: str | None) -> None:
+    """Lock the participant and refuse (412) when `if_match` is given and is not its current version."""
+    if if_match is None:
+        return
+    participant = find(session, ctx, external_id, for_update=True)
+    require_current(if_match, etag(views(session, [participant], sealer)[0]), "participant")
 
 
 def mark_withdrawn(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn,

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.core.errors import AlreadyComplete, Conflict, Invalid, NotFound
+from app.core.etag import etag_of, require_current
 from app.core.security import Principal
 from app.instruments.codebook import Codebook
 from app.participants import repository as participants_repo
@@ -210,13 +211,20 @@ def get(session: Session, ctx: StudyContext, response_id: uuid.UUID) -> tuple[Re
     return row
 
 
+def etag(response: Response) -> str:
+    """The stored version: changes with every change of answers, status, derived values or times."""
+    return etag_of("response", response.id, response.status, response.answers, response.derived,
+                   response.completed_instruments, response.completed_at, response.updated_at, response.late)
+
+
 def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: CorrectionIn,
-            principal: Principal, now: datetime) -> tuple[Response, str]:
+            principal: Principal, now: datetime, *, if_match: str | None = None) -> tuple[Response, str]:
     codebook = ctx.require_codebook()
     row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     response, external_id = row
+    require_current(if_match, etag(response), "response")  # under the row lock: one of two racing edits wins
     merged = dict(response.answers)
     for code, value in data.answers.items():
         if value is None:
