@@ -25,8 +25,8 @@ def test_a_worker_killed_mid_delivery_is_followed_by_the_same_webhook_id(fresh_d
     broker = broker_for(fresh_db, REDIS_INDEX)
     settings = make_settings(fresh_db, tmp_path, redis_url=broker if broker.startswith("redis") else None,
                              webhooks_allow_loopback=True, webhooks_timeout_seconds=4.0, webhooks_retry_seconds=0.2)
-    env = worker_env(settings, broker) | {"COHORT_WEBHOOKS_ALLOW_LOOPBACK": "1",
-                                          "COHORT_WEBHOOKS_TIMEOUT_SECONDS": "4", "COHORT_WEBHOOKS_RETRY_SECONDS": "0.2"}
+    env = worker_env(settings, broker) | {"COHORT_WEBHOOKS_ALLOW_LOOPBACK": "1", "COHORT_WEBHOOKS_TIMEOUT_SECONDS": "4",
+                                          "COHORT_WEBHOOKS_RETRY_SECONDS": "0.2"}
     receiver = Receiver(plan=["hang"], hang_seconds=60)
     tasks = client_app(broker)
     try:
