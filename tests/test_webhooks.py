@@ -12,13 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Connection, Engine, text
 
 from app.core.db import Database
 from app.core.settings import Settings
 from app.webhooks import urls
 from app.webhooks.tasks import run_deliveries
-from tests.conftest import ADMIN_TOKEN, make_settings
+from tests.conftest import ADMIN_TOKEN, client_for, make_settings
 from tests.factories import auth, create_study, create_token, valid_answers
 from tests.webhook_receiver import Receiver
 
@@ -199,7 +200,7 @@ async def test_roles_scope_and_secret_shown_once(admin: httpx.AsyncClient, recei
 
 
 async def test_a_day_of_failures_disables_and_a_redelivery_brings_it_back(
-        admin: httpx.AsyncClient, database: Database, settings: Settings, receiver: Receiver,
+        app: FastAPI, admin: httpx.AsyncClient, database: Database, settings: Settings, receiver: Receiver,
         connection: Connection) -> None:
     await create_study(admin, ADMIN_TOKEN, key="pal")
     hook = await subscribe(admin, receiver, events=["participant.enrolled"])
@@ -213,6 +214,12 @@ async def test_a_day_of_failures_disables_and_a_redelivery_brings_it_back(
     deliver_until(database, settings, lambda: len(receiver.received) == 2)
     state = (await admin.get(f"{BASE}/webhooks/{hook['id']}")).json()
     assert state["status"] == "disabled" and state["disabled_reason"]
+    async with client_for(app) as browser:
+        r = await browser.post("/ui/login", data={"token": ADMIN_TOKEN})
+        assert r.status_code == 303
+        overview = await browser.get("/ui/studies/pal")
+        assert overview.status_code == 200 and f'data-webhook="{hook["id"]}"' in overview.text
+        assert "was disabled" in overview.text
     log = (await admin.get(f"{BASE}/webhooks/{hook['id']}/deliveries")).json()["items"]
     assert log[0]["status"] == "failed" and log[0]["attempts"] == 2 and log[0]["response_code"] == 500
     assert log[0]["last_error"] == "HTTP 500"
