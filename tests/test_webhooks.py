@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Connection, Engine, text
 
+from app.analysis import service as analyses
 from app.core.db import Database
 from app.core.settings import Settings
 from app.webhooks import urls
@@ -245,3 +246,24 @@ async def test_redirects_are_not_followed(admin: httpx.AsyncClient, database: Da
     assert [r.answered for r in receiver.received] == [302, 200]
     log = (await admin.get(f"{BASE}/webhooks/{hook['id']}/deliveries")).json()["items"]
     assert log[0]["attempts"] == 2
+
+
+async def test_reminder_and_analysis_outcomes_are_events(
+        admin: httpx.AsyncClient, database: Database, settings: Settings, receiver: Receiver) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="UTC")
+    await subscribe(admin, receiver, events=["reminder.failed", "analysis.succeeded", "analysis.failed"])
+    # no email address: the invitation cannot be sent and fails
+    r = await admin.post(f"{BASE}/participants", json={"external_id": "P1", "enrolled_at": "2026-11-02T08:00:00Z"})
+    assert r.status_code == 201, r.text
+    r = await admin.post(f"{BASE}/reminders:run", params={"now": "2026-11-02T10:00:00Z"})
+    assert r.status_code == 200 and r.json()["failed"] >= 1, r.text
+    r = await admin.post(f"{BASE}/analyses", json={"model": "table1"})
+    assert r.status_code == 202, r.text
+    analyses.run(database, settings, r.json()["id"])
+    deliver_until(database, settings, lambda: len(receiver.accepted()) >= 2)
+    types = [a.payload["type"] for a in receiver.accepted()]
+    assert "reminder.failed" in types and ("analysis.succeeded" in types or "analysis.failed" in types)
+    reminder = next(a.payload["data"] for a in receiver.accepted() if a.payload["type"] == "reminder.failed")
+    assert reminder["wave"] == "baseline" and reminder["pseudonym"] and "error" not in reminder
+    analysis = next(a.payload["data"] for a in receiver.accepted() if a.payload["type"].startswith("analysis."))
+    assert analysis["model"] == "table1" and "pseudonym" not in analysis

@@ -175,12 +175,16 @@ def sweep(db: Database, lease: timedelta) -> dict[str, int]:
     message. The claim (queued -> running) keeps every job to one fit at a time."""
     now = utcnow()
     with transaction(db) as session:
-        session.execute(
+        given_up = session.execute(
             update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease,
                                    Analysis.attempts >= MAX_ATTEMPTS)
             .values(status="failed", finished_at=now,
                     error=f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
-        )
+            .returning(Analysis.id, Analysis.study_id, Analysis.model, Analysis.variant)
+        ).all()
+        for row in given_up:
+            webhooks.emit(session, row.study_id, "analysis.failed",
+                          {"analysis_id": str(row.id), "model": row.model, "variant": row.variant})
         revived = session.execute(
             update(Analysis).where(Analysis.status == "running", Analysis.started_at < now - lease)
             .values(status="queued", started_at=None)
