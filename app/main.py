@@ -41,6 +41,7 @@ from app.studies.router import router as studies_router
 from app.tokens import repository as tokens_repository
 from app.tokens import service as tokens
 from app.tokens.router import router as tokens_router
+from app.webhooks.router import router as webhooks_router
 from app.withdrawals.router import router as withdrawals_router
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, codebooks_router, participants_router,
                    withdrawals_router, responses_router, reminders_router, retention_router, analysis_router,
-                   audit_router, exports_router, links_router, dashboard_router, redcap_router, fhir_router):
+                   audit_router, exports_router, webhooks_router, links_router, dashboard_router, redcap_router,
+                   fhir_router):
         app.include_router(router)
 
     def body_limit(path: str) -> int:

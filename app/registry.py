@@ -13,9 +13,10 @@ from app.responses import models as responses_models
 from app.retention import models as retention_models
 from app.studies import models as studies_models
 from app.tokens import models as tokens_models
+from app.webhooks import models as webhooks_models
 
 __all__ = [
     "Base", "analysis_models", "audit_models", "dashboard_models", "health_models", "idempotency_models",
     "instruments_models", "participants_models", "reminders_models", "responses_models", "retention_models",
-    "studies_models", "tokens_models",
+    "studies_models", "tokens_models", "webhooks_models",
 ]

@@ -60,6 +60,9 @@ def world(admin: httpx.Client) -> dict[str, Any]:
         key = f"adv-{name}-{uuid.uuid4().hex[:6]}"
         assert admin.post("/api/v1/studies", json={"key": key, "name": f"Study {name}", "timezone": "UTC",
                                                    "template": "pal-replication"}).status_code == 201
+        hook = admin.post(f"/api/v1/studies/{key}/webhooks", json={"url": "https://93.184.215.14/hook",
+                                                                   "events": ["participant.enrolled"]})
+        assert hook.status_code == 201, hook.text
         enrolled = (datetime.now(UTC) - timedelta(days=1)).isoformat()
         assert admin.post(f"/api/v1/studies/{key}/participants", json={
             "external_id": "P1", "enrolled_at": enrolled, "contact": {"email": "p1@example.org"}}).status_code == 201
@@ -72,7 +75,10 @@ def world(admin: httpx.Client) -> dict[str, Any]:
         token = admin.post("/api/v1/tokens", json={"role": "coordinator", "label": f"{name} coord",
                                                    "study_key": key})
         out[name] = {"key": key, "external_id": "P1", "wave": "baseline", "response_id": response.json()["id"],
-                     "analysis_id": analysis.json()["id"], "token_id": token.json()["id"], "token": "not-a-link"}
+                     "analysis_id": analysis.json()["id"], "token_id": token.json()["id"], "token": "not-a-link",
+                     "webhook_id": hook.json()["id"],
+                     "delivery_id": admin.get(f"/api/v1/studies/{key}/webhooks/{hook.json()['id']}/deliveries")
+                     .json()["items"][0]["id"]}
     return out
 
 

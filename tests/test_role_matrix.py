@@ -31,7 +31,8 @@ async def fixtures(admin: httpx.AsyncClient) -> dict[str, str]:
         "external_id": "P1", "wave": "baseline", "answers": valid_answers("baseline", random.Random(1))})
     analysis = await admin.post("/api/v1/studies/pal/analyses", json={"model": "table1"})
     return {"key": "pal", "external_id": "P1", "wave": "baseline", "response_id": response.json()["id"],
-            "analysis_id": analysis.json()["id"], "token_id": str(uuid.uuid4())}
+            "analysis_id": analysis.json()["id"], "token_id": str(uuid.uuid4()),
+            "webhook_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4())}
 
 
 def operations(app: FastAPI) -> list[tuple[str, str, list[str], bool]]:

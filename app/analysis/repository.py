@@ -61,8 +61,10 @@ def claim(session: Session, analysis_id: uuid.UUID, now: datetime) -> Any:
     ).one_or_none()
 
 
-def finish(session: Session, analysis_id: uuid.UUID, now: datetime, values: dict[str, Any]) -> None:
-    session.execute(update(Analysis).where(Analysis.id == analysis_id).values(finished_at=now, **values))
+def finish(session: Session, analysis_id: uuid.UUID, now: datetime, values: dict[str, Any]) -> Any:
+    """The job's outcome; returns its study, model and variant (None if it is gone)."""
+    return session.execute(update(Analysis).where(Analysis.id == analysis_id).values(finished_at=now, **values)
+                           .returning(Analysis.study_id, Analysis.model, Analysis.variant)).one_or_none()
 
 
 def study_key(session: Session, study_id: uuid.UUID) -> str | None:
@@ -87,12 +89,15 @@ def succeeded_newest_first(session: Session, study_id: uuid.UUID) -> list[Analys
                                 .order_by(Analysis.finished_at.desc())))
 
 
-def fail_exhausted(session: Session, before: datetime, max_attempts: int, now: datetime, error: str) -> None:
-    session.execute(
+def fail_exhausted(session: Session, before: datetime, max_attempts: int, now: datetime,
+                   error: str) -> Sequence[Any]:
+    """Jobs whose worker stopped too often, failed; returns their ids, studies, models and variants."""
+    return session.execute(
         update(Analysis).where(Analysis.status == "running", Analysis.started_at < before,
                                Analysis.attempts >= max_attempts)
         .values(status="failed", finished_at=now, error=error)
-    )
+        .returning(Analysis.id, Analysis.study_id, Analysis.model, Analysis.variant)
+    ).all()
 
 
 def revive_expired(session: Session, before: datetime) -> int:

@@ -62,7 +62,7 @@ class PlanIn(PlanDoc):
 
     version: int | None = Field(default=None, ge=0, description="the version this edit starts from")
     study: str | None = Field(default=None, description="ignored (read-only, accepted for round trips)")
-    created_at: datetime | None = Field(default=None, description="ignored (read-only, accepted for round trips)")
+    created_at: Instant | None = Field(default=None, description="ignored (read-only, accepted for round trips)")
 
 
 class PlanOut(BaseModel):

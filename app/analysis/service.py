@@ -33,6 +33,8 @@ from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.instruments.codebook import Codebook
 from app.studies.service import StudyContext, pseudonymiser, system_context
+from app.webhooks import service as webhooks
+from app.webhooks.schemas import EventType
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -267,7 +269,11 @@ def fit(job: Claim, spec: dict[str, Any], frame: pd.DataFrame, sha: str) -> dict
 
 
 def finish(session: Session, analysis_id: uuid.UUID, values: dict[str, Any]) -> None:
-    repository.finish(session, analysis_id, utcnow(), values)
+    row = repository.finish(session, analysis_id, utcnow(), values)
+    if row is not None:
+        event: EventType = "analysis.succeeded" if values.get("status") == "succeeded" else "analysis.failed"
+        webhooks.emit(session, row.study_id, event,
+                      {"analysis_id": str(analysis_id), "model": row.model, "variant": row.variant})
 
 
 def latest_succeeded(session: Session, study_id: uuid.UUID) -> dict[tuple[str, str], Analysis]:
@@ -290,8 +296,11 @@ def sweep(session: Session, lease: timedelta) -> tuple[list[uuid.UUID], int]:
     MAX_ATTEMPTS, then failed with a message; jobs the broker lost are returned to be sent
     again (after the commit). The claim (queued -> running) keeps every job to one fit at a time."""
     now = utcnow()
-    repository.fail_exhausted(session, now - lease, MAX_ATTEMPTS, now,
-                              f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
+    given_up = repository.fail_exhausted(session, now - lease, MAX_ATTEMPTS, now,
+                                         f"the worker stopped during the fit {MAX_ATTEMPTS} times; request it again")
+    for row in given_up:
+        webhooks.emit(session, row.study_id, "analysis.failed",
+                      {"analysis_id": str(row.id), "model": row.model, "variant": row.variant})
     revived = repository.revive_expired(session, now - lease)
     stuck = repository.queued_before(session, now - min(lease, timedelta(minutes=2)))
     return stuck, revived

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 QUEUES = ("reminders", "analysis")
 
 TASK_MODULES = ["workers.tasks", "app.participants.tasks", "app.idempotency.tasks", "app.responses.tasks",
-                "app.reminders.tasks", "app.analysis.tasks"]
+                "app.reminders.tasks", "app.analysis.tasks", "app.webhooks.tasks"]
 
 # The one Celery application. The API enqueues through it, `workers.celery_app` (the worker's
 # entry point) configures it from the environment and connects the worker's signals.
@@ -59,7 +59,7 @@ def configure(app: Celery, settings: Settings) -> None:
         enable_utc=True,
         worker_hijack_root_logger=False,
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
-        beat_schedule=beat_schedule(settings.scan_interval_seconds),
+        beat_schedule=beat_schedule(settings.scan_interval_seconds, settings.webhooks_scan_seconds),
     )
     if previous != url:
         # Connection and producer pools are created on first use and keep their broker; a process
@@ -70,7 +70,7 @@ def configure(app: Celery, settings: Settings) -> None:
 HEARTBEAT_SECONDS = 30.0
 
 
-def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
+def beat_schedule(scan_interval: float = 60.0, webhook_interval: float = 5.0) -> dict[str, Any]:
     schedule: dict[str, Any] = {
         f"heartbeat-{queue}": {
             "task": "cohort.ping", "schedule": HEARTBEAT_SECONDS, "args": (queue,),
@@ -86,6 +86,8 @@ def beat_schedule(scan_interval: float = 60.0) -> dict[str, Any]:
                                      "options": {"expires": 60}}
     schedule["recompute-derived"] = {"task": "cohort.responses.recompute_derived", "schedule": 60.0,
                                      "options": {"expires": 60}}
+    schedule["deliver-webhooks"] = {"task": "cohort.webhooks.deliver", "schedule": webhook_interval,
+                                    "options": {"expires": max(webhook_interval, 1)}}
     schedule["purge-idempotency-keys"] = {"task": "cohort.reminders.purge_idempotency_keys", "schedule": 3600.0,
                                           "options": {"expires": 3600}}
     return schedule

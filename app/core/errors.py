@@ -31,11 +31,13 @@ class DomainError(Exception):
         *,
         errors: Sequence[FieldError] | None = None,
         headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = list(errors) if errors is not None else None
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
 
 
 class Malformed(DomainError):
@@ -71,6 +73,12 @@ class AlreadyComplete(Conflict):
     """The response is complete; a coordinator corrects it with PATCH."""
 
     slug = "response-complete"
+
+
+class PreconditionFailed(DomainError):
+    """An `If-Match` names a version that is no longer current; the problem carries the current one."""
+
+    status_code, slug = 412, "precondition-failed"
 
 
 class PayloadTooLarge(DomainError):
@@ -152,7 +160,7 @@ async def _domain_error(request: Request, exc: Exception) -> Any:
         return as_page
     return problem(
         exc.status_code, exc.detail, slug=exc.slug, errors=exc.errors, headers=exc.headers,
-        instance=request.url.path,
+        instance=request.url.path, extra=exc.extra,
     )
 
 

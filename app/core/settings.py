@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     max_in_flight: Annotated[int | None, Field(validation_alias="COHORT_MAX_IN_FLIGHT", ge=1, le=200)] = None
     admission_wait_seconds: Annotated[float, Field(validation_alias="COHORT_ADMISSION_WAIT_SECONDS", gt=0)] = 30.0
     log_level: Annotated[str, Field(validation_alias="COHORT_LOG_LEVEL")] = "INFO"
+    # Webhooks: loopback receivers (http or https to 127.0.0.0/8 and ::1, nothing else private) are
+    # for development and tests only; the rest tunes delivery.
+    webhooks_allow_loopback: Annotated[bool, Field(validation_alias="COHORT_WEBHOOKS_ALLOW_LOOPBACK")] = False
+    webhooks_timeout_seconds: Annotated[float, Field(validation_alias="COHORT_WEBHOOKS_TIMEOUT_SECONDS", gt=0,
+                                                     le=60)] = 10.0
+    webhooks_retry_seconds: Annotated[float, Field(validation_alias="COHORT_WEBHOOKS_RETRY_SECONDS", gt=0)] = 5.0
+    webhooks_scan_seconds: Annotated[float, Field(validation_alias="COHORT_WEBHOOKS_SCAN_SECONDS", gt=0)] = 5.0
 
     @property
     def in_flight(self) -> int:

@@ -50,6 +50,7 @@ from app.retention import service as retention
 from app.studies import repository as studies_repo
 from app.studies import service as studies
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 from app.withdrawals import service as withdrawals
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -144,9 +145,10 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
                                   maximum=100)
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
+    hooks = webhooks.notices(session, ctx.study.id) if viewer.principal.may("coordinator") else []
     return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
                 chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
-                retention_chart=retention_chart, enrolment_chart=enrolment_chart)
+                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks)
 
 
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)

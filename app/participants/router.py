@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.core.crypto import settings_sealer
 from app.core.db import SessionDep
 from app.core.deps import SettingsDep
+from app.core.etag import ETAG_HEADER
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator
@@ -89,7 +90,10 @@ def list_participants(
     return Page(items=[v.out(now) for v in views], next_cursor=page.next_cursor)
 
 
-@router.get("/participants/{external_id}", response_model=ParticipantOut, summary="One participant and schedule")
+@router.get("/participants/{external_id}", response_model=ParticipantOut, summary="One participant and schedule",
+            responses={200: {"description": "the participant; `ETag` is its version", "headers": ETAG_HEADER}})
 def get_participant(external_id: str, principal: Coordinator, study: StudyFromPath, session: SessionDep,
-                    settings: SettingsDep) -> ParticipantOut:
-    return service.view(session, study, external_id, settings_sealer(settings)).out(utcnow())
+                    settings: SettingsDep, response: Response) -> ParticipantOut:
+    view = service.view(session, study, external_id, settings_sealer(settings))
+    response.headers["ETag"] = service.etag(view)
+    return view.out(utcnow())

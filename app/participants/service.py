@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.core.crypto import Sealer
 from app.core.db import add_unique, is_unique_violation
 from app.core.errors import Conflict, FieldError, Invalid, NotFound
+from app.core.etag import etag_of, require_current
 from app.idempotency import service as idempotency
 from app.instruments.codebook import Codebook
 from app.participants import repository
@@ -32,6 +33,7 @@ from app.participants.schemas import (
     WithdrawIn,
 )
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 
 CLOCK_SKEW = timedelta(minutes=5)
 
@@ -143,6 +145,8 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
     if contact is not None:
         session.add(Contact(participant_id=participant.id, sealed=sealer.seal(contact), updated_at=now))
     session.flush()
+    webhooks.emit(session, ctx.study.id, "participant.enrolled", {"enrolled_at": data.enrolled_at.isoformat()},
+                  participant_id=participant.id)
     return ParticipantView(participant, schedules, contact)
 
 
@@ -170,6 +174,23 @@ def views(session: Session, participants: list[Participant], sealer: Sealer | No
 
 def view(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer | None) -> ParticipantView:
     return views(session, [find(session, ctx, external_id)], sealer)[0]
+
+
+def etag(view: ParticipantView) -> str:
+    """The stored version of what a coordinator reads: the participant, its schedule and contact."""
+    p = view.participant
+    return etag_of("participant", p.id, p.status, p.enrolled_at, p.timezone, p.withdrawn_at, p.withdraw_reason,
+                   [(s.wave, s.opens_at, s.due_at, s.closes_at, s.status, s.completed_at) for s in view.schedules],
+                   view.contact)
+
+
+def require_version(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer,
+                    if_match: str | None) -> None:
+    """Lock the participant and refuse (412) when `if_match` is given and is not its current version."""
+    if if_match is None:
+        return
+    participant = find(session, ctx, external_id, for_update=True)
+    require_current(if_match, etag(views(session, [participant], sealer)[0]), "participant")
 
 
 def mark_withdrawn(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn,
@@ -280,3 +301,5 @@ def _copy_participants(
         repository.copy_rows(session, "participants", PARTICIPANT_COLUMNS, participants)
         repository.copy_rows(session, "schedules", SCHEDULE_COLUMNS, schedules)  # ids: the column default
         repository.copy_rows(session, "participant_contacts", CONTACT_COLUMNS, contacts)
+        webhooks.emit_many(session, study_id, "participant.enrolled",
+                           [(row[0], {"enrolled_at": row[4].isoformat()}) for row in participants])

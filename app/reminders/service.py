@@ -43,6 +43,7 @@ from app.reminders.models import ReminderSend
 from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
 from app.reminders.schemas import PolicyIn
 from app.studies.models import Study, Wave
+from app.webhooks import service as webhooks
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,13 @@ def outcome_of(claim_: Claim, now: datetime, error: Exception | None) -> tuple[s
 
 
 def record_outcome(session: Session, send_id: uuid.UUID, owner: uuid.UUID, values: dict[str, Any]) -> None:
-    repository.set_outcome(session, send_id, expect=("sending", "handed_over"), owner=owner, claimed_by=None,
-                           **values)
+    recorded = repository.set_outcome(session, send_id, expect=("sending", "handed_over"), owner=owner,
+                                      claimed_by=None, **values)
+    if recorded and values.get("status") == "failed" and (send := session.get(ReminderSend, send_id)) is not None:
+        # the error is left out: an SMTP refusal can quote the address
+        webhooks.emit(session, send.study_id, "reminder.failed",
+                      {"reminder_id": str(send.id), "wave": send.wave, "kind": send.kind},
+                      participant_id=send.participant_id)
 
 
 def send_now(session: Session, study_id: uuid.UUID, participant_id: uuid.UUID, wave: str,

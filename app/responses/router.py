@@ -4,6 +4,7 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi import Response as HTTPResponse
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
@@ -11,6 +12,7 @@ from app.core.crypto import Pseudonymiser, settings_sealer
 from app.core.db import SessionDep
 from app.core.deps import SettingsDep
 from app.core.errors import Forbidden
+from app.core.etag import ETAG_HEADER, IfMatch
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of
 from app.core.routing import RoleRoute
 from app.core.security import Collector, Coordinator, Principal, Reader
@@ -67,17 +69,28 @@ def list_responses(
     return Page(items=items, next_cursor=page.next_cursor)
 
 
-@router.get("/{response_id}", response_model=ResponseOut, summary="One stored response")
+@router.get("/{response_id}", response_model=ResponseOut, summary="One stored response",
+            responses={200: {"description": "the response; `ETag` is its version", "headers": ETAG_HEADER}})
 def get_response(response_id: uuid.UUID, principal: Reader, study: StudyFromPath, session: SessionDep,
-                 settings: SettingsDep) -> ResponseOut:
+                 settings: SettingsDep, http: HTTPResponse) -> ResponseOut:
     row = service.get(session, study, response_id)
+    http.headers["ETag"] = service.etag(row[0])
     return service.to_out(session, study, [row], show_external_id=_sees_external_id(principal),
                           pseudonymise=_pseudonymiser(session, settings, study))[0]
 
 
-@router.patch("/{response_id}", response_model=ResponseOut, summary="Correct answers (coordinator, audited)")
+@router.patch(
+    "/{response_id}", response_model=ResponseOut, summary="Correct answers (coordinator, audited)",
+    description="Send the `ETag` of the version you read as `If-Match`: if someone corrected the response since, "
+                "the answer is 412 with the current `ETag` (header and `current_etag`) and nothing is changed. "
+                "Without `If-Match` the correction applies as in contract v1.",
+    responses={200: {"description": "the corrected response and its new `ETag`", "headers": ETAG_HEADER},
+               412: {"description": "`If-Match` is not the current version (problem+json with `current_etag`)"}},
+)
 def correct_response(response_id: uuid.UUID, body: CorrectionIn, principal: Coordinator, study: StudyFromPath,
-                     session: SessionDep, settings: SettingsDep) -> ResponseOut:
-    row = service.correct(session, study, response_id, body, principal, utcnow())
+                     session: SessionDep, settings: SettingsDep, http: HTTPResponse,
+                     if_match: IfMatch = None) -> ResponseOut:
+    row = service.correct(session, study, response_id, body, principal, utcnow(), if_match=if_match)
+    http.headers["ETag"] = service.etag(row[0])
     return service.to_out(session, study, [row], show_external_id=True,
                           pseudonymise=_pseudonymiser(session, settings, study))[0]

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.core.errors import AlreadyComplete, Conflict, Invalid, NotFound
+from app.core.etag import etag_of, require_current
 from app.core.security import Principal
 from app.instruments.codebook import Codebook
 from app.participants import repository as participants_repo
@@ -31,6 +32,7 @@ from app.responses.validation import (
     instruments_at,
 )
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 
 
 def _invalid(errors: list[Any]) -> Invalid:
@@ -75,6 +77,9 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
                  response: Response) -> None:
     assert response.completed_at is not None
     participants_repo.mark_wave_completed(session, participant.id, response.wave, response.completed_at)
+    webhooks.emit(session, ctx.study.id, "response.completed",
+                  {"response_id": str(response.id), "wave": response.wave,
+                   "completed_at": response.completed_at.isoformat()}, participant_id=participant.id)
     reminders_repo.cancel_pending(session, participant.id, "wave completed", wave=response.wave)
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
         participant.status = "completed"
@@ -206,13 +211,20 @@ def get(session: Session, ctx: StudyContext, response_id: uuid.UUID) -> tuple[Re
     return row
 
 
+def etag(response: Response) -> str:
+    """The stored version: changes with every change of answers, status, derived values or times."""
+    return etag_of("response", response.id, response.status, response.answers, response.derived,
+                   response.completed_instruments, response.completed_at, response.updated_at, response.late)
+
+
 def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: CorrectionIn,
-            principal: Principal, now: datetime) -> tuple[Response, str]:
+            principal: Principal, now: datetime, *, if_match: str | None = None) -> tuple[Response, str]:
     codebook = ctx.require_codebook()
     row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     response, external_id = row
+    require_current(if_match, etag(response), "response")  # under the row lock: one of two racing edits wins
     merged = dict(response.answers)
     for code, value in data.answers.items():
         if value is None:
@@ -236,6 +248,9 @@ def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: C
     session.flush()
     _refresh_dependents(session, codebook, response)
     session.flush()
+    webhooks.emit(session, ctx.study.id, "response.corrected",
+                  {"response_id": str(response.id), "wave": response.wave, "items": sorted(data.answers)},
+                  participant_id=response.participant_id)
     return response, external_id
 
 
@@ -346,6 +361,9 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     done = [r for r in rows if r["status"] == "complete"]
     participants_repo.complete_waves(session, [(r["participant_id"], r["wave"], r["completed_at"]) for r in done])
     reminders_repo.cancel_pending_waves(session, [(r["participant_id"], r["wave"]) for r in done])
+    webhooks.emit_many(session, ctx.study.id, "response.completed", [
+        (r["participant_id"], {"response_id": str(r["id"]), "wave": r["wave"],
+                               "completed_at": r["completed_at"].isoformat()}) for r in done])
     final = codebook.wave_keys[-1]
     participants_repo.set_statuses(
         session,

@@ -18,6 +18,7 @@ from app.reminders import service as reminders
 from app.responses import service as responses
 from app.studies import service as studies
 from app.studies.service import StudyContext
+from app.webhooks import service as webhooks
 
 
 def withdraw(session: Session, ctx: StudyContext, external_id: str, data: WithdrawIn, now: datetime) -> Participant:
@@ -29,4 +30,7 @@ def withdraw(session: Session, ctx: StudyContext, external_id: str, data: Withdr
             responses.delete_of_participant(session, participant.id)
             participants.reopen_after_deletion(session, participant.id, participant.withdrawn_at)
         session.flush()
+        webhooks.emit(session, ctx.study.id, "participant.withdrawn",
+                      {"withdrawn_at": participant.withdrawn_at.isoformat() if participant.withdrawn_at else None},
+                      participant_id=participant.id)
     return participant
