@@ -19,6 +19,10 @@ def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Respon
     )
 
 
+def for_participant_wave(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
+    return session.scalar(select(Response).where(Response.participant_id == participant_id, Response.wave == wave))
+
+
 _responses = cast(Table, Response.__table__)
 _INSERT_IF_ABSENT = (insert(_responses)
                      .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
