@@ -271,3 +271,20 @@ async def test_the_study_language_and_translated_labels(admin: httpx.AsyncClient
     page = await app_client.get(f"/s/{link(p)}", headers=HTML)
     assert '<html lang="es">' in page.text and "Datos demográficos" in page.text and "Edad en años" in page.text
     assert "Página 1 de 5" in page.text and "Siguiente" in page.text
+
+
+async def test_the_worklist_shows_how_far_each_participant_got(api: httpx.AsyncClient,
+                                                               app_client: httpx.AsyncClient) -> None:
+    p = await enrol(api, "F1")
+    await enrol(api, "F2")
+    token = link(p)
+    parts = pages_of(valid_answers("baseline", random.Random(9)))
+    for instrument in list(parts)[:2]:
+        html = (await app_client.get(f"/s/{token}", headers=HTML)).text
+        assert (await post(app_client, token, form_for(instrument, parts[instrument], html))).status_code == 303
+    signed = await app_client.post("/ui/login", data={"token": ADMIN_TOKEN})
+    assert signed.status_code == 303
+    page = (await app_client.get("/ui/studies/pal/followup", params={"wave": "baseline", "status": "open"})).text
+    rows = dict(re.findall(r'<tr data-participant="(\w+)">.*?data-field="instruments" data-value="([\d/]+)"', page,
+                           re.S))
+    assert rows == {"F1": "2/5", "F2": "0/5"}
