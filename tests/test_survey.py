@@ -288,3 +288,16 @@ async def test_the_worklist_shows_how_far_each_participant_got(api: httpx.AsyncC
     rows = dict(re.findall(r'<tr data-participant="(\w+)">.*?data-field="instruments" data-value="([\d/]+)"', page,
                            re.S))
     assert rows == {"F1": "2/5", "F2": "0/5"}
+
+
+async def test_the_participants_language_wins(api: httpx.AsyncClient, app_client: httpx.AsyncClient) -> None:
+    r = await api.post(f"{BASE}/participants", json={
+        "external_id": "LANG1", "enrolled_at": datetime.now(UTC).isoformat(), "language": "es"})
+    assert r.status_code == 201 and r.json()["language"] == "es"
+    page = await app_client.get(f"/s/{link(r.json())}", headers=HTML)
+    assert '<html lang="es">' in page.text and "Página 1 de 5" in page.text
+    english = await app_client.get(f"/s/{link(await enrol(api, 'LANG2'))}", headers=HTML)
+    assert '<html lang="en">' in english.text
+    bad = await api.post(f"{BASE}/participants", json={
+        "external_id": "LANG3", "enrolled_at": datetime.now(UTC).isoformat(), "language": "klingon"})
+    assert bad.status_code == 422

@@ -220,7 +220,7 @@ def open_survey(session: Session, secrets: list[str], token: str, now: datetime,
     if expired or now >= closes_at:
         zone = ZoneInfo(participant.timezone)
         raise SurveyClosed("window", (closes_at - timedelta(seconds=1)).astimezone(zone).date(), study=ctx.study)
-    language = studies.survey_language(ctx.study)
+    language = participant.language or studies.survey_language(ctx.study)
     wave_label = next((str(w["label"]) for w in codebook.waves() if w["key"] == target.wave), target.wave)
     return Survey(token=token, target=target, ctx=ctx, codebook=codebook, participant=participant,
                   wave_label=wave_label, language=language,
