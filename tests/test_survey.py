@@ -304,3 +304,50 @@ async def test_the_participants_language_wins(api: httpx.AsyncClient, app_client
     bad = await api.post(f"{BASE}/participants", json={
         "external_id": "LANG3", "enrolled_at": datetime.now(UTC).isoformat(), "language": "klingon"})
     assert bad.status_code == 422
+
+
+def every_type_codebook() -> dict[str, Any]:
+    from tests.factories import minimal_codebook
+
+    document = minimal_codebook(key="types")
+    document["instruments"][0]["items"] += [
+        {"code": "notes", "type": "text", "label": "Anything else", "max_length": 500, "waves": ["intake"]},
+        {"code": "quit_date", "type": "date", "label": "Planned quit date", "waves": ["intake"]},
+        {"code": "helps", "type": "multi_choice", "label": "What helps", "waves": ["intake"],
+         "options": [{"code": "walks", "label": "Walks"}, {"code": "friends", "label": "Friends"}]},
+        {"code": "heavy_note", "type": "text", "label": "Heavy weeks", "waves": ["intake"], "max_length": 80,
+         "enable_when": {"item": "drinks_week", "operator": ">=", "value": 14}},
+    ]
+    return document
+
+
+async def test_every_item_type_as_a_form(admin: httpx.AsyncClient, app_client: httpx.AsyncClient) -> None:
+    r = await admin.post("/api/v1/studies", json={"key": "pal", "name": "Types", "timezone": "UTC",
+                                                  "codebook": every_type_codebook()})
+    assert r.status_code == 201, r.text
+    p = await enrol(admin, "T1")
+    token = link(p, wave="intake")
+    html = (await app_client.get(f"/s/{token}", headers=HTML)).text
+    assert "Page 1 of 1" in html
+    assert 'type="checkbox" name="helps"' in html and 'type="date"' in html and "<textarea" in html
+    assert 'inputmode="decimal"' in html and 'inputmode="numeric"' in html
+    fields = [("csrf", csrf(html)), ("page", "core"), ("drinks_week", "x3"), ("smoker", "true"),
+              ("cigs_day", "2.5"), ("notes", "  spaced  "), ("quit_date", "2026-02-30"), ("helps", "walks"),
+              ("helps", "friends")] + [("shown", c) for c in ("drinks_week", "smoker", "cigs_day", "mood", "notes",
+                                                               "quit_date", "helps")]
+    bad = await post(app_client, token, fields)
+    assert bad.status_code == 422
+    assert "drinks_week takes a whole number" in bad.text and "quit_date takes a date as YYYY-MM-DD" in bad.text
+    assert 'value="x3"' in bad.text and "  spaced  </textarea>" in bad.text
+    fields = [(k, {"drinks_week": "15", "quit_date": "2026-03-01"}.get(k, v)) for k, v in fields]
+    more = await post(app_client, token, fields)  # heavy_note now applies and was not on the page
+    assert more.status_code == 303 and more.headers["location"].endswith("more=1")
+    html = (await app_client.get(more.headers["location"], headers=HTML)).text
+    assert not re.search(r'id="item-heavy_note"[^>]*hidden', html)
+    done = await post(app_client, token, [*fields, ("heavy_note", "holidays"), ("shown", "heavy_note")])
+    assert done.status_code == 200 and "Thank you" in done.text
+    stored = (await admin.get(f"{BASE}/responses")).json()["items"][0]
+    assert stored["answers"] == {"drinks_week": 15, "smoker": True, "cigs_day": 2.5, "notes": "  spaced  ",
+                                 "quit_date": "2026-03-01", "helps": ["walks", "friends"],
+                                 "heavy_note": "holidays"}
+    assert stored["derived"] == {"heavy": True} and stored["instruments"] == {"core": "complete"}

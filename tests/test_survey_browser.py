@@ -277,3 +277,47 @@ def test_closed_and_unknown_links_in_the_browser(server: LiveServer, smtp: SmtpS
             check_accessibility(page, checked)
         finally:
             browser.close()
+
+
+def test_every_item_type_in_the_browser(server: LiveServer) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from app.reminders.links import LinkTarget, make_token
+    from tests.conftest import SECRET_KEY
+    from tests.test_survey import every_type_codebook
+
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        r = admin.post("/api/v1/studies", json={"key": "types", "name": "Every type", "timezone": "UTC",
+                                                "codebook": every_type_codebook()})
+        assert r.status_code == 201, r.text
+        p = admin.post("/api/v1/studies/types/participants", json={
+            "external_id": "T1", "enrolled_at": datetime.now(UTC).isoformat()}).json()
+    closes = datetime.fromisoformat(p["schedule"][0]["closes_at"])
+    url = f"{server.url}/s/{make_token(SECRET_KEY, LinkTarget('types', p['id'], 'intake', closes))}"
+    checked: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_context(viewport={"width": 360, "height": 740}).new_page()
+            page.goto(url)
+            check_accessibility(page, checked)
+            assert page.locator("#item-cigs_day").is_hidden() and page.locator("#item-heavy_note").is_hidden()
+            page.get_by_label("Drinks last week").fill("20")  # a numeric condition (>= 14), shown as it is typed
+            assert page.locator("#item-heavy_note").is_visible()
+            page.get_by_role("group", name="Smokes").get_by_label("Yes").check()
+            assert page.locator("#item-cigs_day").is_visible()
+            page.get_by_label("Cigarettes a day").fill("2.5")
+            page.get_by_label("Planned quit date").fill("2026-03-01")
+            page.get_by_label("Walks").check()
+            page.get_by_label("Anything else").fill("nothing")
+            page.get_by_label("Heavy weeks").fill("holidays")
+            check_accessibility(page, checked)
+            page.screenshot(path=str(SCREENSHOTS / "survey-every-type.png"), full_page=True)
+            page.get_by_role("button", name="Submit my answers").click()
+            assert page.get_by_role("heading", name="Thank you").is_visible()
+        finally:
+            browser.close()
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        stored = admin.get("/api/v1/studies/types/responses").json()["items"][0]
+    assert stored["answers"] == {"drinks_week": 20, "smoker": True, "cigs_day": 2.5, "quit_date": "2026-03-01",
+                                 "helps": ["walks"], "notes": "nothing", "heavy_note": "holidays"}
