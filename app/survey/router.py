@@ -101,7 +101,7 @@ def _json_problem(exc: LinkUnknown | SurveyClosed) -> Exception:
     return Gone("this survey is closed")
 
 
-def _open(request: Request, session: Session, settings: Settings, token: str) -> Survey:
+def _open(session: Session, settings: Settings, token: str) -> Survey:
     secrets = all_secrets(settings)
     target, _ = service.read_link(secrets, token, utcnow())
     remember_actor(session, service.link_actor(target))  # before the first query opens the transaction
@@ -176,7 +176,7 @@ def open_link(token: TokenPath, request: Request, session: SessionDep, settings:
               page: Annotated[int | None, Query(ge=1, le=1000)] = None, more: bool = False) -> Any:
     html = _wants_html(request)
     try:
-        survey = _open(request, session, settings, token)
+        survey = _open(session, settings, token)
     except LinkUnknown as exc:
         if html:
             return _not_found_page()
@@ -212,7 +212,7 @@ FormFields = Annotated[dict[str, list[str]], Depends(form_fields)]
 def submit_page(token: TokenPath, form: FormFields, session: SessionDep, settings: SettingsDep,
                 request: Request) -> Response:
     try:
-        survey = _open(request, session, settings, token)
+        survey = _open(session, settings, token)
     except LinkUnknown:
         return _not_found_page()
     except SurveyClosed as exc:

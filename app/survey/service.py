@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
@@ -25,7 +25,6 @@ from app.instruments.codebook import Codebook, ConditionDoc
 from app.participants.models import Participant
 from app.participants.repository import schedules_of
 from app.reminders.links import LinkExpired, LinkInvalid, LinkTarget, read_token
-from app.reminders.schemas import LinkResolved
 from app.responses import repository as responses_repo
 from app.responses import service as responses
 from app.responses.models import Response
@@ -193,7 +192,7 @@ def build_pages(codebook: Codebook, wave: str, language: str, words: Mapping[str
 
 
 def open_survey(session: Session, secrets: list[str], token: str, now: datetime,
-                words_for: Any) -> Survey:
+                words_for: Callable[[str], Mapping[str, str]]) -> Survey:
     """The survey of a link that still works; LinkUnknown (404) or SurveyClosed (410) otherwise."""
     target, expired = read_link(secrets, token, now)
     try:
@@ -226,17 +225,6 @@ def open_survey(session: Session, secrets: list[str], token: str, now: datetime,
                   wave_label=wave_label, language=language,
                   pages=build_pages(codebook, target.wave, language, words_for(language)),
                   response=response, closes_at=closes_at)
-
-
-def resolve(session: Session, secrets: list[str], token: str, now: datetime) -> LinkResolved:
-    """What a survey front-end gets for a link (JSON), with the same rules as the pages."""
-    survey = open_survey(session, secrets, token, now, lambda _: _PLAIN_WORDS)
-    return LinkResolved(study=survey.ctx.study.key, external_id=survey.participant.external_id,
-                        wave=survey.target.wave, wave_label=survey.wave_label, expires_at=survey.target.expires_at)
-
-
-_PLAIN_WORDS = {"yes": "yes", "no": "no", "is": "is", "is_not": "is not", "if": "{question} {op} {value}",
-                "if_answered": "{question} answered"}
 
 
 # -- a page's form -------------------------------------------------------------------------------
