@@ -33,11 +33,11 @@ from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
 from app.redcap.router import router as redcap_router
-from app.reminders.router import links as links_router
 from app.reminders.router import router as reminders_router
 from app.responses.router import router as responses_router
 from app.retention.router import router as retention_router
 from app.studies.router import router as studies_router
+from app.survey.router import router as survey_router
 from app.tokens import repository as tokens_repository
 from app.tokens import service as tokens
 from app.tokens.router import router as tokens_router
@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.add_exception_handler(Replay, replay_handler)
     for router in (health_router, tokens_router, studies_router, codebooks_router, participants_router,
                    withdrawals_router, responses_router, reminders_router, retention_router, analysis_router,
-                   audit_router, exports_router, webhooks_router, links_router, dashboard_router, redcap_router,
+                   audit_router, exports_router, webhooks_router, survey_router, dashboard_router, redcap_router,
                    fhir_router):
         app.include_router(router)
 

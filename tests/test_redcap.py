@@ -186,6 +186,11 @@ def test_errors_and_roles_as_redcap_clients_expect_them(server: LiveServer) -> N
                                  "instrument": "demographics", "event": "baseline_arm_1"})
     assert link.status_code == 200 and "/s/" in link.text
     resolved = httpx.get(link.text.replace("http://127.0.0.1:8000", server.url))
+    # P1's baseline is complete: the link has done its work (contract 6, v1.1); a month6 one still resolves
+    assert resolved.status_code == 410 and "received" in resolved.json()["detail"]
+    link = httpx.post(url, data={"token": coordinator, "content": "surveyLink", "format": "json", "record": "P1",
+                                 "instrument": "mutual_help", "event": "month6_arm_1"})
+    resolved = httpx.get(link.text.replace("http://127.0.0.1:8000", server.url))
     assert resolved.status_code == 200 and resolved.json()["external_id"] == "P1"
     auto = httpx.post(url, data={"token": coordinator, "content": "record", "format": "json", "data": "[]",
                                  "forceAutoNumber": "TRUE"})

@@ -46,6 +46,7 @@ from app.participants import service as participants
 from app.participants.schemas import ScheduleStatus, WithdrawIn
 from app.reminders import service as reminders
 from app.reminders import tasks as reminder_tasks
+from app.responses import service as responses
 from app.retention import service as retention
 from app.studies import repository as studies_repo
 from app.studies import service as studies
@@ -168,8 +169,11 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     sealer = settings_sealer(settings)
     sealed = participants_repo.sealed_contacts(session, [r.participant_id for r in shown])
     contacts = {pid: sealer.open(blob) for pid, blob in sealed.items()}  # coordinators may see contact data
+    progress = responses.instrument_progress(session, ctx.require_codebook(), [r.participant_id for r in shown],
+                                             chosen)
     return page(request, "ui/followup.html", viewer, study=ctx.study, waves=waves, wave=chosen, status=status,
-                rows=shown, contacts=contacts, page_no=page_no, has_next=len(rows) > per_page, notice=notice)
+                rows=shown, contacts=contacts, progress=progress, page_no=page_no, has_next=len(rows) > per_page,
+                notice=notice)
 
 
 @router.post("/studies/{key}/followup/{external_id}/remind")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,9 +37,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+LANGUAGE = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
+# translations by language code, e.g. {"en": "Age", "es": "Edad"}
+Labels = dict[Annotated[str, Field(pattern=LANGUAGE)], Annotated[str, Field(min_length=1)]] | None
+
+
 class OptionDoc(_Strict):
     code: str = Field(pattern=OPTION_CODE)
     label: str = Field(min_length=1)
+    labels: Labels = None
 
 
 class ConditionDoc(_Strict):
@@ -52,6 +58,7 @@ class ItemDoc(_Strict):
     code: str = Field(pattern=CODE)
     type: ItemType
     label: str = Field(min_length=1)
+    labels: Labels = None
     options: list[OptionDoc] | None = None
     min: int | float | None = None
     max: int | float | None = None
@@ -65,6 +72,7 @@ class ItemDoc(_Strict):
 class InstrumentDoc(_Strict):
     key: str = Field(pattern=CODE)
     label: str = Field(min_length=1)
+    labels: Labels = None
     waves: list[str] = Field(min_length=1)
     items: list[ItemDoc] = Field(min_length=1)
     description: str | None = None

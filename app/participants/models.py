@@ -34,6 +34,7 @@ class Participant(Base):
     status: Mapped[str] = mapped_column(String(20), nullable=False, default="active")
     enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     timezone: Mapped[str] = mapped_column(String(64), nullable=False)
+    language: Mapped[str | None] = mapped_column(String(8), nullable=True)  # survey pages; else the study's
     withdrawn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     withdraw_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = created_at()

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.timeutil import Instant
+from app.studies.schemas import Language
 
 EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$"
@@ -30,6 +31,7 @@ class ParticipantIn(BaseModel):
     external_id: str = Field(pattern=EXTERNAL_ID_PATTERN, description="the study's own id; unique per study")
     enrolled_at: Instant = Field(description="RFC 3339 with offset")
     timezone: str | None = Field(default=None, max_length=64, description="IANA zone; the study's by default")
+    language: Language | None = Field(default=None, description="language of the survey pages; the study's by default")
     contact: ContactIn | None = None
 
 
@@ -54,6 +56,7 @@ class ParticipantOut(BaseModel):
     status: ParticipantStatus
     enrolled_at: datetime
     timezone: str
+    language: Language | None = None
     withdrawn_at: datetime | None = None
     withdraw_reason: str | None = None
     contact: ContactOut | None = None

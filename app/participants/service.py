@@ -38,7 +38,8 @@ from app.webhooks import service as webhooks
 CLOCK_SKEW = timedelta(minutes=5)
 
 PARTICIPANT_COLUMNS = (("id", "uuid"), ("study_id", "uuid"), ("external_id", "text"), ("status", "text"),
-                       ("enrolled_at", "timestamptz"), ("timezone", "text"), ("created_at", "timestamptz"))
+                       ("enrolled_at", "timestamptz"), ("timezone", "text"), ("language", "text"),
+                       ("created_at", "timestamptz"))
 SCHEDULE_COLUMNS = (("study_id", "uuid"), ("participant_id", "uuid"), ("wave", "text"), ("opens_at", "timestamptz"),
                     ("due_at", "timestamptz"), ("closes_at", "timestamptz"), ("status", "text"))
 CONTACT_COLUMNS = (("participant_id", "uuid"), ("sealed", "bytea"), ("updated_at", "timestamptz"))
@@ -95,7 +96,7 @@ class ParticipantView:
         p = self.participant
         return ParticipantOut(
             id=p.id, external_id=p.external_id, status=p.status,
-            enrolled_at=p.enrolled_at, timezone=p.timezone, withdrawn_at=p.withdrawn_at,
+            enrolled_at=p.enrolled_at, timezone=p.timezone, language=p.language, withdrawn_at=p.withdrawn_at,
             withdraw_reason=p.withdraw_reason,
             contact=ContactOut(**self.contact) if self.contact is not None else None,
             schedule=[
@@ -135,7 +136,7 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
         raise Invalid(problems[0]["message"], errors=problems)
     participant = Participant(
         id=uuid.uuid4(), study_id=ctx.study.id, external_id=data.external_id, status="active",
-        enrolled_at=data.enrolled_at, timezone=zone, created_at=now,
+        enrolled_at=data.enrolled_at, timezone=zone, language=data.language, created_at=now,
     )
     schedules = _schedule_rows(participant, plan(data.enrolled_at, zone, wave_windows(codebook)), now)
     participant.status = initial_status([s.status for s in schedules])
@@ -293,7 +294,7 @@ def _copy_participants(
             statuses.append(status)
             schedules.append((study_id, pid, w.wave, w.opens_at, w.due_at, w.closes_at, status))
         participants.append((pid, study_id, r.data.external_id, initial_status(statuses), r.data.enrolled_at, zone,
-                             now))
+                             r.data.language, now))
         contact = _contact_payload(r.data.contact)
         if contact is not None:
             contacts.append((pid, sealer.seal(contact), now))

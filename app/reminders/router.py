@@ -5,26 +5,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.core.crypto import all_secrets
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
-from app.core.errors import Gone, NotFound
 from app.core.routing import RoleRoute
 from app.core.security import Coordinator
 from app.core.timeutil import Instant, utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import service as participants
-from app.participants.models import Participant
 from app.reminders import repository, service, tasks, templates
-from app.reminders.links import LinkExpired, LinkInvalid, read_token
 from app.reminders.models import ReminderSend
 from app.reminders.schemas import (
     Funnel,
     FunnelWave,
-    LinkResolved,
     PolicyIn,
     RunResult,
     SendList,
@@ -34,11 +28,9 @@ from app.reminders.schemas import (
     TemplateOut,
 )
 from app.studies.deps import StudyFromPath
-from app.studies.models import Study, Wave
 from app.studies.schemas import WaveOut
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["reminders"], route_class=RoleRoute)
-links = APIRouter(tags=["reminders"])
 
 
 @router.post("/reminders:run", response_model=RunResult,
@@ -122,27 +114,3 @@ def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep
     when: datetime = as_of or utcnow()
     rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when)
     return Funnel(as_of=when, waves=[FunnelWave(**r) for r in rows])
-
-
-@links.get("/s/{token}", response_model=LinkResolved,
-           summary="Resolve a participant's survey link (for a survey front-end; no contact data)",
-           responses={404: {"description": "not a link this service issued"}, 410: {"description": "expired"}})
-def resolve_link(token: Annotated[str, Path(max_length=2000)], session: SessionDep,
-                 settings: SettingsDep) -> LinkResolved:
-    try:
-        target = read_token(all_secrets(settings), token, utcnow())
-    except LinkInvalid as exc:
-        raise NotFound(str(exc)) from None
-    except LinkExpired as exc:
-        raise Gone(f"this link expired when the {exc.target.wave} window closed") from None
-    row = session.execute(
-        select(Participant.external_id, Wave.label)
-        .join(Study, Study.id == Participant.study_id)
-        .join(Wave, (Wave.study_id == Study.id) & (Wave.key == target.wave))
-        .where(Participant.id == target.participant_id, Study.key == target.study_key)
-    ).one_or_none()
-    if row is None:
-        raise NotFound("the participant of this link no longer exists")
-    return LinkResolved(study=target.study_key, external_id=row.external_id, wave=target.wave,
-                        wave_label=row.label, expires_at=target.expires_at)
-

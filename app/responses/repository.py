@@ -19,6 +19,17 @@ def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Respon
     )
 
 
+def for_participant_wave(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
+    return session.scalar(select(Response).where(Response.participant_id == participant_id, Response.wave == wave))
+
+
+def of_participants_at(session: Session, participant_ids: Sequence[uuid.UUID], wave: str) -> list[Response]:
+    if not participant_ids:
+        return []
+    return list(session.scalars(select(Response).where(Response.participant_id.in_(participant_ids),
+                                                       Response.wave == wave)))
+
+
 _responses = cast(Table, Response.__table__)
 _INSERT_IF_ABSENT = (insert(_responses)
                      .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])

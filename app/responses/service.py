@@ -177,6 +177,16 @@ def states_of(codebook: Codebook, response: Response) -> dict[str, Any]:
                              response.status)
 
 
+def instrument_progress(session: Session, codebook: Codebook, participant_ids: list[uuid.UUID],
+                        wave: str) -> dict[uuid.UUID, tuple[int, int]]:
+    """(instruments complete, instruments asked) at `wave` for each participant; (0, asked) without answers."""
+    asked = len(instruments_at(codebook, wave))
+    out = dict.fromkeys(participant_ids, (0, asked))
+    for r in repository.of_participants_at(session, participant_ids, wave):
+        out[r.participant_id] = (sum(1 for v in states_of(codebook, r).values() if v == "complete"), asked)
+    return out
+
+
 def _current_derived(session: Session, codebook: Codebook, response: Response) -> dict[str, Any]:
     """Derived values under the codebook in force; stale rows (older definitions) are recomputed."""
     if response.derived_signature == codebook.derived_signature:

@@ -24,6 +24,7 @@ class StudyCreate(BaseModel):
 
 
 WithdrawalPolicy = Literal["keep_responses", "delete_responses"]
+Language = Literal["en", "es"]
 
 
 class StudyUpdate(BaseModel):
@@ -32,6 +33,12 @@ class StudyUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     withdrawal_policy: WithdrawalPolicy | None = Field(
         default=None, description="what happens to a withdrawing participant's answers")
+    language: Language | None = Field(
+        default=None, description="the language of the participants' survey pages (codebook labels in it when "
+                                  "the codebook has them)")
+    contact: str | None = Field(
+        default=None, max_length=300,
+        description="the coordinator's contact line shown on every survey page (e.g. a name and an address)")
 
 
 class CodebookRef(BaseModel):
@@ -50,6 +57,8 @@ class StudyOut(BaseModel):
     codebook: CodebookRef | None
     waves: list[str]
     withdrawal_policy: WithdrawalPolicy = "keep_responses"
+    language: Language = "en"
+    contact: str | None = None
     created_at: datetime
 
 
@@ -76,6 +85,7 @@ class WaveList(BaseModel):
 class OptionOut(BaseModel):
     code: str
     label: str
+    labels: dict[str, str] | None = Field(default=None, description="translated labels by language")
 
 
 class ConditionOut(BaseModel):
@@ -88,6 +98,7 @@ class ItemOut(BaseModel):
     code: str
     type: str
     label: str
+    labels: dict[str, str] | None = Field(default=None, description="translated labels by language")
     options: list[OptionOut] | None = None
     min: int | float | None = None
     max: int | float | None = None
@@ -101,6 +112,7 @@ class ItemOut(BaseModel):
 class InstrumentOut(BaseModel):
     key: str
     label: str
+    labels: dict[str, str] | None = Field(default=None, description="translated labels by language")
     waves: list[str]
     items: list[ItemOut]
     description: str | None = None

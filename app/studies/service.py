@@ -19,7 +19,7 @@ from app.instruments.codebook import Codebook, load_codebook, parse_codebook, te
 from app.instruments.models import CodebookRevision
 from app.studies import repository
 from app.studies.models import Study, Wave
-from app.studies.schemas import CodebookRef, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
+from app.studies.schemas import CodebookRef, Language, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,16 @@ def update(session: Session, ctx: StudyContext, data: StudyUpdate) -> StudyConte
         study.name = data.name
     if data.withdrawal_policy is not None:
         study.settings = {**(study.settings or {}), "withdrawal_policy": data.withdrawal_policy}
+    if data.language is not None:
+        study.settings = {**(study.settings or {}), "language": data.language}
+    if data.contact is not None:
+        study.settings = {**(study.settings or {}), "contact": data.contact.strip() or None}
     session.flush()
     return StudyContext(study, ctx.codebook, ctx.revision)
+
+
+def survey_language(study: Study) -> Language:
+    return "es" if (study.settings or {}).get("language") == "es" else "en"
 
 
 def to_out(ctx: StudyContext) -> StudyOut:
@@ -176,5 +184,6 @@ def to_out(ctx: StudyContext) -> StudyOut:
         if cb is not None else None,
         waves=list(cb.wave_keys) if cb is not None else [],
         withdrawal_policy=withdrawal_policy(ctx.study),
+        language=survey_language(ctx.study), contact=(ctx.study.settings or {}).get("contact"),
         created_at=ctx.study.created_at,
     )
