@@ -181,6 +181,8 @@ def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *
     typer.echo(f"  dashboard:  {base}/ui/ (sign in with a token)")
     where = f"embedded PostgreSQL, data in {settings.data_dir}" if embedded else "DATABASE_URL"
     typer.echo(f"  database:   {where}")
+    mail = "SMTP_URL" if settings.smtp_url else f".eml files in {settings.data_dir / 'outbox'} (no SMTP_URL set)"
+    typer.echo(f"  mail:       {mail}")
     if admin_token and not settings.bootstrap_token:
         typer.echo(f"  admin token (shown once, keep it): {admin_token}")
     elif settings.bootstrap_token:

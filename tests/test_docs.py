@@ -1,0 +1,46 @@
+"""The docs a newcomer reads live in the repository and agree with the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import auth
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def operations() -> set[str]:
+    document = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+    return {f"{method.upper()} {path}" for path, ops in document["paths"].items() for method in ops}
+
+
+def test_the_api_guide_lists_every_operation_and_no_other() -> None:
+    listed = set(re.findall(r"^\| `([A-Z]+ [^`]+)` \|", (DOCS / "api.md").read_text(), flags=re.M))
+    assert listed == operations(), {"missing": operations() - listed, "unknown": listed - operations()}
+
+
+def test_the_readme_and_docs_stand_alone() -> None:
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = page.read_text()
+        assert "../shared" not in text, f"{page.name} points outside the repository"
+        for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if not link.startswith(("http://", "https://", "mailto:")):
+                assert (page.parent / link).exists(), f"{page.name} links to a missing {link}"
+
+
+@pytest.mark.anyio
+async def test_the_codebook_example_creates_a_study(admin: httpx.AsyncClient) -> None:
+    text = (DOCS / "codebook.md").read_text()
+    example = json.loads(text.split("## A minimal example", 1)[1].split("```json", 1)[1].split("```", 1)[0])
+    r = await admin.post("/api/v1/studies", headers=auth(ADMIN_TOKEN),
+                         json={"key": "craving", "name": "Craving", "timezone": "UTC", "codebook": example})
+    assert r.status_code == 201, r.text
+    waves = (await admin.get("/api/v1/studies/craving/waves", headers=auth(ADMIN_TOKEN))).json()["items"]
+    assert [w["key"] for w in waves] == ["intake", "followup"]
