@@ -188,7 +188,8 @@ def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *
     elif settings.bootstrap_token:
         typer.echo("  admin token: the value of COHORT_BOOTSTRAP_TOKEN")
     else:
-        typer.echo("  admin token: created on first start; make another with `cohort token create --role admin`")
+        program = os.environ.get("COHORT_PROG") or "cohort"
+        typer.echo(f"  admin token: created on first start; make another with `{program} token create --role admin`")
 
 
 @cli.command()
@@ -199,23 +200,22 @@ def worker(
 ) -> None:
     """Run a Celery worker for reminders and analyses."""
     _terminate_on_sigterm()
-    embedded = _settings().embedded
     with database_runtime() as settings:
         _setup_logging(settings.log_level)
         from app.core.celery import configure
         from workers.celery_app import app
 
         configure(app, settings)
-        if embedded and hasattr(os, "geteuid") and os.geteuid() == 0:
-            # Celery warns about root on every start. Its concern is a broker that can send
-            # pickles, and these workers accept JSON only; in the embedded mode the broker is
-            # this machine's own database. Said once here instead; production runs as a user.
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # Celery warns about root on every start. Its concern is a broker that could hand the
+            # worker pickles to run; these workers accept JSON only (Celery's default, never
+            # widened here), so that cannot happen. Said once, calmly; containers run as a user.
             import warnings
 
             from celery.exceptions import SecurityWarning
 
             warnings.filterwarnings("ignore", category=SecurityWarning)
-            log.info("the worker runs as root (embedded mode; tasks are JSON only, the broker is local)")
+            log.info("the worker runs as root; it accepts JSON tasks only, so Celery's pickle warning does not apply")
         argv = ["worker", f"--queues={queues}", f"--concurrency={concurrency}", f"--loglevel={settings.log_level}",
                 "--prefetch-multiplier=1"]
         if not settings.redis_url:
@@ -310,7 +310,7 @@ def simulate(
             cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
             with transaction(db) as session:
                 if study_repository.by_key(session, study) is None:
-                    studies.create(session, StudyCreate(key=study, name=f"Simulated PAL cohort ({study})",
+                    studies.create(session, StudyCreate(key=study, name="Simulated PAL cohort",
                                                         timezone=timezone, template="pal-replication"),
                                    settings_sealer(settings))
                 ctx = studies.system_context(session, study)

@@ -18,6 +18,7 @@ from app.core.admission import Admission
 from app.core.celery import celery_app
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
+from app.core.docs import install_docs
 from app.core.errors import install_error_handlers
 from app.core.logs import redact_access_logs
 from app.core.middleware import BodyLimit, InputGuard, JsonOnly, PageHeaders, Unhandled
@@ -87,7 +88,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_url="/openapi.json",
+        docs_url=None,  # served below from the bundled Swagger UI files, not a CDN
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.principal_lookup = tokens_repository.principal_row
     install_error_handlers(app)

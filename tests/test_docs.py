@@ -44,3 +44,13 @@ async def test_the_codebook_example_creates_a_study(admin: httpx.AsyncClient) ->
     assert r.status_code == 201, r.text
     waves = (await admin.get("/api/v1/studies/craving/waves", headers=auth(ADMIN_TOKEN))).json()["items"]
     assert [w["key"] for w in waves] == ["intake", "followup"]
+
+
+@pytest.mark.anyio
+async def test_the_interactive_docs_need_no_internet(app_client: httpx.AsyncClient) -> None:
+    page = await app_client.get("/docs")
+    assert page.status_code == 200 and "cdn." not in page.text
+    for asset in re.findall(r'(?:src|href)="(/docs-assets/[^"]+)"', page.text):
+        served = await app_client.get(asset)
+        assert served.status_code == 200 and len(served.content) > 100, asset
+    assert "/docs-assets/swagger-ui-bundle.js" in page.text

@@ -47,6 +47,8 @@ def configure(app: Celery, settings: Settings) -> None:
         # the longest task. The SQLAlchemy transport passes these options to create_engine: none.
         broker_transport_options={"visibility_timeout": 3600} if settings.redis_url else {},
         task_ignore_result=True,
+        # JSON only, in and out: a broker can never hand a worker a pickle to run
+        task_serializer="json", result_serializer="json", accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

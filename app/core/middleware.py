@@ -28,9 +28,9 @@ async def send_complete(send: Send, status: int, body: bytes, media_type: bytes 
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_problem(send: Send, status: int, title: str, detail: str, slug: str) -> None:
-    body = json.dumps({"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail},
-                      separators=(",", ":")).encode()
+async def _send_problem(send: Send, status: int, title: str, detail: str, slug: str, instance: str) -> None:
+    body = json.dumps({"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail,
+                       "instance": instance}, separators=(",", ":")).encode()
     await send_complete(send, status, body)
 
 
@@ -55,7 +55,7 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit():
             if int(length) > limit:
-                await _send_problem(send, 413, "Content Too Large", too_large, "payload-too-large")
+                await _send_problem(send, 413, "Content Too Large", too_large, "payload-too-large", scope["path"])
                 return
             await self.app(scope, receive, send)
             return
@@ -68,7 +68,7 @@ class BodyLimit:
                 break
             seen += len(message.get("body", b""))
             if seen > limit:
-                await _send_problem(send, 413, "Content Too Large", too_large, "payload-too-large")
+                await _send_problem(send, 413, "Content Too Large", too_large, "payload-too-large", scope["path"])
                 return
             if not message.get("more_body", False):
                 break
@@ -99,7 +99,7 @@ class JsonOnly:
             if has_body and ctype and not allowed:
                 await _send_problem(send, 415, "Unsupported Media Type",
                                     f"send application/json, not {ctype.decode(errors='replace')}",
-                                    "unsupported-media-type")
+                                    "unsupported-media-type", scope["path"])
                 return
         await self.app(scope, receive, send)
 

@@ -67,7 +67,20 @@ def _when(value: datetime | None) -> str:
     return "" if value is None else value.isoformat(timespec="seconds")
 
 
-templates.filters.update(pct=_pct, num=fmt_number, p=fmt_p, when=_when)
+def _local_day(value: datetime | None, zone: str) -> str:
+    """The last local day of a window that closes at `value` (closes_at is the midnight after it)."""
+    if value is None:
+        return ""
+    day = (value - timedelta(microseconds=1)).astimezone(ZoneInfo(zone)).date()
+    return f"{day:%a} {day.day} {day:%b %Y}"
+
+
+def _local_time(value: datetime | None, zone: str) -> str:
+    return "" if value is None else f"{value.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M} ({zone})"
+
+
+templates.filters.update(pct=_pct, num=fmt_number, p=fmt_p, when=_when, local_day=_local_day,
+                         local_time=_local_time)
 
 
 def page(request: Request, name: str, viewer: Viewer | None, status_code: int = 200, **values: Any) -> HTMLResponse:
@@ -161,7 +174,11 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
              notice: Annotated[str | None, Query(max_length=300)] = None) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator")
     waves = list(ctx.require_codebook().wave_keys)
-    chosen = wave if wave in waves else (waves[1] if len(waves) > 1 else waves[0])
+    if wave in waves:
+        chosen = wave
+    else:  # the wave with the most windows open now (the earliest such wave on a tie)
+        busy = retention.open_windows(session, ctx.study.id, utcnow())
+        chosen = max(waves, key=lambda w: (busy.get(w, 0), -waves.index(w)))
     per_page = 50
     rows = retention.followup(session, ctx.study.id, wave=chosen, status=status, now=utcnow(), limit=per_page,
                               offset=(page_no - 1) * per_page)

@@ -122,6 +122,15 @@ def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def open_windows(session: Session, study_id: uuid.UUID, now: datetime) -> dict[str, int]:
+    """How many windows of each wave are open at `now` (the worklist opens on the busiest)."""
+    status = schedule_status_sql(literal(now))
+    rows = session.execute(
+        select(Schedule.wave, func.count()).join(Participant, Participant.id == Schedule.participant_id)
+        .where(Schedule.study_id == study_id, status == "open").group_by(Schedule.wave))
+    return {wave: int(n) for wave, n in rows}
+
+
 def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | None, now: datetime,
              limit: int, offset: int) -> list[Any]:
     """A wave's participants, windows closing soonest first, with the last message sent to each."""
