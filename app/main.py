@@ -29,6 +29,7 @@ from app.dashboard import auth as dashboard_auth
 from app.dashboard.router import error_page
 from app.dashboard.router import router as dashboard_router
 from app.exports.router import router as exports_router
+from app.fhir.router import render_error as fhir_errors
 from app.fhir.router import router as fhir_router
 from app.health.router import router as health_router
 from app.idempotency.service import Replay, replay_handler
@@ -94,7 +95,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.settings = settings
     app.state.principal_lookup = tokens_repository.principal_row
     install_error_handlers(app)
-    app.state.page_errors = error_page
+    app.state.error_renderers = [("/ui/", error_page), ("/fhir/", fhir_errors)]
     for page_error in (dashboard_auth.SignInRequired, dashboard_auth.NotAllowed):
         app.add_exception_handler(page_error, error_page)
     app.add_exception_handler(Replay, replay_handler)

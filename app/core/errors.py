@@ -147,10 +147,14 @@ def validation_errors(exc: RequestValidationError) -> list[FieldError]:
 
 
 def _as_page(request: Request, exc: Exception) -> Any:
-    """Pages (the dashboard under /ui) show errors as pages; the app registers how in `state.page_errors`."""
-    render = getattr(request.app.state, "page_errors", None)
-    if render is not None and request.url.path.startswith("/ui/"):
-        return render(request, exc)
+    """Surfaces with an error dialect of their own (the dashboard's pages, FHIR's OperationOutcome)
+    render errors themselves; the app registers them by path prefix in `state.error_renderers`.
+    The error still propagates through the request's transaction first, so nothing is committed."""
+    for prefix, render in getattr(request.app.state, "error_renderers", ()):
+        if request.url.path.startswith(prefix):
+            rendered = render(request, exc)
+            if rendered is not None:
+                return rendered
     return None
 
 

@@ -562,27 +562,21 @@ def _amended(session: Session, row: StoredResponse, doc: dict[str, Any]) -> bool
     return bool(changed & {i["code"] for i in doc["items"]})
 
 
+def render_error(request: Request, exc: Exception) -> JSONResponse | None:
+    """A domain error raised out of a FHIR route (through the request's transaction, which rolls
+    back) as an OperationOutcome."""
+    return outcome(exc) if isinstance(exc, DomainError) else None
+
+
 @router.post("/QuestionnaireResponse")
 async def post_response(request: Request, session: SessionDep) -> JSONResponse:
     from starlette.concurrency import run_in_threadpool
 
-    try:
-        resource = _json(await request.body())
-        return await run_in_threadpool(_store, request, session, resource)
-    except DomainError as exc:
-        session.rollback()
-        return outcome(exc)
+    resource = _json(await request.body())
+    return await run_in_threadpool(_store, request, session, resource)
 
 
 def _store(request: Request, session: Session, resource: Any) -> JSONResponse:
-    try:
-        return _store_checked(request, session, resource)
-    except DomainError:
-        session.rollback()
-        raise
-
-
-def _store_checked(request: Request, session: Session, resource: Any) -> JSONResponse:
     if not isinstance(resource, dict) or resource.get("resourceType") != "QuestionnaireResponse":
         raise Invalid("expected a QuestionnaireResponse", errors=[
             {"loc": [], "code": "structure", "expression": "QuestionnaireResponse",

@@ -530,8 +530,7 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
             problems.append(f"{record} ({event_name(wave)}): {detail}")
             continue
         imported.append(record)
-    if problems:
-        session.rollback()  # all or nothing
+    if problems:  # all or nothing: the error rolls the import's transaction back
         raise RedcapError("; ".join(problems[:50]) + (f" (and {len(problems) - 50} more)" if len(problems) > 50
                                                        else ""))
     ids = list(dict.fromkeys(imported))
