@@ -395,7 +395,7 @@ def rotate_keys() -> None:
     """Re-seal contact data and other sealed values under the current COHORT_SECRET_KEY."""
     from app.core.crypto import settings_sealer
     from app.core.db import Database
-    from app.privacy.service import rotate
+    from app.privacy.tasks import rotate
 
     with database_runtime() as settings:
         if not settings.old_secrets():

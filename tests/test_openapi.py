@@ -21,3 +21,14 @@ def test_every_api_operation_declares_its_roles() -> None:
     ]
     assert missing == []
     assert document["paths"]["/api/v1/tokens"]["post"]["x-roles"] == ["admin"]
+
+
+def test_routers_hold_no_sql_and_commit_nothing() -> None:
+    """HTTP in routers, rules in services, SQL in repositories; only the wrappers commit."""
+    offending = {}
+    for router in sorted((ROOT / "app").glob("*/router.py")):
+        text = router.read_text()
+        found = [needle for needle in ("select(", "session.execute", ".commit()", ".rollback()") if needle in text]
+        if found:
+            offending[router.parent.name] = found
+    assert offending == {}

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.main import create_app
-from app.privacy.service import rotate
+from app.privacy.tasks import rotate
 from app.studies.service import pseudonymiser, system_context
 from tests.conftest import ADMIN_TOKEN, SECRET_KEY, client_for, make_settings
 from tests.factories import create_study, valid_answers

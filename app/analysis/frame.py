@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.analysis import repository
 from app.instruments.codebook import Codebook
-from app.responses.validation import carried_from, compute_derived
+from app.responses.validation import carried_values, compute_derived
 
 ID_COLUMNS = ("participant", "wave", "completed_at")
 
@@ -97,9 +97,7 @@ def _recompute(columns: dict[str, list[Any]], stale: list[int], raw: dict[int, t
     for pid, waves in by_participant.items():
         done: dict[str, dict[str, Any]] = {}
         for wave in sorted(waves, key=lambda w: order.get(w, 99)):
-            sources = carried_from(codebook, wave)
-            carried = {code: done.get(src, {}).get(code) for code, src in sources.items()}
-            done[wave] = compute_derived(codebook, wave, waves[wave], carried)
+            done[wave] = compute_derived(codebook, wave, waves[wave], carried_values(codebook, wave, done))
             values[(pid, wave)] = done[wave]
     for i in stale:
         pid, wave, _ = raw[i]

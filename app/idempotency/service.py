@@ -12,13 +12,12 @@ import hashlib
 import json
 import uuid
 from datetime import datetime, timedelta
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import Table, bindparam, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from app.core.crypto import Sealer, settings_sealer
@@ -27,7 +26,7 @@ from app.core.deps import SettingsDep
 from app.core.errors import InFlight, Invalid
 from app.core.security import CurrentPrincipal, Principal
 from app.core.timeutil import utcnow
-from app.idempotency.models import IdempotencyRecord
+from app.idempotency import repository
 
 RETENTION = timedelta(hours=24)
 REPLAY_HEADER = "Idempotent-Replayed"
@@ -37,13 +36,6 @@ class Replay(Exception):
     def __init__(self, status_code: int, body: Any) -> None:
         self.status_code = status_code
         self.body = body
-
-
-_keys = cast(Table, IdempotencyRecord.__table__)
-_TRY_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("k")))
-_RECORD = select(IdempotencyRecord).where(IdempotencyRecord.token_id == bindparam("t"),
-                                          IdempotencyRecord.key == bindparam("k"))
-_STORE = insert(_keys)
 
 
 def fingerprint(method: str, path: str, payload: Any) -> str:
@@ -75,15 +67,13 @@ class Idempotency:
             return
         self._fingerprint = fingerprint(self.method, self.path, payload)
         token_id = str(self.principal.token_id)
-        conn = self.session.connection()
-        if not conn.execute(_TRY_LOCK, {"k": _lock_id(token_id, self.key)}).scalar():
+        if not repository.try_lock(self.session, _lock_id(token_id, self.key)):
             raise InFlight("a request with this Idempotency-Key is still in flight; retry when it has finished")
         # A statement of its own, so its snapshot is taken after the lock: a request that held the
         # key and has just committed is seen here, and replayed rather than run twice.
-        record = self.session.scalar(_RECORD, {"t": self.principal.token_id, "k": self.key})
+        record = repository.record(self.session, self.principal.token_id, self.key)
         if record is not None and record.created_at < self.now - RETENTION:
-            self.session.delete(record)
-            self.session.flush()
+            repository.drop(self.session, record)
             record = None
         if record is None:
             return
@@ -100,7 +90,7 @@ class Idempotency:
         content = jsonable_encoder(body)
         if self.key is not None:
             assert self._fingerprint is not None, "check() must run before remember()"
-            self.session.connection().execute(_STORE, {
+            repository.store(self.session, {
                 "id": uuid.uuid4(), "token_id": self.principal.token_id, "key": self.key, "method": self.method,
                 "path": self.path, "fingerprint": self._fingerprint, "status_code": status_code,
                 "sealed_body": self.sealer.seal({"body": content}), "created_at": self.now,
@@ -132,9 +122,8 @@ async def replay_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 def forget_resource(session: Session, resource_id: uuid.UUID) -> None:
-    session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.resource_id == resource_id))
+    repository.forget_resource(session, resource_id)
 
 
 def purge_expired(session: Session, now: datetime) -> int:
-    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - RETENTION))
-    return int(getattr(result, "rowcount", 0) or 0)
+    return repository.purge_before(session, now - RETENTION)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.core.crypto import Sealer
-from app.core.db import Database, transaction
 from app.idempotency.models import IdempotencyRecord
 from app.participants.models import Contact
+from app.privacy import repository
 from app.studies.models import Study
 
 BATCH = 1000
@@ -27,28 +26,14 @@ SEALED: tuple[tuple[str, Any, Any], ...] = (
 )
 
 
-def rotate(db: Database, sealer: Sealer) -> dict[str, int]:
-    counts = {}
-    for name, key, blob in SEALED:
-        counts[name] = _reseal(db, sealer, key, blob)
-    return counts
-
-
-def _reseal(db: Database, sealer: Sealer, key: InstrumentedAttribute[Any], blob: InstrumentedAttribute[Any]) -> int:
-    table = key.class_
-    done, after = 0, None
-    while True:
-        with transaction(db) as session:
-            query = select(key, blob).where(blob.is_not(None)).order_by(key).limit(BATCH).with_for_update()
-            if after is not None:
-                query = query.where(key > after)
-            rows = session.execute(query).all()
-            if not rows:
-                return done
-            after = rows[-1][0]
-            for row_key, sealed in rows:
-                if sealer.needs_rotation(sealed):
-                    session.execute(update(table).where(key == row_key)
-                                    .values({blob.key: sealer.seal(sealer.open(sealed))}))
-                    done += 1
-
+def reseal_batch(session: Session, sealer: Sealer, key: InstrumentedAttribute[Any],
+                 blob: InstrumentedAttribute[Any], after: Any) -> tuple[int, Any]:
+    """One batch (one unit of work): values sealed under an old key, sealed again under the
+    current one. Returns how many changed and where the next batch starts (None: done)."""
+    rows = repository.sealed_batch(session, key, blob, after, BATCH)
+    done = 0
+    for row_key, sealed in rows:
+        if sealer.needs_rotation(sealed):
+            repository.reseal(session, key, blob, row_key, sealer.seal(sealer.open(sealed)))
+            done += 1
+    return done, (rows[-1][0] if rows else None)

@@ -24,6 +24,7 @@ from app.responses.models import Response, ResponseCorrection
 from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
 from app.responses.validation import (
     carried_from,
+    carried_values,
     check_answers,
     check_complete_instruments,
     compute_derived,
@@ -43,16 +44,10 @@ def _invalid(errors: list[Any]) -> Invalid:
 def _carried_values(session: Session, codebook: Codebook, participant_id: uuid.UUID, wave: str,
                     responses: Iterable[Response] | None = None) -> dict[str, Any]:
     """Values of derived variables that this wave carries from another (e.g. baseline aud_severity)."""
-    sources = carried_from(codebook, wave)
-    if not sources:
+    if not carried_from(codebook, wave):
         return {}
     rows = list(responses) if responses is not None else repository.of_participant(session, participant_id)
-    by_wave = {r.wave: r for r in rows}
-    out = {}
-    for code, source in sources.items():
-        src = by_wave.get(source)
-        out[code] = src.derived.get(code) if src is not None else None
-    return out
+    return carried_values(codebook, wave, {r.wave: r.derived for r in rows})
 
 
 def _refresh_dependents(session: Session, codebook: Codebook, source: Response) -> None:
@@ -356,9 +351,7 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     for item in sorted(items, key=lambda i: (i.external_id, order[i.wave])):
         person = people[item.external_id]
         mine = carried_sources.setdefault(person.id, {})
-        sources = carried_from(codebook, item.wave)
-        carried = {code: mine.get(src, {}).get(code) for code, src in sources.items()}
-        derived = compute_derived(codebook, item.wave, item.answers, carried)
+        derived = compute_derived(codebook, item.wave, item.answers, carried_values(codebook, item.wave, mine))
         mine[item.wave] = derived
         completed_at = (item.completed_at or now) if item.status == "complete" else None
         rows.append(dict(

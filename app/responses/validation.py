@@ -226,6 +226,15 @@ def dependent_waves(codebook: Codebook, wave: str) -> tuple[str, ...]:
     return tuple(w for w in codebook.wave_keys if wave in carried_from(codebook, w).values())
 
 
+def carried_values(codebook: Codebook, wave: str,
+                   derived_by_wave: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The derived values a wave carries from the participant's other waves (baseline aud_severity
+    at month6, say), given those waves' derived values: one rule for writes, bulk writes and the
+    analysis frame."""
+    return {code: (derived_by_wave.get(source) or {}).get(code)
+            for code, source in carried_from(codebook, wave).items()}
+
+
 def compute_derived(
     codebook: Codebook, wave: str, answers: Mapping[str, Any], carried: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:

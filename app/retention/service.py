@@ -1,176 +1,41 @@
-"""Retention, the coordinator's follow-up list, and abstinence outcomes: counts as of any instant.
+"""Retention, the follow-up worklist and outcomes: the numbers coordinators and PIs read.
 
-Retention follows the contract: for each wave, `eligible` are participants whose window had
-closed by `as_of`, plus those who completed by `as_of` while the window was open, leaving out
-anyone who withdrew before the window opened; `completed` are the eligible with a complete
-response at or before `as_of`; `rate = completed / eligible`.
+The counting is SQL (`repository.py`, with the rollup the triggers keep); here is what is made
+of it: rates, Wilson intervals, and the reports the API and the dashboard both serve.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from collections import defaultdict
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Boolean, String, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
-from app.participants.models import Participant, Schedule
-from app.participants.repository import schedule_status_sql
-from app.responses.models import Response
-from app.retention.models import RetentionCount, RetentionWatermark
+from app.retention import repository
 from app.retention.schemas import GroupRetention, OutcomeRow, Outcomes, Retention
 from app.studies.service import StudyContext
 
-UNKNOWN_GROUP = "unknown"
-
-
-def _baseline(study_id: uuid.UUID, baseline_wave: str) -> Any:
-    return (
-        select(Response.participant_id, Response.answers, Response.derived)
-        .where(Response.study_id == study_id, Response.wave == baseline_wave, Response.status == "complete")
-        .subquery("baseline")
-    )
+UNKNOWN_GROUP = repository.UNKNOWN_GROUP
 
 
 def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
               by: str | None = None, *, rollup: bool = True) -> dict[str | None, list[dict[str, Any]]]:
-    """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest.
-
-    Overall retention at or after the study's watermark (the usual case: now) is read from the
-    rollup the triggers keep; anything else is the exact aggregate over schedules. Both give the
-    same numbers (a test compares them)."""
-    if rollup and by is None:
-        watermark = session.scalar(select(RetentionWatermark.at).where(RetentionWatermark.study_id == study_id))
-        if watermark is not None and as_of >= watermark:
-            return {None: _from_rollup(session, study_id, waves, as_of)}
-    at = literal(as_of)
-    completed_by = and_(Schedule.completed_at.is_not(None), Schedule.completed_at <= at)
-    completed_in_window = and_(completed_by, Schedule.completed_at >= Schedule.opens_at,
-                               Schedule.completed_at < Schedule.closes_at)
-    not_withdrawn_before = or_(Participant.withdrawn_at.is_(None), Participant.withdrawn_at >= Schedule.opens_at)
-    eligible = and_(or_(Schedule.closes_at <= at, completed_in_window), not_withdrawn_before)
-    status = schedule_status_sql(at)
-    late = and_(completed_by, or_(Schedule.completed_at < Schedule.opens_at,
-                                  Schedule.completed_at >= Schedule.closes_at))
-    group = literal(None, String).label("grp")
-    query = (
-        select(
-            Schedule.wave,
-            func.count().filter(eligible).label("eligible"),
-            func.count().filter(and_(eligible, completed_by)).label("completed"),
-            func.count().filter(status == "open").label("open"),
-            func.count().filter(status == "missed").label("missed"),
-            func.count().filter(status == "withdrawn").label("withdrawn"),
-            func.count().filter(and_(eligible, late)).label("late"),
-        )
-        .join(Participant, Participant.id == Schedule.participant_id)
-        .where(Schedule.study_id == study_id, Participant.enrolled_at <= at)
-    )
-    if by == "primary_group":
-        baseline = _baseline(study_id, waves[0])
-        group = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP).label("grp")
-        query = query.outerjoin(baseline, baseline.c.participant_id == Schedule.participant_id)
-    query = query.add_columns(group).group_by(Schedule.wave, group)
-    found: dict[str | None, dict[str, dict[str, int]]] = defaultdict(dict)
-    for row in session.execute(query):
-        found[row.grp][row.wave] = dict(row._mapping)
-    out: dict[str | None, list[dict[str, Any]]] = {}
-    for grp, per_wave in sorted(found.items(), key=lambda kv: str(kv[0])):
-        out[grp] = [_wave_row(wave, per_wave.get(wave)) for wave in waves]
-    if not out and by is None:
-        out[None] = [_wave_row(wave, None) for wave in waves]
-    return out
-
-
-def _from_rollup(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime) -> list[dict[str, Any]]:
-    c = RetentionCount
-    at = literal(as_of)
-    eligible = and_(c.wd_ok, or_(c.closes_at <= at, c.in_window))
-    pending = c.cls == "pending"
-
-    def total(condition: Any) -> Any:
-        return func.coalesce(func.sum(c.n).filter(condition), 0)
-
-    query = (
-        select(
-            c.wave,
-            total(eligible).label("eligible"),
-            total(and_(eligible, c.cls == "completed")).label("completed"),
-            total(and_(pending, c.opens_at <= at, at < c.closes_at)).label("open"),
-            total(and_(pending, c.closes_at <= at)).label("missed"),
-            total(c.cls == "withdrawn").label("withdrawn"),
-            total(and_(eligible, c.late)).label("late"),
-        )
-        .where(c.study_id == study_id)
-        .group_by(c.wave)
-    )
-    found = {row.wave: dict(row._mapping) for row in session.execute(query)}
-    return [_wave_row(wave, found.get(wave)) for wave in waves]
-
-
-def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:
-    c = counts or {}
-    eligible, completed = int(c.get("eligible", 0)), int(c.get("completed", 0))
-    return {
-        "wave": wave, "eligible": eligible, "completed": completed,
-        "rate": completed / eligible if eligible else None,
-        "open": int(c.get("open", 0)), "missed": int(c.get("missed", 0)),
-        "withdrawn": int(c.get("withdrawn", 0)), "late": int(c.get("late", 0)),
-    }
+    return repository.retention(session, study_id, waves, as_of, by, rollup=rollup)
 
 
 def open_windows(session: Session, study_id: uuid.UUID, now: datetime) -> dict[str, int]:
-    """How many windows of each wave are open at `now` (the worklist opens on the busiest)."""
-    status = schedule_status_sql(literal(now))
-    rows = session.execute(
-        select(Schedule.wave, func.count()).join(Participant, Participant.id == Schedule.participant_id)
-        .where(Schedule.study_id == study_id, status == "open").group_by(Schedule.wave))
-    return {wave: int(n) for wave, n in rows}
+    return repository.open_windows(session, study_id, now)
 
 
 def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | None, now: datetime,
              limit: int, offset: int) -> list[Any]:
-    """A wave's participants, windows closing soonest first, with the last message sent to each."""
-    from app.reminders.models import ReminderSend
-
-    schedule_status = schedule_status_sql(literal(now)).label("wave_status")
-    last_sent = (
-        select(func.max(ReminderSend.sent_at))
-        .where(ReminderSend.participant_id == Schedule.participant_id, ReminderSend.wave == Schedule.wave,
-               ReminderSend.status == "sent")
-        .scalar_subquery()
-    )
-    last_kind = (
-        select(ReminderSend.kind)
-        .where(ReminderSend.participant_id == Schedule.participant_id, ReminderSend.wave == Schedule.wave,
-               ReminderSend.status == "sent")
-        .order_by(ReminderSend.sent_at.desc()).limit(1)
-        .scalar_subquery()
-    )
-    query = (
-        select(Participant.id.label("participant_id"), Participant.external_id, Participant.status,
-               Participant.timezone, Schedule.wave, Schedule.opens_at,
-               Schedule.closes_at, Schedule.completed_at, schedule_status, last_sent.label("last_reminder_at"),
-               last_kind.label("last_reminder_kind"))
-        .join(Participant, Participant.id == Schedule.participant_id)
-        .where(Schedule.study_id == study_id, Schedule.wave == wave)
-        .order_by(Schedule.closes_at, Participant.external_id)
-        .limit(limit + 1).offset(offset)
-    )
-    if status is not None:
-        query = query.where(schedule_status_sql(literal(now)) == status)
-    return list(session.execute(query).all())
+    return repository.followup(session, study_id, wave=wave, status=status, now=now, limit=limit, offset=offset)
 
 
 def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str) -> list[tuple[str, int]]:
-    """Participants enrolled per calendar month of the study's time zone, oldest first."""
-    month = func.to_char(func.timezone(zone, Participant.enrolled_at), "YYYY-MM")
-    rows = session.execute(select(month, func.count()).where(Participant.study_id == study_id)
-                           .group_by(month).order_by(month))
-    return [(str(m), int(n)) for m, n in rows]
+    return repository.enrolment_by_month(session, study_id, zone)
 
 
 def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
@@ -184,20 +49,7 @@ def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
 
 def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, by: str) -> list[dict[str, Any]]:
     """Abstinence (derived abstinent_30d) per wave and baseline group, with 95 % Wilson intervals."""
-    baseline = _baseline(study_id, waves[0])
-    if by == "online_30d":
-        grp = func.coalesce(cast(baseline.c.derived["online_30d"].astext, String), UNKNOWN_GROUP)
-    else:
-        grp = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP)
-    abstinent = cast(Response.derived["abstinent_30d"].astext, Boolean)
-    query = (
-        select(Response.wave, grp.label("grp"), func.count(abstinent).label("n"),
-               func.count().filter(abstinent.is_(True)).label("abstinent"))
-        .outerjoin(baseline, baseline.c.participant_id == Response.participant_id)
-        .where(Response.study_id == study_id, Response.status == "complete", Response.completed_at <= as_of)
-        .group_by(Response.wave, grp)
-    )
-    rows = session.execute(query).all()
+    rows = repository.outcome_counts(session, study_id, waves[0], as_of, by)
     order = {w: i for i, w in enumerate(waves)}
     out = []
     for row in sorted(rows, key=lambda r: (order.get(r.wave, math.inf), str(r.grp))):
