@@ -72,6 +72,16 @@ def _study(base: str, key: str = "bench") -> None:
 # -- 1. response ingest --------------------------------------------------------------------------
 
 
+def _enrolled_study(url: str, people: list[str], label: str) -> str:
+    """The bench study with these participants enrolled now; returns a collector token's secret."""
+    _study(url)
+    status, _ = request(url, "POST", "/api/v1/studies/bench/participants:import", [
+        {"external_id": p, "enrolled_at": datetime.now(UTC).isoformat()} for p in people])
+    assert status == 200
+    _, made = request(url, "POST", "/api/v1/tokens", {"role": "collector", "label": label})
+    return str(made["token"])
+
+
 def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
     db = dbs.new("ingest")
     with psycopg.connect(conninfo(db), autocommit=True) as conn:
@@ -84,12 +94,7 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
     out: dict[str, Any] = {"posts_per_level": scale.posts, "levels": {}}
     env = service_env(db)
     with serve(env) as api:
-        _study(api.url)
-        status, _ = request(api.url, "POST", "/api/v1/studies/bench/participants:import", [
-            {"external_id": p, "enrolled_at": datetime.now(UTC).isoformat()} for p in people])
-        assert status == 200
-        _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "collector", "label": "bench"})
-        collector = made["token"]
+        collector = _enrolled_study(api.url, people, "bench")
 
         def post_response(conn: Any, body: dict[str, Any]) -> bool:
             conn.request("POST", "/api/v1/studies/bench/responses", body=json.dumps(body), headers={
@@ -155,12 +160,7 @@ def burst(dbs: Databases, scale: Scale) -> dict[str, Any]:
     bodies = [{"external_id": p, "wave": "baseline", "status": "complete", "answers": a}
               for p, a in zip(people, answers, strict=True)]
     with serve(service_env(db)) as api:
-        _study(api.url)
-        status, _ = request(api.url, "POST", "/api/v1/studies/bench/participants:import", [
-            {"external_id": p, "enrolled_at": datetime.now(UTC).isoformat()} for p in people])
-        assert status == 200
-        _, made = request(api.url, "POST", "/api/v1/tokens", {"role": "collector", "label": "burst"})
-        collector = made["token"]
+        collector = _enrolled_study(api.url, people, "burst")
         statuses: list[int] = []
         lock = threading.Lock()
 
