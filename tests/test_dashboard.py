@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import os
 import re
@@ -237,6 +238,42 @@ def test_send_a_reminder_now_from_the_worklist_and_over_the_api(server: LiveServ
     # the first scan was the ordinary one: N2's overdue invitation went with it, while N1's overdue
     # invitation was superseded by the message queued for now (only the latest of a wave goes)
     assert sorted(m.to for m in smtp.capture.messages) == ["n1@example.org", "n2@example.org"]
+
+
+def test_a_withdrawal_from_a_stale_page_is_a_clear_conflict(server: LiveServer) -> None:
+    """Two coordinators, two tabs: the form carries the version it was rendered with (If-Match)."""
+    import random
+
+    from tests.factories import valid_answers
+
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        admin.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
+                                            "template": "pal-replication"})
+        admin.post("/api/v1/studies/pal/participants", json={
+            "external_id": "T1", "enrolled_at": (datetime.now(UTC) - timedelta(days=2)).isoformat()})
+    coordinator = token(server, "coordinator")
+    tab = signed_in(server, coordinator)
+    page = tab.get("/ui/studies/pal/followup?wave=baseline&status=open").text
+    version = re.search(r'name="version" value="([^"]+)"', page)
+    assert version is not None
+    # meanwhile, in the other tab (or a survey front-end), T1's baseline is completed
+    r = httpx.post(f"{server.url}/api/v1/studies/pal/responses", headers=auth(coordinator), json={
+        "external_id": "T1", "wave": "baseline", "answers": valid_answers("baseline", random.Random(1))})
+    assert r.status_code == 201
+    stale = tab.post("/ui/studies/pal/followup/T1/withdraw", data={
+        "csrf": csrf_of(page), "reason": "asked", "version": html.unescape(version.group(1))})
+    assert stale.status_code == 412 and "changed since you read it" in stale.text
+    participant = httpx.get(f"{server.url}/api/v1/studies/pal/participants/T1", headers=auth(coordinator))
+    assert participant.json()["status"] != "withdrawn"
+    # with the page read again, the withdrawal goes through
+    fresh = tab.get("/ui/studies/pal/followup?wave=baseline&status=completed").text
+    version = re.search(r'name="version" value="([^"]+)"', fresh)
+    assert version is not None
+    done = tab.post("/ui/studies/pal/followup/T1/withdraw", data={
+        "csrf": csrf_of(fresh), "reason": "asked", "version": html.unescape(version.group(1))})
+    assert done.status_code == 303
+    participant = httpx.get(f"{server.url}/api/v1/studies/pal/participants/T1", headers=auth(coordinator))
+    assert participant.json()["status"] == "withdrawn"
 
 
 # -- in a real browser -----------------------------------------------------------------------------

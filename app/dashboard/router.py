@@ -188,9 +188,11 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     contacts = {pid: sealer.open(blob) for pid, blob in sealed.items()}  # coordinators may see contact data
     progress = responses.instrument_progress(session, ctx.require_codebook(), [r.participant_id for r in shown],
                                              chosen)
+    # each form carries the version of the participant it was rendered with (sent back as If-Match)
+    versions = participants.versions(session, [r.participant_id for r in shown], sealer)
     return page(request, "ui/followup.html", viewer, study=ctx.study, waves=waves, wave=chosen, status=status,
-                rows=shown, contacts=contacts, progress=progress, page_no=page_no, has_next=len(rows) > per_page,
-                notice=notice)
+                rows=shown, contacts=contacts, progress=progress, versions=versions, page_no=page_no,
+                has_next=len(rows) > per_page, notice=notice)
 
 
 @router.post("/studies/{key}/followup/{external_id}/remind")
@@ -205,11 +207,14 @@ def remind(key: str, external_id: str, viewer: FormViewer, session: SessionDep,
 
 
 @router.post("/studies/{key}/followup/{external_id}/withdraw")
-def withdraw(key: str, external_id: str, viewer: FormViewer, session: SessionDep,
+def withdraw(key: str, external_id: str, viewer: FormViewer, session: SessionDep, settings: SettingsDep,
              reason: Annotated[str, Form(min_length=1, max_length=2000)],
              erase_contact: Annotated[bool, Form()] = False,
+             version: Annotated[str, Form(max_length=200, description="the participant's ETag the page showed")] = "",
              back: Annotated[str, Form(max_length=500)] = "") -> Response:
     ctx = _study(session, viewer, key, "coordinator")
+    # another coordinator's change since this page was rendered is a clear 412 page, not an overwrite
+    participants.require_version(session, ctx, external_id, settings_sealer(settings), version or None)
     withdrawals.withdraw(session, ctx, external_id, WithdrawIn(reason=reason, erase_contact=erase_contact),
                          utcnow())
     return _back(_safe_back(back, key), f"{external_id} is withdrawn; no further reminders will be sent.")

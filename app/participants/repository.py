@@ -55,6 +55,11 @@ def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,
     return session.scalar(query, {"study": study_id, "external_id": external_id})
 
 
+def by_ids(session: Session, participant_ids: Sequence[uuid.UUID]) -> list[Participant]:
+    return list(session.scalars(select(Participant).where(Participant.id.in_(participant_ids)))) \
+        if participant_ids else []
+
+
 def schedules_of(session: Session, participant_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Schedule]]:
     out: dict[uuid.UUID, list[Schedule]] = {pid: [] for pid in participant_ids}
     if not participant_ids:

@@ -185,6 +185,11 @@ def etag(view: ParticipantView) -> str:
                    view.contact)
 
 
+def versions(session: Session, participant_ids: list[uuid.UUID], sealer: Sealer) -> dict[uuid.UUID, str]:
+    """The ETag of each participant (what a page renders into its forms, to send back as If-Match)."""
+    return {v.participant.id: etag(v) for v in views(session, repository.by_ids(session, participant_ids), sealer)}
+
+
 def require_version(session: Session, ctx: StudyContext, external_id: str, sealer: Sealer,
                     if_match: str | None) -> None:
     """Lock the participant and refuse (412) when `if_match` is given and is not its current version."""
