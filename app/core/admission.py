@@ -20,12 +20,10 @@ from contextlib import AsyncExitStack
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.middleware import send_complete
+from app.core.middleware import WORK_PREFIXES, WRITE_METHODS, send_complete
 
 log = logging.getLogger(__name__)
 
-_WRITES = {"POST", "PUT", "PATCH", "DELETE"}
-_GUARDED = ("/api/", "/redcap/", "/fhir/", "/ui/", "/s/")
 
 
 class Admission:
@@ -45,11 +43,11 @@ class Admission:
         return self._all, self._writes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(_GUARDED):
+        if scope["type"] != "http" or not scope["path"].startswith(WORK_PREFIXES):
             await self.app(scope, receive, send)
             return
         every, writes = self._semaphores()
-        order = [writes, every] if scope["method"] in _WRITES else [every]  # one order: no deadlock between them
+        order = [writes, every] if scope["method"] in WRITE_METHODS else [every]  # one order: no deadlock between them
         async with AsyncExitStack() as held:
             try:
                 async with asyncio.timeout(self.wait_seconds):

@@ -80,20 +80,20 @@ def nul_error(loc: list[str | int]) -> dict[str, Any]:
     return {"loc": loc, "code": "nul_character", "message": "text may not contain the NUL character (U+0000)"}
 
 
-def form_problems(raw: bytes) -> list[dict[str, Any]]:
-    """Field errors of an application/x-www-form-urlencoded body (NUL, or deep JSON in a field)."""
+def _urlencoded_problems(raw: bytes, prefix: list[str | int], json_fields: bool) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
         if "\x00" in name or "\x00" in value:
-            errors.append(nul_error([name.replace("\x00", "\\u0000")]))
-        elif value[:1] in ("[", "{"):
-            errors.extend(json_problems(value.encode("latin-1"), [name]))
+            errors.append(nul_error([*prefix, name.replace("\x00", "\\u0000")]))
+        elif json_fields and value[:1] in ("[", "{"):
+            errors.extend(json_problems(value.encode("latin-1"), [*prefix, name]))
     return errors
+
+
+def form_problems(raw: bytes) -> list[dict[str, Any]]:
+    """Field errors of an application/x-www-form-urlencoded body (NUL, or deep JSON in a field)."""
+    return _urlencoded_problems(raw, [], json_fields=True)
 
 
 def query_problems(query_string: bytes) -> list[dict[str, Any]]:
-    errors = []
-    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if "\x00" in name or "\x00" in value:
-            errors.append(nul_error(["query", name.replace("\x00", "\\u0000")]))
-    return errors
+    return _urlencoded_problems(query_string, ["query"], json_fields=False)

@@ -18,6 +18,18 @@ from app.core.inputs import form_problems, json_problems, nul_error, query_probl
 log = logging.getLogger(__name__)
 
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Where clients and browsers do work: the API, the REDCap and FHIR adapters, the dashboard, the
+# survey pages (not the health checks, the docs or the OpenAPI document).
+WORK_PREFIXES = ("/api/", "/redcap/", "/fhir/", "/ui/", "/s/")
+
+
+def header(scope: Scope, wanted: bytes) -> bytes | None:
+    """A request header's raw value (names are lower-case in ASGI)."""
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return bytes(value)
+    return None
 
 
 async def send_complete(send: Send, status: int, body: bytes, media_type: bytes = PROBLEM_JSON.encode(),
@@ -124,10 +136,7 @@ async def buffer_body(receive: Receive) -> tuple[bytes, Receive]:
 
 
 def _media_type(scope: Scope) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return bytes(value.split(b";")[0].strip().lower())
-    return b""
+    return (header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
 
 
 def _rejection(path: str, detail: str, errors: list[dict[str, Any]]) -> tuple[int, bytes, bytes]:

@@ -25,13 +25,11 @@ from urllib.parse import parse_qsl
 import redis.asyncio as aioredis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.middleware import buffer_body, send_complete
+from app.core.middleware import WORK_PREFIXES, WRITE_METHODS, buffer_body, header, send_complete
 
 log = logging.getLogger(__name__)
 
 WINDOW = 60
-_WRITES = {"POST", "PUT", "PATCH", "DELETE"}
-_COUNTED = ("/api/", "/redcap/", "/fhir/", "/ui/", "/s/")
 
 
 def _digest(secret: str) -> str:
@@ -39,10 +37,8 @@ def _digest(secret: str) -> str:
 
 
 def _header(scope: Scope, wanted: bytes) -> str | None:
-    for name, value in scope["headers"]:
-        if name == wanted:
-            return str(value.decode("latin-1"))
-    return None
+    value = header(scope, wanted)
+    return value.decode("latin-1") if value is not None else None
 
 
 class _Local:
@@ -73,8 +69,8 @@ class RateLimit:
         self.redis_down_until = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] not in _WRITES or not scope["path"].startswith(_COUNTED)
-                or self.per_minute <= 0):
+        if (scope["type"] != "http" or scope["method"] not in WRITE_METHODS
+                or not scope["path"].startswith(WORK_PREFIXES) or self.per_minute <= 0):
             await self.app(scope, receive, send)
             return
         now = time.time()
