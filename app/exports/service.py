@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +82,16 @@ def columns(codebook: Codebook, layout: str) -> list[Column]:
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
-def neutralise(value: str) -> str:
-    """A cell a spreadsheet would evaluate, made inert (OWASP: CSV injection)."""
-    return "'" + value if value.startswith(FORMULA_START) else value
+def neutralise(value: Any, *, numbers_are_data: bool = False) -> Any:
+    """OWASP's CSV injection defence: a text cell a spreadsheet would run as a formula gets a
+    leading `'` (the native export does the same in SQL, `_value`). `numbers_are_data`: a cell
+    that is a plain number (-3, +1.5) stays as it is, for the REDCap CSV, where every value is text."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    return value if numbers_are_data and _PLAIN_NUMBER.fullmatch(value) else "'" + value
 
 
 def _value(column: Column, alias: str = "r", *, inert: bool = False) -> sql.Composable:
@@ -249,7 +255,7 @@ class _InertWriter:
         self.writer = csv.writer(out, lineterminator="\n")
 
     def writerow(self, row: list[Any]) -> None:
-        self.writer.writerow([neutralise(v) if isinstance(v, str) else v for v in row])
+        self.writer.writerow([neutralise(v) for v in row])
 
 
 def dictionary_csv(codebook: Codebook) -> str:

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import logging
-import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html import escape
@@ -31,6 +30,7 @@ from app.core.inputs import MAX_JSON_DEPTH, parsed_depth
 from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
+from app.exports.service import neutralise
 from app.redcap import logic, repository
 from app.redcap.project import RECORD_ID, Project, event_name, wave_of
 from app.responses import service as responses
@@ -409,16 +409,9 @@ def _stamp(instrument_at: str | None, completed_at: datetime | None) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if at is not None else ""
 
 
-_RISKY = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
-
-
 def _safe(value: Any) -> Any:
-    """OWASP's CSV injection defence: a cell a spreadsheet would run as a formula starts with `'`.
-    Plain numbers (-3, +1.5) are data, not formulas, and stay as they are."""
-    if isinstance(value, str) and value.startswith(_RISKY) and not _NUMBER.fullmatch(value):
-        return "'" + value
-    return value
+    """A REDCap CSV cell made inert for spreadsheets (every value there is text, so plain numbers stay)."""
+    return neutralise(value, numbers_are_data=True)
 
 
 def _stream(fmt: str, rows: Iterator[dict[str, str]], columns: list[str], raw_cells: bool = False,
