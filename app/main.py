@@ -24,6 +24,7 @@ from app.core.logs import redact_access_logs
 from app.core.middleware import BodyLimit, InputGuard, JsonOnly, PageHeaders, Unhandled
 from app.core.openapi_problems import document_problems
 from app.core.ratelimit import RateLimit
+from app.core.security import KnownTokens
 from app.core.settings import Settings, get_settings
 from app.dashboard import auth as dashboard_auth
 from app.dashboard.router import error_page
@@ -94,6 +95,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     install_docs(app)
     app.state.settings = settings
     app.state.principal_lookup = tokens_repository.principal_row
+    app.state.token_check = tokens_repository.is_live
+    app.state.known_tokens = KnownTokens()
+    app.state.study_ids = {}  # study key -> id (keys never change): see studies.deps.study_key_in_scope
     install_error_handlers(app)
     app.state.error_renderers = [("/ui/", error_page), ("/fhir/", fhir_errors)]
     for page_error in (dashboard_auth.SignInRequired, dashboard_auth.NotAllowed):

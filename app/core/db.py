@@ -8,16 +8,20 @@ the data is durable (enqueueing a Celery task, say) is registered with `on_commi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
+import psycopg
 from fastapi import Depends, Request
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Compiled, Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.sql.expression import UpdateBase
+from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict
 from app.core.settings import Settings
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _ON_COMMIT = "cohort_on_commit"
 _ACTOR = "cohort_actor"
+_LAST = "cohort_last_statements"
+_CONFIRM = "cohort_confirm_principal"
 
 
 def make_engine(url: URL | str, *, pool_size: int = 10, application_name: str = "cohort") -> Engine:
@@ -69,8 +75,74 @@ def remember_actor(session: Session, actor: str) -> None:
     session.info[_ACTOR] = actor
 
 
+def last_in_transaction(session: Session, statement: UpdateBase, params: Mapping[str, Any]) -> None:
+    """Run `statement` as the transaction's last, sent with its COMMIT in one round trip.
+
+    For writes whose row locks every concurrent writer of a study queues for: the retention
+    rollup's counts and the study's watermark, kept by triggers on schedules and participants.
+    Taken in the middle of a request, such a lock is held across the rest of its round trips and
+    Python work, and every other response of the study waits behind it; taken last and committed
+    in the same round trip, it is held for the commit only. Inside a savepoint (an import that
+    rolls a bad record back) the statement runs at once, so it is undone with the savepoint.
+    """
+    if session.in_nested_transaction():
+        session.connection().execute(statement, dict(params))
+    else:
+        session.info.setdefault(_LAST, []).append((statement, dict(params)))
+
+
+_driver_sql: dict[tuple[int, str], tuple[UpdateBase, Compiled]] = {}
+
+
+def _compiled(statement: UpdateBase, dialect: Dialect) -> Compiled:
+    """A module-level statement compiled once for the driver (the statements are constants)."""
+    key = (id(statement), dialect.name)
+    cached = _driver_sql.get(key)
+    if cached is None or cached[0] is not statement:
+        compiled = statement.compile(dialect=dialect)
+        if getattr(compiled, "_bind_processors", None):
+            raise ValueError("a statement run with the commit takes only parameters the driver adapts itself")
+        cached = _driver_sql[key] = (statement, compiled)
+    return cached[1]
+
+
+def _run_last(session: Session, pipelined: bool) -> None:
+    """The statements registered with `last_in_transaction`; with `pipelined`, COMMIT goes with them."""
+    last: list[tuple[UpdateBase, dict[str, Any]]] = session.info.pop(_LAST, [])
+    if not last:
+        return
+    session.flush()
+    connection = session.connection()
+    if not pipelined:  # a session joined to an outer transaction (the tests): its commit is a savepoint
+        for statement, params in last:
+            connection.execute(statement, params)
+        return
+    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    with raw.pipeline():
+        for statement, params in last:
+            compiled = _compiled(statement, connection.dialect)
+            raw.execute(str(compiled), compiled.construct_params(params))
+        # The driver commits; SQLAlchemy's own commit below then finds no transaction open
+        # and only runs the session's after-commit work.
+        raw.commit()
+
+
+def expect_live_token(session: Session, token_id: uuid.UUID, check: Callable[[Connection, uuid.UUID], bool],
+                      refuse: Callable[[], Exception]) -> None:
+    """Each transaction of `session` starts by confirming the token is not revoked (`check`, which also
+    names it as the audit actor); a revoked one raises `refuse()` before any other statement runs."""
+    session.info[_ACTOR] = str(token_id)
+    session.info[_CONFIRM] = (token_id, check, refuse)
+
+
 @event.listens_for(Session, "after_begin")
 def _restore_actor(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    token = session.info.get(_CONFIRM)
+    if token is not None:
+        token_id, check, refuse = token
+        if not check(connection, token_id):
+            raise refuse()
+        return
     actor = session.info.get(_ACTOR)
     if actor:
         connection.execute(text("SELECT set_config('cohort.actor', :actor, true)"), {"actor": actor})
@@ -91,6 +163,7 @@ def _run_on_commit(session: Session) -> None:
 def _drop_on_commit(session: Session, previous_transaction: SessionTransaction) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_ON_COMMIT, None)
+        session.info.pop(_LAST, None)
 
 
 @contextmanager
@@ -101,7 +174,7 @@ def _unit_of_work(db: Database, actor: str | None = None) -> Iterator[Session]:
             session.info[_ACTOR] = actor
         try:
             yield session
-            session.commit()
+            _commit(session)
         except BaseException:
             session.rollback()
             raise
@@ -121,14 +194,62 @@ async def get_db(request: Request) -> Database:
     return database_of(request)
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def _commit(session: Session) -> None:
+    _run_last(session, pipelined=isinstance(session.get_bind(), Engine))
+    session.commit()
+
+
+def commit_here(session: Session) -> None:
+    """Commit the request's transaction now, in the thread that did its work.
+
+    For an endpoint that runs all of its database work in one thread hop: committing here saves the
+    request wrapper a second hop (the wrapper then finds nothing left to commit). Anything raised
+    before this point still rolls the whole transaction back.
+    """
+    try:
+        _commit(session)
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _finish(session: Session, failed: bool) -> None:
+    try:
+        if failed:
+            session.rollback()
+        else:
+            _commit(session)
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request-side transaction owner.
 
     Declared with scope="function" below, so the commit runs before FastAPI sends the
-    response: a 201 is only ever sent for data that is durably committed.
+    response: a 201 is only ever sent for data that is durably committed. Opening a session
+    takes no connection (the first statement does, in the thread that runs it), so this runs
+    on the event loop; the commit or rollback runs in a worker thread, unless the endpoint
+    committed already (`commit_here`).
     """
-    with _unit_of_work(database_of(request)) as session:
+    session = database_of(request).sessions()
+    try:
         yield session
+    except BaseException:
+        if session.in_transaction():
+            await run_in_threadpool(_finish, session, True)
+        else:
+            session.close()
+        raise
+    if session.in_transaction() or session.info.get(_LAST):
+        await run_in_threadpool(_finish, session, False)
+    else:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

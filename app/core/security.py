@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.core.db import SessionDep, remember_actor
+from app.core.db import SessionDep, database_of, expect_live_token, remember_actor, transaction
 from app.core.errors import Forbidden, Unauthorized
 
 Role = Literal["admin", "coordinator", "collector", "analyst"]
@@ -77,14 +81,81 @@ the table and provides it; the application hands it to this layer (`app.state.pr
 so the plumbing does not import a domain."""
 
 
-def authenticate(request: Request, session: SessionDep) -> Principal:
+TokenCheck = Callable[[Connection, uuid.UUID], bool]
+"""(connection, token id) -> whether the token is still live; it also names the token as the
+transaction's actor for the audit triggers. Provided by the tokens domain (`app.state.token_check`)."""
+
+
+def _unknown() -> Unauthorized:
+    return Unauthorized("the token is unknown or revoked")
+
+
+class KnownTokens:
+    """Secret digests this process has looked up, with their principal (a token's role and study never change).
+
+    What may change is revocation, and it takes effect at once: a known token is confirmed live by
+    the first statement of each of the request's transactions, the one that also names the token as
+    the audit actor (so the confirmation costs no round trip of its own). What the cache saves is the
+    lookup before the request's work, and with it a thread hop and a connection held across hops.
+    """
+
+    def __init__(self, size: int = 4096, ttl_seconds: float = 300.0) -> None:
+        self.size = size
+        self.ttl = ttl_seconds
+        self._known: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    def get(self, digest: str) -> Principal | None:
+        hit = self._known.get(digest)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        self._known[digest] = (principal, time.monotonic() + self.ttl)
+        self._known.move_to_end(digest)
+        while len(self._known) > self.size:
+            self._known.popitem(last=False)
+
+
+def _principal_of(row: Any) -> Principal:
+    return Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+
+
+def authenticate_now(request: Request, session: Session) -> Principal:
+    """The token looked up in `session`'s transaction (for code already inside one)."""
     lookup: PrincipalLookup = request.app.state.principal_lookup
     row = lookup(session, hash_secret(_bearer(request)))
     if row is None:
-        raise Unauthorized("the token is unknown or revoked")
-    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+        raise _unknown()
+    principal = _principal_of(row)
     request.state.principal = principal
     remember_actor(session, str(principal.token_id))
+    return principal
+
+
+def _look_up(request: Request, digest: str) -> Principal:
+    """A token this process does not know yet, in a short transaction of its own."""
+    lookup: PrincipalLookup = request.app.state.principal_lookup
+    with transaction(database_of(request)) as session:
+        row = lookup(session, digest)
+    if row is None:
+        raise _unknown()
+    return _principal_of(row)
+
+
+async def authenticate(request: Request, session: SessionDep) -> Principal:
+    """The request's principal; no database work here when the token is known (see KnownTokens).
+
+    The request's session confirms the token at the start of its transaction and refuses a revoked one.
+    """
+    digest = hash_secret(_bearer(request))
+    known: KnownTokens = request.app.state.known_tokens
+    principal = known.get(digest)
+    if principal is None:
+        principal = await run_in_threadpool(_look_up, request, digest)
+        known.put(digest, principal)
+    request.state.principal = principal
+    expect_live_token(session, principal.token_id, request.app.state.token_check, _unknown)
     return principal
 
 

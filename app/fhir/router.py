@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from app.core.db import SessionDep
 from app.core.errors import AlreadyComplete, DomainError, Forbidden, Invalid, Malformed, NotFound
 from app.core.inputs import MAX_JSON_DEPTH, parsed_depth
-from app.core.security import Principal, Role, authenticate
+from app.core.security import Principal, Role, authenticate_now
 from app.core.timeutil import utcnow
 from app.fhir import repository
 from app.instruments.codebook import Codebook
@@ -97,7 +97,7 @@ def outcome(exc: DomainError) -> JSONResponse:
 
 
 def _who(request: Request, session: Session, *roles: Role) -> Principal:
-    principal = authenticate(request, session)
+    principal = authenticate_now(request, session)
     if not principal.may(*roles):
         raise Forbidden(f"the {principal.role} role may not do this")
     return principal

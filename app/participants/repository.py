@@ -22,7 +22,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
+from app.core.db import last_in_transaction
 from app.participants.models import Contact, Participant, Schedule
 from app.studies.models import Wave
 
@@ -155,7 +157,19 @@ _COMPLETE_WAVE = (update(_schedules)
 
 
 def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
-    session.connection().execute(_COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at})
+    """At commit: the schedule's triggers lock the study's retention rollup rows (see last_in_transaction)."""
+    last_in_transaction(session, _COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at})
+
+
+_participants = cast(Table, Participant.__table__)
+_SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).values(status=bindparam("s"))
+
+
+def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:
+    """A participant's status, written with the commit: the participants' rollup trigger moves the
+    study's retention watermark, a row every writer of the study locks (see last_in_transaction)."""
+    last_in_transaction(session, _SET_STATUS, {"p": participant.id, "s": status})
+    set_committed_value(participant, "status", status)
 
 
 def withdraw_open_schedules(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:

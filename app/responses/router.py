@@ -7,9 +7,10 @@ from fastapi import APIRouter, Query
 from fastapi import Response as HTTPResponse
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.crypto import Pseudonymiser, settings_sealer
-from app.core.db import SessionDep
+from app.core.db import SessionDep, commit_here
 from app.core.deps import SettingsDep
 from app.core.errors import Forbidden
 from app.core.etag import ETAG_HEADER, IfMatch
@@ -18,11 +19,11 @@ from app.core.routing import RoleRoute
 from app.core.security import Collector, Coordinator, Principal, Reader
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
-from app.idempotency.service import IdempotencyDep
+from app.idempotency.service import Idempotency, IdempotencyDep
 from app.responses import repository, service
 from app.responses.schemas import CorrectionIn, ResponseCreated, ResponseIn, ResponseOut
 from app.studies import service as studies
-from app.studies.deps import StudyFromPath
+from app.studies.deps import StudyFromPath, StudyKeyInScope
 from app.studies.service import StudyContext
 
 router = APIRouter(prefix="/api/v1/studies/{key}/responses", tags=["responses"], route_class=RoleRoute)
@@ -41,11 +42,20 @@ def _sees_external_id(principal: Principal) -> bool:
     responses={200: {"model": ResponseCreated, "description": "merged into an existing partial response"}},
     summary="Submit answers for a participant and wave",
 )
-def submit(body: ResponseIn, principal: Collector, study: StudyFromPath, session: SessionDep,
-           idem: IdempotencyDep) -> JSONResponse:
+async def submit(body: ResponseIn, principal: Collector, key: StudyKeyInScope, session: SessionDep,
+                 idem: IdempotencyDep) -> JSONResponse:
+    # The hot path: everything before this is checked without the database (for known tokens and
+    # studies), and all of the request's database work, commit included, runs in one thread hop.
+    return await run_in_threadpool(_submit, session, key, body, principal, idem)
+
+
+def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency) -> JSONResponse:
+    study = studies.context(session, key, principal)
     idem.check(body)
     result, created = service.submit(session, study, body, principal, utcnow())
-    return idem.remember(201 if created else 200, result)
+    reply = idem.remember(201 if created else 200, result)
+    commit_here(session)
+    return reply
 
 
 @router.get("", response_model=Page[ResponseOut], summary="Stored responses, answers exactly as received")

@@ -77,9 +77,9 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
                    "completed_at": response.completed_at.isoformat()}, participant_id=participant.id)
     reminders_repo.cancel_pending(session, participant.id, "wave completed", wave=response.wave)
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
-        participant.status = "completed"
+        participants_repo.set_status_at_commit(session, participant, "completed")
     elif participant.status == "lost":
-        participant.status = "active"  # a late response brings a lost participant back
+        participants_repo.set_status_at_commit(session, participant, "active")  # a late response brings them back
 
 
 def submit(

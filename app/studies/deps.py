@@ -1,21 +1,43 @@
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
-from fastapi import Depends, Path
+from fastapi import Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 
-from app.core.db import SessionDep
+from app.core.db import SessionDep, database_of, transaction
 from app.core.security import CurrentPrincipal
 from app.studies import service
 from app.studies.service import StudyContext
 
+StudyKey = Annotated[str, Path(description="the study key", max_length=63)]
 
-def study_from_path(
-    principal: CurrentPrincipal,
-    session: SessionDep,
-    key: Annotated[str, Path(description="the study key", max_length=63)],
-) -> StudyContext:
+
+def study_from_path(principal: CurrentPrincipal, session: SessionDep, key: StudyKey) -> StudyContext:
     return service.context(session, key, principal)
 
 
 StudyFromPath = Annotated[StudyContext, Depends(study_from_path)]
+
+
+def _study_id(request: Request, key: str) -> uuid.UUID:
+    with transaction(database_of(request)) as session:
+        return service.study_id_of_key(session, key)
+
+
+async def study_key_in_scope(request: Request, principal: CurrentPrincipal, key: StudyKey) -> str:
+    """The path's study key, refused (404, or 403 for another study's token) before the body is read.
+
+    Keys never change and studies are never deleted, so once looked up the check costs no round
+    trip; the study itself and its codebook in force are read where the request does its work.
+    """
+    known: dict[str, uuid.UUID] = request.app.state.study_ids
+    study_id = known.get(key)
+    if study_id is None:
+        study_id = known[key] = await run_in_threadpool(_study_id, request, key)
+    principal.require_study(study_id)
+    return key
+
+
+StudyKeyInScope = Annotated[str, Depends(study_key_in_scope)]

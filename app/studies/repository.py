@@ -15,6 +15,10 @@ def by_key(session: Session, key: str) -> Study | None:
     return session.scalar(select(Study).where(Study.key == key))
 
 
+def id_of(session: Session, key: str) -> uuid.UUID | None:
+    return session.scalar(select(Study.id).where(Study.key == key))
+
+
 def key_of(session: Session, study_id: uuid.UUID) -> str | None:
     return session.scalar(select(Study.key).where(Study.id == study_id))
 

@@ -58,6 +58,13 @@ def system_context(session: Session, key: str) -> StudyContext:
     return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
 
 
+def study_id_of_key(session: Session, key: str) -> uuid.UUID:
+    study_id = repository.id_of(session, key)
+    if study_id is None:
+        raise NotFound(f"no study {key!r}")
+    return study_id
+
+
 def study_key_of(session: Session, study_id: uuid.UUID) -> str:
     key = repository.key_of(session, study_id)
     if key is None:

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, exists, func, select, tuple_
+from sqlalchemy import Connection, String, Table, bindparam, exists, func, select, tuple_
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
@@ -59,3 +59,13 @@ PRINCIPAL = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
 
 def principal_row(session: Session, digest: str) -> Any:
     return session.connection().execute(PRINCIPAL, {"digest": digest}).one_or_none()
+
+
+# The first statement of every transaction of a request whose token this process already knows:
+# still live? It names the token as the actor in the same round trip.
+_LIVE = select(func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
+    _tokens.c.id == bindparam("id"), _tokens.c.revoked_at.is_(None))
+
+
+def is_live(connection: Connection, token_id: uuid.UUID) -> bool:
+    return connection.execute(_LIVE, {"id": token_id}).first() is not None

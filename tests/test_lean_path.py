@@ -1,0 +1,110 @@
+"""The lean request path of POST /responses: what it caches must never outlive the truth.
+
+A token this process has seen is not looked up again before the request's work, yet a revoked
+one is refused on the very next request; a study's key is checked against a token's scope without
+a round trip, yet a new codebook revision validates the very next response.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
+
+pytestmark = pytest.mark.anyio
+
+
+async def enrol(admin: httpx.AsyncClient, key: str, *external_ids: str) -> None:
+    enrolled = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    for external_id in external_ids:
+        r = await admin.post(f"/api/v1/studies/{key}/participants",
+                             json={"external_id": external_id, "enrolled_at": enrolled})
+        assert r.status_code == 201, r.text
+
+
+async def token_id(admin: httpx.AsyncClient, label: str) -> str:
+    items = (await admin.get("/api/v1/tokens")).json()["items"]
+    return str(next(t["id"] for t in items if t["label"] == label))
+
+
+def baseline(external_id: str, seed: int) -> dict[str, Any]:
+    return {"external_id": external_id, "wave": "baseline", "answers": valid_answers("baseline", random.Random(seed))}
+
+
+async def test_a_revoked_token_is_refused_on_the_very_next_response(admin: httpx.AsyncClient) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    await enrol(admin, "lean", "P1", "P2")
+    collector = await create_token(admin, ADMIN_TOKEN, "collector")
+    r = await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 1), headers=auth(collector))
+    assert r.status_code == 201, r.text  # the token is now known to this process
+    assert (await admin.delete(f"/api/v1/tokens/{await token_id(admin, 'test collector')}")).status_code == 204
+
+    r = await admin.post("/api/v1/studies/lean/responses", json=baseline("P2", 2),
+                         headers={**auth(collector), "Idempotency-Key": "after-revocation"})
+    assert r.status_code == 401, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    stored = (await admin.get("/api/v1/studies/lean/responses", params={"external_id": "P2"})).json()["items"]
+    assert stored == []
+    # and everywhere else at once, not only on the hot path
+    assert (await admin.get("/api/v1/studies/lean/instruments", headers=auth(collector))).status_code == 401
+
+
+async def test_the_audit_names_a_known_token(admin: httpx.AsyncClient) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    await enrol(admin, "lean", "P1", "P2")
+    collector = await create_token(admin, ADMIN_TOKEN, "collector")
+    actor = await token_id(admin, "test collector")
+    for n, external_id in enumerate(("P1", "P2")):  # the second time, the token is known
+        r = await admin.post("/api/v1/studies/lean/responses", json=baseline(external_id, n), headers=auth(collector))
+        assert r.status_code == 201, r.text
+    entries = (await admin.get("/api/v1/studies/lean/audit", params={"actor": actor})).json()["items"]
+    inserted = [e for e in entries if e["table"] == "responses" and e["action"] == "INSERT"]
+    completed = [e for e in entries if e["table"] == "schedules" and e["action"] == "UPDATE"]
+    assert len(inserted) == 2 and len(completed) == 2
+
+
+async def test_a_new_codebook_revision_validates_the_very_next_response(admin: httpx.AsyncClient) -> None:
+    r = await admin.post("/api/v1/studies", json={"key": "mini", "name": "Mini", "timezone": "UTC",
+                                                  "codebook": minimal_codebook()})
+    assert r.status_code == 201, r.text
+    await enrol(admin, "mini", "M1", "M2", "M3")
+    answers = {"drinks_week": 150, "smoker": False}
+    r = await admin.post("/api/v1/studies/mini/responses", json={"external_id": "M1", "wave": "intake",
+                                                                  "answers": answers})
+    assert r.status_code == 201, r.text
+
+    stricter = minimal_codebook()
+    stricter["instruments"][0]["items"][0]["max"] = 100
+    assert (await admin.put("/api/v1/studies/mini/codebook", json=stricter)).status_code == 200
+    r = await admin.post("/api/v1/studies/mini/responses", json={"external_id": "M2", "wave": "intake",
+                                                                  "answers": answers})
+    assert r.status_code == 422, r.text
+    assert [(e["loc"], e["code"]) for e in r.json()["errors"]] == [(["answers", "drinks_week"], "range")]
+
+    assert (await admin.put("/api/v1/studies/mini/codebook", json=minimal_codebook())).status_code == 200
+    r = await admin.post("/api/v1/studies/mini/responses", json={"external_id": "M3", "wave": "intake",
+                                                                  "answers": answers})
+    assert r.status_code == 201, r.text
+
+
+async def test_a_scoped_token_stays_in_its_study_before_its_body_is_read(admin: httpx.AsyncClient) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="ours")
+    await create_study(admin, ADMIN_TOKEN, key="theirs")
+    await enrol(admin, "theirs", "T1")
+    scoped = await create_token(admin, ADMIN_TOKEN, "collector", study_key="ours")
+    # the other study's key is known to the process by now (the admin enrolled there)
+    assert (await admin.post("/api/v1/studies/theirs/responses", json=baseline("T1", 1))).status_code == 201
+    for body in (baseline("T1", 2), {}):
+        r = await admin.post("/api/v1/studies/theirs/responses", json=body, headers=auth(scoped))
+        assert r.status_code == 403, r.text
+    for body in (baseline("T1", 2), {}):
+        r = await admin.post("/api/v1/studies/nowhere/responses", json=body, headers=auth(scoped))
+        assert r.status_code == 404, r.text
+    r = await admin.post("/api/v1/studies/ours/responses", json={}, headers=auth(scoped))
+    assert r.status_code == 422
