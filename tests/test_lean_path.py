@@ -8,13 +8,17 @@ a round trip, yet a new codebook revision validates the very next response.
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
 
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, client_for, make_settings
 from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
 
 pytestmark = pytest.mark.anyio
@@ -108,3 +112,51 @@ async def test_a_scoped_token_stays_in_its_study_before_its_body_is_read(admin: 
         assert r.status_code == 404, r.text
     r = await admin.post("/api/v1/studies/ours/responses", json={}, headers=auth(scoped))
     assert r.status_code == 422
+
+
+@pytest.fixture
+async def committing(fresh_db: URL, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, URL]]:
+    """The app on a database of its own: real commits, so the writes sent with the COMMIT take the
+    pipelined path (the other tests here run inside a rolled-back transaction)."""
+    from app.main import create_app
+
+    application = create_app(make_settings(fresh_db, tmp_path))
+    async with application.router.lifespan_context(application), client_for(application, ADMIN_TOKEN) as client:
+        yield client, fresh_db
+
+
+async def test_writes_sent_with_the_commit_are_all_committed(committing: tuple[httpx.AsyncClient, URL]) -> None:
+    admin, url = committing
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    enrolled = (datetime.now(UTC) - timedelta(days=370)).isoformat()
+    assert (await admin.post("/api/v1/studies/lean/participants",
+                             json={"external_id": "P1", "enrolled_at": enrolled})).status_code == 201
+    collector = await create_token(admin, ADMIN_TOKEN, "collector")
+    bodies = {wave: {"external_id": "P1", "wave": wave, "answers": valid_answers(wave, random.Random(n))}
+              for n, wave in enumerate(("baseline", "month6", "month12"))}
+    first = await admin.post("/api/v1/studies/lean/responses", json=bodies["baseline"],
+                             headers={**auth(collector), "Idempotency-Key": "k-baseline"})
+    assert first.status_code == 201, first.text
+    again = await admin.post("/api/v1/studies/lean/responses", json=bodies["baseline"],
+                             headers={**auth(collector), "Idempotency-Key": "k-baseline"})
+    assert (again.status_code, again.json(), again.headers.get("idempotent-replayed")) == (201, first.json(), "true")
+    for wave in ("month6", "month12"):
+        r = await admin.post("/api/v1/studies/lean/responses", json=bodies[wave], headers=auth(collector))
+        assert r.status_code == 201, r.text
+
+    participant = (await admin.get("/api/v1/studies/lean/participants/P1")).json()
+    assert participant["status"] == "completed"  # the final wave's status change, written with the commit
+    assert {s["wave"]: s["status"] for s in participant["schedule"]} == {
+        "baseline": "completed", "month6": "completed", "month12": "completed"}
+    retention = (await admin.get("/api/v1/studies/lean/retention")).json()
+    assert all(w["completed"] == 1 for w in retention["waves"])
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT count(*) FROM idempotency_keys WHERE key = 'k-baseline'")).scalar_one()
+        audited = conn.execute(text(
+            "SELECT table_name, action, count(*) FROM audit_log WHERE table_name IN ('responses', 'schedules', "
+            "'participants') AND action = 'UPDATE' OR table_name = 'responses' GROUP BY 1, 2")).all()
+    engine.dispose()
+    assert keys == 1
+    assert {(t, a): n for t, a, n in audited} == {("responses", "INSERT"): 3, ("schedules", "UPDATE"): 3,
+                                                 ("participants", "UPDATE"): 1}

@@ -75,53 +75,69 @@ def remember_actor(session: Session, actor: str) -> None:
     session.info[_ACTOR] = actor
 
 
-def last_in_transaction(session: Session, statement: UpdateBase, params: Mapping[str, Any]) -> None:
-    """Run `statement` as the transaction's last, sent with its COMMIT in one round trip.
+def with_commit(session: Session, statement: UpdateBase, params: Mapping[str, Any], *,
+                contended: bool = False) -> None:
+    """Run the write `statement` at the end of the transaction, sent with its COMMIT in one round trip.
 
-    For writes whose row locks every concurrent writer of a study queues for: the retention
-    rollup's counts and the study's watermark, kept by triggers on schedules and participants.
-    Taken in the middle of a request, such a lock is held across the rest of its round trips and
-    Python work, and every other response of the study waits behind it; taken last and committed
-    in the same round trip, it is held for the commit only. Inside a savepoint (an import that
-    rolls a bad record back) the statement runs at once, so it is undone with the savepoint.
+    For writes whose result the request does not need (an idempotency record, reminders cancelled):
+    they cost no round trip of their own. `contended` ones go after all others, right before the
+    COMMIT: writes whose row locks every concurrent writer of a study queues for, the retention
+    rollup's counts and the study's watermark, kept by triggers on schedules and participants. Taken
+    in the middle of a request, such a lock is held across the rest of its round trips and Python
+    work, and every other response of the study waits behind it; taken last, it is held for the
+    commit only. Inside a savepoint (an import that rolls a bad record back) the statement runs at
+    once, so it is undone with the savepoint.
     """
     if session.in_nested_transaction():
         session.connection().execute(statement, dict(params))
     else:
-        session.info.setdefault(_LAST, []).append((statement, dict(params)))
+        session.info.setdefault(_LAST, []).append((contended, statement, dict(params)))
 
 
-_driver_sql: dict[tuple[int, str], tuple[UpdateBase, Compiled]] = {}
-
-
-def _compiled(statement: UpdateBase, dialect: Dialect) -> Compiled:
+@dataclass(frozen=True)
+class _DriverStatement:
     """A module-level statement compiled once for the driver (the statements are constants)."""
+
+    statement: UpdateBase
+    compiled: Compiled
+    sql: str
+    processors: Mapping[str, Callable[[Any], Any]]
+
+    def params(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        params = self.compiled.construct_params(dict(given)) or {}
+        return {k: self.processors[k](v) if k in self.processors else v for k, v in params.items()}
+
+
+_driver_sql: dict[tuple[int, str], _DriverStatement] = {}
+
+
+def _compiled(statement: UpdateBase, dialect: Dialect) -> _DriverStatement:
     key = (id(statement), dialect.name)
     cached = _driver_sql.get(key)
-    if cached is None or cached[0] is not statement:
+    if cached is None or cached.statement is not statement:
         compiled = statement.compile(dialect=dialect)
-        if getattr(compiled, "_bind_processors", None):
-            raise ValueError("a statement run with the commit takes only parameters the driver adapts itself")
-        cached = _driver_sql[key] = (statement, compiled)
-    return cached[1]
+        cached = _driver_sql[key] = _DriverStatement(statement, compiled, str(compiled),
+                                                     dict(getattr(compiled, "_bind_processors", {})))
+    return cached
 
 
 def _run_last(session: Session, pipelined: bool) -> None:
-    """The statements registered with `last_in_transaction`; with `pipelined`, COMMIT goes with them."""
-    last: list[tuple[UpdateBase, dict[str, Any]]] = session.info.pop(_LAST, [])
-    if not last:
+    """The statements registered with `with_commit`; with `pipelined`, COMMIT goes with them."""
+    registered: list[tuple[bool, UpdateBase, dict[str, Any]]] = session.info.pop(_LAST, [])
+    if not registered:
         return
+    last = sorted(registered, key=lambda r: r[0])  # stable: the contended ones last, each kind in order
     session.flush()
     connection = session.connection()
     if not pipelined:  # a session joined to an outer transaction (the tests): its commit is a savepoint
-        for statement, params in last:
+        for _, statement, params in last:
             connection.execute(statement, params)
         return
     raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
     with raw.pipeline():
-        for statement, params in last:
-            compiled = _compiled(statement, connection.dialect)
-            raw.execute(str(compiled), compiled.construct_params(params))
+        for _, statement, params in last:
+            driver = _compiled(statement, connection.dialect)
+            raw.execute(driver.sql, driver.params(params))
         # The driver commits; SQLAlchemy's own commit below then finds no transaction open
         # and only runs the session's after-commit work.
         raw.commit()

@@ -7,6 +7,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from app.core.db import with_commit
 from app.idempotency.models import IdempotencyRecord
 
 _keys = cast(Table, IdempotencyRecord.__table__)
@@ -32,7 +33,8 @@ def drop(session: Session, row: IdempotencyRecord) -> None:
 
 
 def store(session: Session, values: dict[str, Any]) -> None:
-    session.connection().execute(_STORE, values)
+    """Written with the commit: the record is never read back by the request that makes it."""
+    with_commit(session, _STORE, values)
 
 
 def forget_resource(session: Session, resource_id: uuid.UUID) -> None:

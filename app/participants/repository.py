@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from app.core.db import last_in_transaction
+from app.core.db import with_commit
 from app.participants.models import Contact, Participant, Schedule
 from app.studies.models import Wave
 
@@ -157,8 +157,8 @@ _COMPLETE_WAVE = (update(_schedules)
 
 
 def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
-    """At commit: the schedule's triggers lock the study's retention rollup rows (see last_in_transaction)."""
-    last_in_transaction(session, _COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at})
+    """With the commit: the schedule's triggers lock the study's retention rollup rows (see with_commit)."""
+    with_commit(session, _COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at}, contended=True)
 
 
 _participants = cast(Table, Participant.__table__)
@@ -167,8 +167,8 @@ _SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).
 
 def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:
     """A participant's status, written with the commit: the participants' rollup trigger moves the
-    study's retention watermark, a row every writer of the study locks (see last_in_transaction)."""
-    last_in_transaction(session, _SET_STATUS, {"p": participant.id, "s": status})
+    study's retention watermark, a row every writer of the study locks (see with_commit)."""
+    with_commit(session, _SET_STATUS, {"p": participant.id, "s": status}, contended=True)
     set_committed_value(participant, "status", status)
 
 

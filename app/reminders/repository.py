@@ -10,6 +10,7 @@ from sqlalchemy import Table, and_, bindparam, delete, func, select, text, updat
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.core.db import with_commit
 from app.participants.models import Participant, Schedule
 from app.reminders.models import ReminderSend
 from app.studies.models import Wave
@@ -189,6 +190,11 @@ def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wav
         session.connection().execute(_CANCEL, {"p": participant_id, "reason": reason})
     else:
         session.connection().execute(_CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
+
+
+def cancel_pending_with_commit(session: Session, participant_id: uuid.UUID, reason: str, wave: str) -> None:
+    """`cancel_pending` for one wave, written with the commit (nothing in the request reads it back)."""
+    with_commit(session, _CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
 
 
 def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:

@@ -75,7 +75,7 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
     webhooks.emit(session, ctx.study.id, "response.completed",
                   {"response_id": str(response.id), "wave": response.wave,
                    "completed_at": response.completed_at.isoformat()}, participant_id=participant.id)
-    reminders_repo.cancel_pending(session, participant.id, "wave completed", wave=response.wave)
+    reminders_repo.cancel_pending_with_commit(session, participant.id, "wave completed", response.wave)
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
         participants_repo.set_status_at_commit(session, participant, "completed")
     elif participant.status == "lost":
