@@ -132,6 +132,9 @@ async def test_writes_sent_with_the_commit_are_all_committed(committing: tuple[h
     assert (await admin.post("/api/v1/studies/lean/participants",
                              json={"external_id": "P1", "enrolled_at": enrolled})).status_code == 201
     collector = await create_token(admin, ADMIN_TOKEN, "collector")
+    hook = await admin.post("/api/v1/studies/lean/webhooks", json={"url": "https://93.184.215.14/hook",
+                                                                   "events": ["response.completed"]})
+    assert hook.status_code == 201, hook.text
     bodies = {wave: {"external_id": "P1", "wave": wave, "answers": valid_answers(wave, random.Random(n))}
               for n, wave in enumerate(("baseline", "month6", "month12"))}
     first = await admin.post("/api/v1/studies/lean/responses", json=bodies["baseline"],
@@ -156,7 +159,10 @@ async def test_writes_sent_with_the_commit_are_all_committed(committing: tuple[h
         audited = conn.execute(text(
             "SELECT table_name, action, count(*) FROM audit_log WHERE table_name IN ('responses', 'schedules', "
             "'participants') AND action = 'UPDATE' OR table_name = 'responses' GROUP BY 1, 2")).all()
+        events = conn.execute(text("SELECT payload FROM webhook_deliveries WHERE event = 'response.completed' "
+                                   "ORDER BY seq")).scalars().all()
     engine.dispose()
     assert keys == 1
+    assert [e["data"]["wave"] for e in events] == ["baseline", "month6", "month12"]
     assert {(t, a): n for t, a, n in audited} == {("responses", "INSERT"): 3, ("schedules", "UPDATE"): 3,
                                                  ("participants", "UPDATE"): 1}

@@ -38,9 +38,16 @@ class Replay(Exception):
         self.body = body
 
 
+def _jsonable(value: Any) -> Any:
+    """jsonable_encoder's result; for a Pydantic model its JSON-mode dump, without walking it again."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", by_alias=True)
+    return jsonable_encoder(value)
+
+
 def fingerprint(method: str, path: str, payload: Any) -> str:
     canonical = payload if isinstance(payload, bytes) else json.dumps(
-        jsonable_encoder(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        _jsonable(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode()
     return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
 
@@ -87,7 +94,7 @@ class Idempotency:
 
     def remember(self, status_code: int, body: BaseModel | dict[str, Any] | list[Any],
                  headers: dict[str, str] | None = None, resource_id: uuid.UUID | None = None) -> JSONResponse:
-        content = jsonable_encoder(body)
+        content = _jsonable(body)
         if self.key is not None:
             assert self._fingerprint is not None, "check() must run before remember()"
             repository.store(self.session, {

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, text, update
+from sqlalchemy import Table, bindparam, delete, func, insert, literal, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 
+from app.core.db import with_commit
 from app.webhooks.models import WebhookDelivery, WebhookSubscription
 
 
@@ -41,6 +43,27 @@ def subscribers(session: Session, study_id: uuid.UUID, event: str) -> list[uuid.
     return list(session.scalars(select(WebhookSubscription.id).where(
         WebhookSubscription.study_id == study_id, WebhookSubscription.status == "active",
         WebhookSubscription.events.contains([event]))))
+
+
+_subs = WebhookSubscription.__table__
+_deliveries = WebhookDelivery.__table__
+assert isinstance(_subs, Table) and isinstance(_deliveries, Table)
+# One event for every active subscriber, chosen by the database: no round trip to ask who subscribes.
+_EMIT = insert(_deliveries).from_select(
+    ["id", "subscription_id", "study_id", "event", "ordering_key", "payload", "status", "attempts",
+     "next_attempt_at", "give_up_at", "created_at"],
+    select(func.gen_random_uuid(), _subs.c.id, _subs.c.study_id, bindparam("event"), bindparam("ordering"),
+           bindparam("payload", type_=JSONB), literal("pending"), literal(0), bindparam("now"),
+           bindparam("give_up_at"), bindparam("now"))
+    .where(_subs.c.study_id == bindparam("study"), _subs.c.status == "active",
+           _subs.c.events.contains(bindparam("events", type_=ARRAY(_subs.c.events.type.item_type)))))
+
+
+def emit_with_commit(session: Session, study_id: uuid.UUID, event: str, ordering_key: uuid.UUID | None,
+                     payload: dict[str, Any], now: datetime, give_up_at: datetime) -> None:
+    """A delivery of `payload` for each active subscription of the study to `event`, written with the commit."""
+    with_commit(session, _EMIT, {"study": study_id, "event": event, "events": [event], "ordering": ordering_key,
+                                 "payload": payload, "now": now, "give_up_at": give_up_at})
 
 
 def add_deliveries(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -148,8 +148,19 @@ def emit(session: Session, study_id: uuid.UUID, event: EventType, data: dict[str
 
     `data` carries ids only (never answers or contact data); the participant's study pseudonym
     is added when the delivery is prepared. Events of one participant are delivered in order.
+    Written with the commit, one row per active subscriber chosen in the same statement.
     """
-    emit_many(session, study_id, event, [(participant_id, data)])
+    now = utcnow()
+    repository.emit_with_commit(session, study_id, event, participant_id,
+                                _payload(study_id, event, participant_id, data, now), now, now + RETRY_FOR)
+
+
+def _payload(study_id: uuid.UUID, event: EventType, participant_id: uuid.UUID | None, data: dict[str, Any],
+             now: datetime) -> dict[str, Any]:
+    body = {**data, "study_id": str(study_id)}
+    if participant_id is not None:
+        body["participant_id"] = str(participant_id)
+    return {"type": event, "timestamp": now.isoformat(), "data": body}
 
 
 def emit_many(session: Session, study_id: uuid.UUID, event: EventType,
@@ -163,10 +174,7 @@ def emit_many(session: Session, study_id: uuid.UUID, event: EventType,
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for participant_id, data in items:
-        body = {**data, "study_id": str(study_id)}
-        if participant_id is not None:
-            body["participant_id"] = str(participant_id)
-        payload = {"type": event, "timestamp": now.isoformat(), "data": body}
+        payload = _payload(study_id, event, participant_id, data, now)
         rows.extend(dict(id=uuid.uuid4(), subscription_id=s, study_id=study_id, event=event,
                          ordering_key=participant_id, payload=payload, status="pending", attempts=0,
                          next_attempt_at=now, give_up_at=now + RETRY_FOR, created_at=now)
