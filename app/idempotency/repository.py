@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select
+from sqlalchemy import Table, bindparam, delete, insert, text
 from sqlalchemy.orm import Session
 
 from app.core.db import with_commit
@@ -12,24 +12,23 @@ from app.idempotency.models import IdempotencyRecord
 
 _keys = cast(Table, IdempotencyRecord.__table__)
 # Built once: every creating POST with a key runs these.
-_TRY_LOCK = select(func.pg_try_advisory_xact_lock(bindparam("k")))
-_RECORD = select(IdempotencyRecord).where(IdempotencyRecord.token_id == bindparam("t"),
-                                          IdempotencyRecord.key == bindparam("k"))
+# A server-side function (migration b7e2c91d4a60): the lock, then the read in a snapshot taken after it.
+_CLAIM = text("SELECT * FROM cohort_idempotency_claim(:lock, :token, :key)")
+_DROP = delete(_keys).where(_keys.c.id == bindparam("id"))
 _STORE = insert(_keys)
 
 
-def try_lock(session: Session, lock_id: int) -> bool:
-    """A transaction-scoped advisory lock on the key, or False if another transaction holds it."""
-    return bool(session.connection().execute(_TRY_LOCK, {"k": lock_id}).scalar())
+def claim(session: Session, lock_id: int, token_id: uuid.UUID, key: str) -> Any:
+    """A transaction-scoped advisory lock on the key and, once locked, its stored reply, in one round trip.
+
+    A row (locked, record_id, fingerprint, status_code, sealed_body, created_at): not `locked` when
+    another transaction holds the key; `record_id` None when no reply is stored.
+    """
+    return session.connection().execute(_CLAIM, {"lock": lock_id, "token": token_id, "key": key}).one()
 
 
-def record(session: Session, token_id: uuid.UUID, key: str) -> IdempotencyRecord | None:
-    return session.scalar(_RECORD, {"t": token_id, "k": key})
-
-
-def drop(session: Session, row: IdempotencyRecord) -> None:
-    session.delete(row)
-    session.flush()
+def drop(session: Session, record_id: uuid.UUID) -> None:
+    session.connection().execute(_DROP, {"id": record_id})
 
 
 def store(session: Session, values: dict[str, Any]) -> None:

@@ -74,15 +74,13 @@ class Idempotency:
             return
         self._fingerprint = fingerprint(self.method, self.path, payload)
         token_id = str(self.principal.token_id)
-        if not repository.try_lock(self.session, _lock_id(token_id, self.key)):
+        record = repository.claim(self.session, _lock_id(token_id, self.key), self.principal.token_id, self.key)
+        if not record.locked:
             raise InFlight("a request with this Idempotency-Key is still in flight; retry when it has finished")
-        # A statement of its own, so its snapshot is taken after the lock: a request that held the
-        # key and has just committed is seen here, and replayed rather than run twice.
-        record = repository.record(self.session, self.principal.token_id, self.key)
-        if record is not None and record.created_at < self.now - RETENTION:
-            repository.drop(self.session, record)
-            record = None
-        if record is None:
+        if record.record_id is not None and record.created_at < self.now - RETENTION:
+            repository.drop(self.session, record.record_id)
+            return
+        if record.record_id is None:
             return
         if record.fingerprint != self._fingerprint:
             raise Invalid(
