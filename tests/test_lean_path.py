@@ -8,6 +8,7 @@ a round trip, yet a new codebook revision validates the very next response.
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, literal, select, text
 from sqlalchemy.engine import URL
 
+from app.core.db import Database, confirming, expect_live_token, transaction
 from tests.conftest import ADMIN_TOKEN, client_for, make_settings
 from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
 
@@ -166,3 +168,13 @@ async def test_writes_sent_with_the_commit_are_all_committed(committing: tuple[h
     assert [e["data"]["wave"] for e in events] == ["baseline", "month6", "month12"]
     assert {(t, a): n for t, a, n in audited} == {("responses", "INSERT"): 3, ("schedules", "UPDATE"): 3,
                                                  ("participants", "UPDATE"): 1}
+
+
+def test_a_confirmation_left_to_a_first_statement_is_checked_before_commit(database: Database) -> None:
+    refused = RuntimeError("the token was not confirmed")
+    with pytest.raises(RuntimeError, match="not confirmed"), transaction(database) as session:
+        expect_live_token(session, uuid.uuid4(), lambda connection, token_id: True,
+                          lambda token_id: literal(1), lambda: refused)
+        column = confirming(session)
+        assert column is not None
+        session.execute(select(column))  # carried, but its value never passed to confirmed()

@@ -16,7 +16,7 @@ from typing import Annotated, Any, cast
 
 import psycopg
 from fastapi import Depends, Request
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Compiled, Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -32,6 +32,8 @@ _ON_COMMIT = "cohort_on_commit"
 _ACTOR = "cohort_actor"
 _LAST = "cohort_last_statements"
 _CONFIRM = "cohort_confirm_principal"
+_CONFIRM_IN_STATEMENT = "cohort_confirm_in_first_statement"
+_AWAITING_CONFIRMATION = "cohort_awaiting_confirmation"
 
 
 def make_engine(url: URL | str, *, pool_size: int = 10, application_name: str = "cohort") -> Engine:
@@ -144,18 +146,48 @@ def _run_last(session: Session, pipelined: bool) -> None:
 
 
 def expect_live_token(session: Session, token_id: uuid.UUID, check: Callable[[Connection, uuid.UUID], bool],
-                      refuse: Callable[[], Exception]) -> None:
+                      column: Callable[[uuid.UUID], ColumnElement[Any]], refuse: Callable[[], Exception]) -> None:
     """Each transaction of `session` starts by confirming the token is not revoked (`check`, which also
-    names it as the audit actor); a revoked one raises `refuse()` before any other statement runs."""
+    names it as the audit actor); a revoked one raises `refuse()` before any other statement runs.
+
+    `column` is the same confirmation as a column a first statement can carry (see `confirming`).
+    """
     session.info[_ACTOR] = str(token_id)
-    session.info[_CONFIRM] = (token_id, check, refuse)
+    session.info[_CONFIRM] = (token_id, check, column, refuse)
+
+
+def confirming(session: Session) -> ColumnElement[Any] | None:
+    """A column for the transaction's first statement that confirms the token and names the actor,
+    so the confirmation costs no round trip of its own (the study lookup that starts most requests
+    carries it). None when there is nothing to confirm or the transaction has begun. The caller
+    passes the column's value to `confirmed` before anything else; a transaction whose confirmation
+    was left to its first statement and never checked is refused at commit.
+    """
+    pending = session.info.get(_CONFIRM)
+    if pending is None or session.in_transaction():
+        return None
+    token_id, _, column, _ = pending
+    session.info[_CONFIRM_IN_STATEMENT] = True
+    carried: ColumnElement[Any] = column(token_id)
+    return carried
+
+
+def confirmed(session: Session, value: Any) -> None:
+    """The value of the `confirming` column: None means the token was revoked."""
+    session.info.pop(_AWAITING_CONFIRMATION, None)
+    pending = session.info.get(_CONFIRM)
+    if pending is not None and value is None:
+        raise pending[3]()
 
 
 @event.listens_for(Session, "after_begin")
 def _restore_actor(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     token = session.info.get(_CONFIRM)
     if token is not None:
-        token_id, check, refuse = token
+        if session.info.pop(_CONFIRM_IN_STATEMENT, False):
+            session.info[_AWAITING_CONFIRMATION] = True  # the first statement carries it (see `confirming`)
+            return
+        token_id, check, _, refuse = token
         if not check(connection, token_id):
             raise refuse()
         return
@@ -211,6 +243,8 @@ async def get_db(request: Request) -> Database:
 
 
 def _commit(session: Session) -> None:
+    if session.info.pop(_AWAITING_CONFIRMATION, False):
+        raise session.info[_CONFIRM][3]()  # a `confirming` column whose value was never checked
     _run_last(session, pipelined=isinstance(session.get_bind(), Engine))
     session.commit()
 

@@ -155,7 +155,8 @@ async def authenticate(request: Request, session: SessionDep) -> Principal:
         principal = await run_in_threadpool(_look_up, request, digest)
         known.put(digest, principal)
     request.state.principal = principal
-    expect_live_token(session, principal.token_id, request.app.state.token_check, _unknown)
+    expect_live_token(session, principal.token_id, request.app.state.token_check,
+                      request.app.state.token_check_column, _unknown)
     return principal
 
 

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, true, tuple_, update
+from sqlalchemy import ColumnElement, bindparam, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.instruments.models import CodebookRevision
@@ -34,14 +34,16 @@ _WITH_REVISION = (select(Study, _latest.c.id, _latest.c.revision).outerjoin(_lat
                   .where(Study.key == bindparam("key")))
 
 
-def with_revision(session: Session, key: str) -> tuple[Study, uuid.UUID | None, int | None] | None:
-    """The study and the id and revision of its codebook in force, in one round trip.
+def with_revision(session: Session, key: str, extra: ColumnElement[Any] | None = None,
+                  ) -> tuple[Study, uuid.UUID | None, int | None, Any] | None:
+    """The study, the id and revision of its codebook in force, and the value of `extra`, in one round trip.
 
     The document itself is fetched only when this process has not compiled that revision yet
     (revisions never change once stored).
     """
-    row = session.execute(_WITH_REVISION, {"key": key}).one_or_none()
-    return None if row is None else (row[0], row[1], row[2])
+    query = _WITH_REVISION if extra is None else _WITH_REVISION.add_columns(extra)
+    row = session.execute(query, {"key": key}).one_or_none()
+    return None if row is None else (row[0], row[1], row[2], row[3] if extra is not None else None)
 
 
 def codebook_document(session: Session, codebook_id: uuid.UUID) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, Sealer, new_pseudonym_key
-from app.core.db import add_unique
+from app.core.db import add_unique, confirmed, confirming
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.security import Principal
 from app.core.timeutil import zone
@@ -50,11 +50,18 @@ def _codebook(session: Session, codebook_id: uuid.UUID) -> Codebook:
 
 
 def system_context(session: Session, key: str) -> StudyContext:
-    """The study as a background task sees it (no token, no scope)."""
-    row = repository.with_revision(session, key)
+    """The study as a background task sees it (no token, no scope).
+
+    As the first statement of a request's transaction, it also confirms the request's token
+    (app.core.db.confirming): one round trip for both.
+    """
+    confirmation = confirming(session)
+    row = repository.with_revision(session, key, confirmation)
     if row is None:
         raise NotFound(f"no study {key!r}")
-    study, codebook_id, revision = row
+    study, codebook_id, revision, confirmed_as = row
+    if confirmation is not None:
+        confirmed(session, confirmed_as)
     return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
 
 
