@@ -16,10 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, literal, select, text
+from sqlalchemy import bindparam, create_engine, func, literal, select, text, update
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
 
-from app.core.db import Database, confirming, expect_live_token, transaction
+from app.core.db import Database, confirming, expect_live_token, transaction, with_commit
+from app.tokens import service as tokens
+from app.tokens.models import ApiToken
 from tests.conftest import ADMIN_TOKEN, client_for, make_settings
 from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
 
@@ -178,3 +181,18 @@ def test_a_confirmation_left_to_a_first_statement_is_checked_before_commit(datab
         column = confirming(session)
         assert column is not None
         session.execute(select(column))  # carried, but its value never passed to confirmed()
+
+
+_REFUSED_BY_A_CHECK = update(ApiToken).where(ApiToken.label == bindparam("label")).values(role="nobody")
+
+
+def test_a_write_sent_with_the_commit_that_fails_commits_nothing(fresh_db: URL, tmp_path: Path) -> None:
+    db = Database.from_settings(make_settings(fresh_db, tmp_path))
+    try:
+        with pytest.raises(IntegrityError), transaction(db) as session:  # the driver's error, as SQLAlchemy's
+            tokens.create(session, role="collector", label="doomed")
+            with_commit(session, _REFUSED_BY_A_CHECK, {"label": "doomed"}, contended=True)
+        with transaction(db) as session:
+            assert session.scalar(select(func.count()).where(ApiToken.label == "doomed")) == 0
+    finally:
+        db.dispose()

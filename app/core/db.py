@@ -18,7 +18,7 @@ import psycopg
 from fastapi import Depends, Request
 from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Compiled, Dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql.expression import UpdateBase
 from starlette.concurrency import run_in_threadpool
@@ -136,13 +136,21 @@ def _run_last(session: Session, pipelined: bool) -> None:
             connection.execute(statement, params)
         return
     raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
-    with raw.pipeline():
-        for _, statement, params in last:
-            driver = _compiled(statement, connection.dialect)
-            raw.execute(driver.sql, driver.params(params))
-        # The driver commits; SQLAlchemy's own commit below then finds no transaction open
-        # and only runs the session's after-commit work.
-        raw.commit()
+    sql = ""
+    try:
+        with raw.pipeline():
+            for _, statement, params in last:
+                driver = _compiled(statement, connection.dialect)
+                sql = driver.sql
+                raw.execute(sql, driver.params(params))
+            # The driver commits; SQLAlchemy's own commit below then finds no transaction open
+            # and only runs the session's after-commit work.
+            raw.commit()
+    except psycopg.Error as exc:
+        # As SQLAlchemy would have raised it, so the error handlers treat it as any other database
+        # error (a lost connection or a deadlock is a 503 to retry, nothing was committed).
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error,
+                                  ismulti=False, dialect=connection.dialect) from exc
 
 
 def expect_live_token(session: Session, token_id: uuid.UUID, check: Callable[[Connection, uuid.UUID], bool],
