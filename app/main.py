@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.settings = settings
     app.state.principal_lookup = tokens_repository.principal_row
     app.state.token_check = tokens_repository.is_live
-    app.state.token_check_column = tokens_repository.live_actor
+    app.state.token_check_column = tokens_repository.LIVE_ACTOR
     app.state.known_tokens = KnownTokens()
     app.state.study_ids = {}  # study key -> id (keys never change): see studies.deps.study_key_in_scope
     install_error_handlers(app)

@@ -177,10 +177,10 @@ def test_a_confirmation_left_to_a_first_statement_is_checked_before_commit(datab
     refused = RuntimeError("the token was not confirmed")
     with pytest.raises(RuntimeError, match="not confirmed"), transaction(database) as session:
         expect_live_token(session, uuid.uuid4(), lambda connection, token_id: True,
-                          lambda token_id: literal(1), lambda: refused)
-        column = confirming(session)
-        assert column is not None
-        session.execute(select(column))  # carried, but its value never passed to confirmed()
+                          literal(1), lambda: refused)
+        confirmation = confirming(session)
+        assert confirmation is not None
+        session.execute(select(confirmation.column))  # carried, but its value never passed to confirmed()
 
 
 _REFUSED_BY_A_CHECK = update(ApiToken).where(ApiToken.label == bindparam("label")).values(role="nobody")

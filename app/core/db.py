@@ -153,18 +153,29 @@ def _run_last(session: Session, pipelined: bool) -> None:
                                   ismulti=False, dialect=connection.dialect) from exc
 
 
+@dataclass(frozen=True)
+class Confirmation:
+    """The token's confirmation as a column of another statement: `column` is built once (so the
+    statement carrying it is too, and SQLAlchemy's statement cache keeps working); `params` binds
+    its one parameter, `confirm_token`, for this request."""
+
+    column: ColumnElement[Any]
+    params: dict[str, Any]
+
+
 def expect_live_token(session: Session, token_id: uuid.UUID, check: Callable[[Connection, uuid.UUID], bool],
-                      column: Callable[[uuid.UUID], ColumnElement[Any]], refuse: Callable[[], Exception]) -> None:
+                      column: ColumnElement[Any], refuse: Callable[[], Exception]) -> None:
     """Each transaction of `session` starts by confirming the token is not revoked (`check`, which also
     names it as the audit actor); a revoked one raises `refuse()` before any other statement runs.
 
-    `column` is the same confirmation as a column a first statement can carry (see `confirming`).
+    `column` is the same confirmation as a column a first statement can carry (see `confirming`),
+    with the token's id bound to `confirm_token`.
     """
     session.info[_ACTOR] = str(token_id)
     session.info[_CONFIRM] = (token_id, check, column, refuse)
 
 
-def confirming(session: Session) -> ColumnElement[Any] | None:
+def confirming(session: Session) -> Confirmation | None:
     """A column for the transaction's first statement that confirms the token and names the actor,
     so the confirmation costs no round trip of its own (the study lookup that starts most requests
     carries it). None when there is nothing to confirm or the transaction has begun. The caller
@@ -176,8 +187,7 @@ def confirming(session: Session) -> ColumnElement[Any] | None:
         return None
     token_id, _, column, _ = pending
     session.info[_CONFIRM_IN_STATEMENT] = True
-    carried: ColumnElement[Any] = column(token_id)
-    return carried
+    return Confirmation(column, {"confirm_token": token_id})
 
 
 def confirmed(session: Session, value: Any) -> None:

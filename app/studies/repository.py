@@ -4,9 +4,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, select, true, tuple_, update
+from sqlalchemy import ColumnElement, Select, bindparam, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
+from app.core.db import Confirmation
 from app.instruments.models import CodebookRevision
 from app.studies.models import Study, Wave
 
@@ -34,16 +35,30 @@ _WITH_REVISION = (select(Study, _latest.c.id, _latest.c.revision).outerjoin(_lat
                   .where(Study.key == bindparam("key")))
 
 
-def with_revision(session: Session, key: str, extra: ColumnElement[Any] | None = None,
+_confirming: dict[int, tuple[ColumnElement[Any], Select[Any]]] = {}
+
+
+def _with_revision_confirming(column: ColumnElement[Any]) -> Select[Any]:
+    """The lookup carrying a (constant) confirmation column, built once per column."""
+    built = _confirming.get(id(column))
+    if built is None or built[0] is not column:
+        built = _confirming[id(column)] = (column, _WITH_REVISION.add_columns(column))
+    return built[1]
+
+
+def with_revision(session: Session, key: str, confirm: Confirmation | None = None,
                   ) -> tuple[Study, uuid.UUID | None, int | None, Any] | None:
-    """The study, the id and revision of its codebook in force, and the value of `extra`, in one round trip.
+    """The study, the id and revision of its codebook in force, and the value of the request's
+    token confirmation when given, in one round trip.
 
     The document itself is fetched only when this process has not compiled that revision yet
     (revisions never change once stored).
     """
-    query = _WITH_REVISION if extra is None else _WITH_REVISION.add_columns(extra)
-    row = session.execute(query, {"key": key}).one_or_none()
-    return None if row is None else (row[0], row[1], row[2], row[3] if extra is not None else None)
+    if confirm is None:
+        row = session.execute(_WITH_REVISION, {"key": key}).one_or_none()
+    else:
+        row = session.execute(_with_revision_confirming(confirm.column), {"key": key, **confirm.params}).one_or_none()
+    return None if row is None else (row[0], row[1], row[2], row[3] if confirm is not None else None)
 
 
 def codebook_document(session: Session, codebook_id: uuid.UUID) -> dict[str, Any]:

@@ -71,7 +71,6 @@ def is_live(connection: Connection, token_id: uuid.UUID) -> bool:
     return connection.execute(_LIVE, {"id": token_id}).first() is not None
 
 
-def live_actor(token_id: uuid.UUID) -> Any:
-    """`is_live` as a column of another statement: the actor's id when live, NULL when revoked."""
-    return select(func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
-        _tokens.c.id == token_id, _tokens.c.revoked_at.is_(None)).scalar_subquery()
+# `is_live` as a column of another statement: the actor's id when live, NULL when revoked.
+LIVE_ACTOR = select(func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
+    _tokens.c.id == bindparam("confirm_token"), _tokens.c.revoked_at.is_(None)).scalar_subquery()
