@@ -196,3 +196,20 @@ def test_a_write_sent_with_the_commit_that_fails_commits_nothing(fresh_db: URL, 
             assert session.scalar(select(func.count()).where(ApiToken.label == "doomed")) == 0
     finally:
         db.dispose()
+
+
+async def test_a_first_baseline_after_a_follow_up_still_updates_what_the_follow_up_carries(
+        admin: httpx.AsyncClient) -> None:
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    enrolled = (datetime.now(UTC) - timedelta(days=200)).isoformat()
+    assert (await admin.post("/api/v1/studies/lean/participants",
+                             json={"external_id": "P1", "enrolled_at": enrolled})).status_code == 201
+    month6 = await admin.post("/api/v1/studies/lean/responses", json={
+        "external_id": "P1", "wave": "month6", "answers": valid_answers("month6", random.Random(1))})
+    assert month6.status_code == 201 and month6.json()["derived"]["aud_severity"] is None
+    first_baseline = await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 2))
+    assert first_baseline.status_code == 201
+    severity = first_baseline.json()["derived"]["aud_severity"]
+    assert severity is not None
+    stored = (await admin.get(f"/api/v1/studies/lean/responses/{month6.json()['id']}")).json()
+    assert stored["derived"]["aud_severity"] == severity  # carried from the baseline that came later

@@ -45,14 +45,24 @@ def of_participants_at(session: Session, participant_ids: Sequence[uuid.UUID], w
 
 
 _responses = cast(Table, Response.__table__)
-_INSERT_IF_ABSENT = (insert(_responses)
-                     .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
-                     .returning(_responses.c.id))
+_others = _responses.alias("others")
+_INSERT_IF_ABSENT = (
+    insert(_responses)
+    .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
+    .returning(_responses.c.id,
+               select(func.array_agg(_others.c.wave)).where(_others.c.participant_id == _responses.c.participant_id)
+               .scalar_subquery())
+)
 
 
-def insert_if_absent(session: Session, values: dict[str, Any]) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING: the unique (participant, wave) decides, not a prior read."""
-    return session.connection().execute(_INSERT_IF_ABSENT, values).scalar_one_or_none() is not None
+def insert_if_absent(session: Session, values: dict[str, Any]) -> tuple[bool, set[str]]:
+    """INSERT ... ON CONFLICT DO NOTHING: the unique (participant, wave) decides, not a prior read.
+
+    Returns whether the row was inserted and, when it was, the participant's waves that already had
+    a response (in the same round trip; the caller holds the participant's lock, so it stays true).
+    """
+    row = session.connection().execute(_INSERT_IF_ABSENT, values).one_or_none()
+    return (False, set()) if row is None else (True, set(row[1] or ()))
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,

@@ -50,9 +50,16 @@ def _carried_values(session: Session, codebook: Codebook, participant_id: uuid.U
     return carried_values(codebook, wave, {r.wave: r.derived for r in rows})
 
 
-def _refresh_dependents(session: Session, codebook: Codebook, source: Response) -> None:
-    """After a source wave changes, recompute the carried values of the participant's other waves."""
+def _refresh_dependents(session: Session, codebook: Codebook, source: Response,
+                        stored_waves: set[str] | None = None) -> None:
+    """After a source wave changes, recompute the carried values of the participant's other waves.
+
+    `stored_waves`: the waves known to have a response (when the caller knows), so that a first
+    response with nothing after it asks the database nothing.
+    """
     waves = dependent_waves(codebook, source.wave)
+    if stored_waves is not None:
+        waves = tuple(w for w in waves if w in stored_waves)
     if not waves:
         return
     for other in repository.dependents(session, source.participant_id, waves):
@@ -116,6 +123,7 @@ def submit(
     completed_at = finished_at if status == "complete" else None
     as_new = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
     response: Response | None = None
+    stored_waves: set[str] | None = None
     if not as_new:
         carried = _carried_values(session, codebook, participant.id, data.wave)
         values = dict(
@@ -126,8 +134,10 @@ def submit(
             late=_is_late(codebook, participant, data.wave, completed_at or now), completed_instruments=done,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
-        if repository.insert_if_absent(session, values):
+        inserted, others = repository.insert_if_absent(session, values)
+        if inserted:
             response = Response(**values)
+            stored_waves = others
     created = response is not None
     if response is None:
         existing = repository.for_update(session, participant.id, data.wave)
@@ -156,7 +166,7 @@ def submit(
         response = existing
     if response.status == "complete":
         _on_complete(session, ctx, codebook, participant, response)
-    _refresh_dependents(session, codebook, response)
+    _refresh_dependents(session, codebook, response, stored_waves)
     session.flush()
     return ResponseCreated(
         id=response.id, external_id=participant.external_id, wave=response.wave,
