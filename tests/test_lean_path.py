@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import bindparam, create_engine, func, literal, select, text, update
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 
 from app.core.db import Database, confirming, expect_live_token, transaction, with_commit
@@ -213,3 +213,12 @@ async def test_a_first_baseline_after_a_follow_up_still_updates_what_the_follow_
     assert severity is not None
     stored = (await admin.get(f"/api/v1/studies/lean/responses/{month6.json()['id']}")).json()
     assert stored["derived"]["aud_severity"] == severity  # carried from the baseline that came later
+
+
+def test_the_insert_asks_for_the_waves_of_its_own_participant_only(shared_engine: Engine) -> None:
+    # SQLAlchemy does not correlate a subquery into an INSERT: a column of the target table would
+    # add `responses` to the subquery's FROM, a join over every stored response
+    from app.responses.repository import _INSERT_IF_ABSENT
+
+    sql = " ".join(str(_INSERT_IF_ABSENT.compile(dialect=shared_engine.dialect)).split())
+    assert "FROM responses AS others WHERE others.participant_id = responses.participant_id" in sql

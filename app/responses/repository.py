@@ -15,6 +15,7 @@ from sqlalchemy import (
     delete,
     func,
     literal,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -50,7 +51,9 @@ _INSERT_IF_ABSENT = (
     insert(_responses)
     .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
     .returning(_responses.c.id,
-               select(func.array_agg(_others.c.wave)).where(_others.c.participant_id == _responses.c.participant_id)
+               # the inserted row's participant (SQLAlchemy does not correlate into an INSERT: named by hand)
+               select(func.array_agg(_others.c.wave))
+               .where(_others.c.participant_id == literal_column(f"{_responses.name}.participant_id"))
                .scalar_subquery())
 )
 
