@@ -20,7 +20,8 @@ from app.studies.deps import StudyFromPath
 router = APIRouter(tags=["audit"], route_class=RoleRoute)
 
 Table = Literal["studies", "codebooks", "waves", "api_tokens", "participants", "participant_contacts", "schedules",
-                "responses", "response_corrections", "reminder_sends", "analysis_plans"]
+                "responses", "response_corrections", "reminder_sends", "analysis_plans", "sites",
+                "participant_site_moves"]
 assert set(get_args(Table)) == {t for t, *_ in AUDITED}
 
 

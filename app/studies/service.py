@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -27,6 +27,9 @@ class StudyContext:
     study: Study
     codebook: Codebook | None
     revision: int | None
+    # The site the request is limited to (a site-scoped token), else None: every participant
+    # lookup and list filters on it, so another site's participants do not exist for it.
+    site_id: uuid.UUID | None = None
 
     def require_codebook(self) -> Codebook:
         if self.codebook is None:
@@ -68,7 +71,7 @@ def study_key_of(session: Session, study_id: uuid.UUID) -> str:
 def context(session: Session, key: str, principal: Principal) -> StudyContext:
     ctx = system_context(session, key)
     principal.require_study(ctx.study.id)
-    return ctx
+    return replace(ctx, site_id=principal.site_id) if principal.site_id is not None else ctx
 
 
 def replace_codebook(session: Session, ctx: StudyContext, document: Any, has_participants: bool) -> StudyContext:

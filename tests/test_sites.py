@@ -1,0 +1,140 @@
+"""Multi-site studies: sites, the participant's site, moving between sites, and site-scoped tokens."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import auth, create_study, valid_answers
+
+pytestmark = pytest.mark.anyio
+
+ENROLLED = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+
+
+async def site_token(client: httpx.AsyncClient, role: str, study: str, site: str | None) -> str:
+    body: dict[str, Any] = {"role": role, "label": f"{site or 'all'} {role}", "study_key": study}
+    if site is not None:
+        body["site_key"] = site
+    r = await client.post("/api/v1/tokens", json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["site_key"] == site
+    return str(r.json()["token"])
+
+
+async def two_site_study(admin: httpx.AsyncClient) -> dict[str, Any]:
+    """Sites north and south, two participants each (N1, N2 / S1, S2) with a complete baseline."""
+    study = (await create_study(admin, ADMIN_TOKEN, timezone="UTC"))["key"]
+    for key, zone in (("north", "Europe/Oslo"), ("south", None)):
+        r = await admin.post(f"/api/v1/studies/{study}/sites", json={"key": key, "name": key.title(),
+                                                                     "timezone": zone})
+        assert r.status_code == 201, r.text
+    responses = {}
+    for external_id, site in (("N1", "north"), ("N2", "north"), ("S1", "south"), ("S2", "south")):
+        r = await admin.post(f"/api/v1/studies/{study}/participants",
+                             json={"external_id": external_id, "enrolled_at": ENROLLED, "site": site,
+                                   "contact": {"email": f"{external_id.lower()}@example.org"}})
+        assert r.status_code == 201, r.text
+        assert r.json()["site"] == site
+        r = await admin.post(f"/api/v1/studies/{study}/responses", json={
+            "external_id": external_id, "wave": "baseline", "status": "complete",
+            "answers": valid_answers("baseline", random.Random(external_id))})
+        assert r.status_code == 201, r.text
+        responses[external_id] = r.json()["id"]
+    return {"key": study, "responses": responses}
+
+
+async def test_sites_are_created_listed_and_unique(admin: httpx.AsyncClient) -> None:
+    study = (await create_study(admin, ADMIN_TOKEN, timezone="UTC"))["key"]
+    assert (await admin.get(f"/api/v1/studies/{study}/sites")).json() == {"items": []}
+    r = await admin.post(f"/api/v1/studies/{study}/sites", json={"key": "north", "name": "North",
+                                                                 "timezone": "Europe/Oslo"})
+    assert r.status_code == 201 and r.json()["key"] == "north" and r.json()["timezone"] == "Europe/Oslo"
+    assert (await admin.post(f"/api/v1/studies/{study}/sites", json={"key": "north", "name": "x"})).status_code == 409
+    bad = await admin.post(f"/api/v1/studies/{study}/sites", json={"key": "south", "name": "x", "timezone": "Mars/X"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["timezone"]
+    assert (await admin.post(f"/api/v1/studies/{study}/sites", json={"key": "Bad Key", "name": "x"})).status_code == 422
+    assert [s["key"] for s in (await admin.get(f"/api/v1/studies/{study}/sites")).json()["items"]] == ["north"]
+
+
+async def test_enrolment_and_import_take_a_site_and_its_time_zone(admin: httpx.AsyncClient) -> None:
+    world = await two_site_study(admin)
+    study = world["key"]
+    north = (await admin.get(f"/api/v1/studies/{study}/participants/N1")).json()
+    assert north["site"] == "north" and north["timezone"] == "Europe/Oslo"
+    south = (await admin.get(f"/api/v1/studies/{study}/participants/S1")).json()
+    assert south["site"] == "south" and south["timezone"] == "UTC"
+    r = await admin.post(f"/api/v1/studies/{study}/participants", json={"external_id": "X1", "enrolled_at": ENROLLED,
+                                                                        "site": "west"})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["site"]
+    csv = f"external_id,enrolled_at,site\nI1,{ENROLLED},north\nI2,{ENROLLED},\nI3,{ENROLLED},west\n"
+    r = await admin.post(f"/api/v1/studies/{study}/participants:import", content=csv,
+                         headers={"content-type": "text/csv"})
+    assert r.status_code == 200 and r.json()["created"] == 0
+    assert [(e["row"], e["loc"], e["code"]) for e in r.json()["errors"]] == [(3, ["site"], "unknown_site")]
+    r = await admin.post(f"/api/v1/studies/{study}/participants:import", params={"partial": "true"}, content=csv,
+                         headers={"content-type": "text/csv"})
+    assert r.json()["created"] == 2
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/I1")).json()["site"] == "north"
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/I2")).json()["site"] is None
+    listed = (await admin.get(f"/api/v1/studies/{study}/participants", params={"site": "north"})).json()["items"]
+    assert sorted(p["external_id"] for p in listed) == ["I1", "N1", "N2"]
+
+
+async def test_a_study_without_sites_is_as_before(admin: httpx.AsyncClient) -> None:
+    study = (await create_study(admin, ADMIN_TOKEN, timezone="UTC"))["key"]
+    r = await admin.post(f"/api/v1/studies/{study}/participants", json={"external_id": "P1", "enrolled_at": ENROLLED})
+    assert r.status_code == 201 and r.json()["site"] is None
+    r = await admin.post(f"/api/v1/studies/{study}/participants", json={"external_id": "P2", "enrolled_at": ENROLLED,
+                                                                        "site": "north"})
+    assert r.status_code == 422 and r.json()["errors"][0]["code"] == "unknown_site"
+
+
+async def test_moving_a_participant_needs_a_whole_study_coordinator_and_is_audited(admin: httpx.AsyncClient) -> None:
+    world = await two_site_study(admin)
+    study = world["key"]
+    coordinator = await site_token(admin, "coordinator", study, None)
+    north = await site_token(admin, "coordinator", study, "north")
+    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move", json={"site": "south", "reason": "x"},
+                         headers=auth(north))
+    assert r.status_code == 403
+    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move", json={"site": "south"},
+                         headers=auth(coordinator))
+    assert r.status_code == 422
+    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move",
+                         json={"site": "south", "reason": "moved house"}, headers=auth(coordinator))
+    assert r.status_code == 200, r.text
+    assert r.json()["site"] == "south"
+    # north no longer sees N1; the move and its reason are in the audit trail, attributed to the token
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/N1", headers=auth(north))).status_code == 404
+    sites = {s["key"]: s["id"] for s in (await admin.get(f"/api/v1/studies/{study}/sites")).json()["items"]}
+    audit = (await admin.get(f"/api/v1/studies/{study}/audit", params={"table": "participants",
+                                                                      "action": "UPDATE"})).json()["items"]
+    moved = [a for a in audit if "site_id" in (a["changed"] or [])]
+    assert len(moved) == 1
+    assert moved[0]["before"]["site_id"] == sites["north"] and moved[0]["after"]["site_id"] == sites["south"]
+    coordinator_id = next(t["id"] for t in (await admin.get("/api/v1/tokens", params={"limit": 500})).json()["items"]
+                          if t["label"] == "all coordinator" and t["study_key"] == study)
+    assert moved[0]["actor"] == coordinator_id
+    reason = (await admin.get(f"/api/v1/studies/{study}/audit",
+                              params={"table": "participant_site_moves"})).json()["items"]
+    assert len(reason) == 1 and reason[0]["after"]["reason"] == "moved house"
+    assert reason[0]["after"]["from_site_id"] == sites["north"] and reason[0]["actor"] == coordinator_id
+
+
+async def test_a_token_is_limited_to_a_site_of_its_study_only_when_that_makes_sense(admin: httpx.AsyncClient) -> None:
+    world = await two_site_study(admin)
+    study = world["key"]
+    for body, loc in (({"role": "admin", "label": "x", "study_key": study, "site_key": "north"}, ["site_key"]),
+                      ({"role": "coordinator", "label": "x", "site_key": "north"}, ["study_key"]),
+                      ({"role": "coordinator", "label": "x", "study_key": study, "site_key": "west"}, ["site_key"])):
+        r = await admin.post("/api/v1/tokens", json=body)
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == loc, (body, r.text)
+    await site_token(admin, "collector", study, "north")
+    listed = (await admin.get("/api/v1/tokens", params={"limit": 500})).json()["items"]
+    assert [t["site_key"] for t in listed if t["study_key"] == study] == ["north"]
