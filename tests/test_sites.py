@@ -28,14 +28,16 @@ async def site_token(client: httpx.AsyncClient, role: str, study: str, site: str
 
 
 async def two_site_study(admin: httpx.AsyncClient) -> dict[str, Any]:
-    """Sites north and south, two participants each (N1, N2 / S1, S2) with a complete baseline."""
+    """Sites north and south, two participants each (NORTH-1, NORTH-2 / SOUTH-1, SOUTH-2) with a complete
+    baseline."""
     study = (await create_study(admin, ADMIN_TOKEN, timezone="UTC"))["key"]
     for key, zone in (("north", "Europe/Oslo"), ("south", None)):
         r = await admin.post(f"/api/v1/studies/{study}/sites", json={"key": key, "name": key.title(),
                                                                      "timezone": zone})
         assert r.status_code == 201, r.text
     responses = {}
-    for external_id, site in (("N1", "north"), ("N2", "north"), ("S1", "south"), ("S2", "south")):
+    for external_id, site in (("NORTH-1", "north"), ("NORTH-2", "north"), ("SOUTH-1", "south"),
+                              ("SOUTH-2", "south")):
         r = await admin.post(f"/api/v1/studies/{study}/participants",
                              json={"external_id": external_id, "enrolled_at": ENROLLED, "site": site,
                                    "contact": {"email": f"{external_id.lower()}@example.org"}})
@@ -65,9 +67,9 @@ async def test_sites_are_created_listed_and_unique(admin: httpx.AsyncClient) -> 
 async def test_enrolment_and_import_take_a_site_and_its_time_zone(admin: httpx.AsyncClient) -> None:
     world = await two_site_study(admin)
     study = world["key"]
-    north = (await admin.get(f"/api/v1/studies/{study}/participants/N1")).json()
+    north = (await admin.get(f"/api/v1/studies/{study}/participants/NORTH-1")).json()
     assert north["site"] == "north" and north["timezone"] == "Europe/Oslo"
-    south = (await admin.get(f"/api/v1/studies/{study}/participants/S1")).json()
+    south = (await admin.get(f"/api/v1/studies/{study}/participants/SOUTH-1")).json()
     assert south["site"] == "south" and south["timezone"] == "UTC"
     r = await admin.post(f"/api/v1/studies/{study}/participants", json={"external_id": "X1", "enrolled_at": ENROLLED,
                                                                         "site": "west"})
@@ -83,7 +85,7 @@ async def test_enrolment_and_import_take_a_site_and_its_time_zone(admin: httpx.A
     assert (await admin.get(f"/api/v1/studies/{study}/participants/I1")).json()["site"] == "north"
     assert (await admin.get(f"/api/v1/studies/{study}/participants/I2")).json()["site"] is None
     listed = (await admin.get(f"/api/v1/studies/{study}/participants", params={"site": "north"})).json()["items"]
-    assert sorted(p["external_id"] for p in listed) == ["I1", "N1", "N2"]
+    assert sorted(p["external_id"] for p in listed) == ["I1", "NORTH-1", "NORTH-2"]
 
 
 async def test_a_study_without_sites_is_as_before(admin: httpx.AsyncClient) -> None:
@@ -100,18 +102,18 @@ async def test_moving_a_participant_needs_a_whole_study_coordinator_and_is_audit
     study = world["key"]
     coordinator = await site_token(admin, "coordinator", study, None)
     north = await site_token(admin, "coordinator", study, "north")
-    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move", json={"site": "south", "reason": "x"},
+    r = await admin.post(f"/api/v1/studies/{study}/participants/NORTH-1/move", json={"site": "south", "reason": "x"},
                          headers=auth(north))
     assert r.status_code == 403
-    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move", json={"site": "south"},
+    r = await admin.post(f"/api/v1/studies/{study}/participants/NORTH-1/move", json={"site": "south"},
                          headers=auth(coordinator))
     assert r.status_code == 422
-    r = await admin.post(f"/api/v1/studies/{study}/participants/N1/move",
+    r = await admin.post(f"/api/v1/studies/{study}/participants/NORTH-1/move",
                          json={"site": "south", "reason": "moved house"}, headers=auth(coordinator))
     assert r.status_code == 200, r.text
     assert r.json()["site"] == "south"
     # north no longer sees N1; the move and its reason are in the audit trail, attributed to the token
-    assert (await admin.get(f"/api/v1/studies/{study}/participants/N1", headers=auth(north))).status_code == 404
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/NORTH-1", headers=auth(north))).status_code == 404
     sites = {s["key"]: s["id"] for s in (await admin.get(f"/api/v1/studies/{study}/sites")).json()["items"]}
     audit = (await admin.get(f"/api/v1/studies/{study}/audit", params={"table": "participants",
                                                                       "action": "UPDATE"})).json()["items"]
@@ -138,3 +140,94 @@ async def test_a_token_is_limited_to_a_site_of_its_study_only_when_that_makes_se
     await site_token(admin, "collector", study, "north")
     listed = (await admin.get("/api/v1/tokens", params={"limit": 500})).json()["items"]
     assert [t["site_key"] for t in listed if t["study_key"] == study] == ["north"]
+
+
+NORTH, SOUTH = {"NORTH-1", "NORTH-2"}, {"SOUTH-1", "SOUTH-2"}
+
+
+def mentioned(text: str) -> set[str]:
+    return {e for e in NORTH | SOUTH if e in text}
+
+
+async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped_both(
+        app: Any, admin: httpx.AsyncClient) -> None:
+    from tests.conftest import client_for
+
+    world = await two_site_study(admin)
+    study = world["key"]
+    base = f"/api/v1/studies/{study}"
+    coordinators = {site: await site_token(admin, "coordinator", study, site) for site in ("north", "south", None)}
+    analysts = {site: await site_token(admin, "analyst", study, site) for site in ("north", "south", None)}
+    redcap = {}
+    for site in ("north", "south", None):
+        body: dict[str, Any] = {"role": "coordinator", "label": f"rc {site}", "study_key": study, "format": "redcap"}
+        if site:
+            body["site_key"] = site
+        redcap[site] = (await admin.post("/api/v1/tokens", json=body)).json()["token"]
+    expected = {"north": NORTH, "south": SOUTH, None: NORTH | SOUTH}
+    for site, token in coordinators.items():
+        own, h = expected[site], auth(token)
+        # API lists and reads
+        listed = (await admin.get(f"{base}/participants", headers=h)).json()["items"]
+        assert {p["external_id"] for p in listed} == own, site
+        for external_id in NORTH | SOUTH:
+            r = await admin.get(f"{base}/participants/{external_id}", headers=h)
+            assert r.status_code == (200 if external_id in own else 404), (site, external_id)
+            r = await admin.get(f"{base}/participants/{external_id}/reminders", headers=h)
+            assert r.status_code == (200 if external_id in own else 404), (site, external_id)
+            r = await admin.get(f"{base}/responses/{world['responses'][external_id]}", headers=h)
+            assert r.status_code == (200 if external_id in own else 404), (site, external_id)
+            r = await admin.patch(f"{base}/responses/{world['responses'][external_id]}", headers=h,
+                                  json={"answers": {"age": 44}, "reason": "typo"})
+            assert r.status_code == (200 if external_id in own else 404), (site, external_id, r.text)
+            r = await admin.post(f"{base}/participants/{external_id}/withdraw", headers=h,
+                                 json={"reason": "x", "withdrawn_at": "2100-01-01T00:00:00Z"})
+            assert r.status_code in ((422,) if external_id in own else (404,)), (site, external_id, r.text)
+        responses = (await admin.get(f"{base}/responses", headers=h)).json()["items"]
+        assert {r["external_id"] for r in responses} == own
+        followup = (await admin.get(f"{base}/followup", params={"wave": "baseline", "status": "completed"},
+                                    headers=h)).json()["items"]
+        assert {r["external_id"] for r in followup} == own
+        # retention counts the site's participants only
+        retention = (await admin.get(f"{base}/retention", headers=h)).json()["waves"][0]
+        assert retention["wave"] == "baseline" and retention["completed"] == len(own), (site, retention)
+        # a collector's write for another site's participant: as if it did not exist
+        other = sorted((NORTH | SOUTH) - own)
+        if other:
+            r = await admin.post(f"{base}/responses", headers=h, json={
+                "external_id": other[0], "wave": "month6", "status": "partial", "answers": {}})
+            assert r.status_code == 404
+            # whole-study operations are refused
+            for method, path in (("GET", f"{base}/audit"), ("GET", f"{base}/analyses"),
+                                 ("POST", f"{base}/reminders:run"), ("PATCH", base), ("GET", f"{base}/webhooks")):
+                r = await admin.request(method, path, headers=h, json={} if method == "PATCH" else None)
+                assert r.status_code == 403, (site, method, path, r.text)
+        # the dashboard's worklist
+        async with client_for(app) as browser:
+            assert (await browser.post("/ui/login", data={"token": token})).status_code == 303
+            page = await browser.get(f"/ui/studies/{study}/followup", params={"wave": "baseline",
+                                                                             "status": "completed"})
+            assert page.status_code == 200 and mentioned(page.text) == own, site
+            overview = await browser.get(f"/ui/studies/{study}")
+            assert overview.status_code == 200
+            assert ("Retention by site" in overview.text) == (site is None)
+        # REDCap records and DAGs, for a token bound to the same site
+        r = await admin.post("/redcap/api/", data={"token": redcap[site], "content": "record", "format": "json",
+                                                   "exportDataAccessGroups": "true"})
+        assert r.status_code == 200, r.text
+        assert {row["record_id"] for row in r.json()} == own
+        assert {row["redcap_data_access_group"] for row in r.json()} == ({site} if site else {"north", "south"})
+        dags = await admin.post("/redcap/api/", data={"token": redcap[site], "content": "dag", "format": "json"})
+        assert {d["unique_group_name"] for d in dags.json()} == ({site} if site else {"north", "south"})
+        # FHIR search
+        bundle = await admin.get("/fhir/QuestionnaireResponse", headers=h)
+        assert bundle.status_code == 200 and mentioned(bundle.text) == own, site
+    for site, token in analysts.items():
+        export = await admin.get(f"{base}/export", headers=auth(token))
+        assert export.status_code == 200
+        header, *rows = export.text.strip().splitlines()
+        assert header.split(",")[:3] == ["participant", "site", "wave"]
+        assert len(rows) == len(expected[site]) and {r.split(",")[1] for r in rows} == (
+            {site} if site else {"north", "south"})
+    by_site = (await admin.get(f"{base}/retention", params={"by": "site"})).json()
+    assert {g["group"]: g["waves"][0]["completed"] for g in by_site["groups"]} == {"north": 2, "south": 2}

@@ -16,11 +16,11 @@ from app.core.db import SessionDep, on_commit
 from app.core.errors import Conflict, Forbidden
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
-from app.core.security import Analyst, Principal, Reader
+from app.core.security import Analyst, Principal, Reader, WholeStudy
 from app.idempotency.service import IdempotencyDep
 from app.studies.deps import StudyFromPath
 
-router = APIRouter(tags=["analyses"], route_class=RoleRoute)
+router = APIRouter(tags=["analyses"], route_class=RoleRoute, dependencies=[WholeStudy])
 
 _templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
 

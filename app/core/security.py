@@ -126,6 +126,8 @@ async def whole_study(principal: CurrentPrincipal) -> Principal:
     return principal
 
 
+whole_study.cohort_whole_study = True  # type: ignore[attr-defined]
+
 WholeStudy = Depends(whole_study)
 """Add as `dependencies=[WholeStudy]` to a route (or router) that cannot be limited to one site."""
 

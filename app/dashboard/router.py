@@ -48,6 +48,7 @@ from app.reminders import service as reminders
 from app.reminders import tasks as reminder_tasks
 from app.responses import service as responses
 from app.retention import service as retention
+from app.sites import service as study_sites
 from app.studies import repository as studies_repo
 from app.studies import service as studies
 from app.studies.service import StudyContext
@@ -88,10 +89,13 @@ def page(request: Request, name: str, viewer: Viewer | None, status_code: int = 
     return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
 
 
-def _study(session: Session, viewer: Viewer, key: str, *roles: Role) -> StudyContext:
+def _study(session: Session, viewer: Viewer, key: str, *roles: Role, whole_study: bool = False) -> StudyContext:
     if roles and not viewer.may(*roles):
         raise NotAllowed(f"the {viewer.role} role cannot open this page")
-    return studies.context(session, key, viewer.principal)
+    ctx = studies.context(session, key, viewer.principal)
+    if whole_study and viewer.principal.sited:  # models and their data span every site
+        raise NotAllowed("a token limited to one site cannot open this page: it spans every site of the study")
+    return ctx
 
 
 def _as_of(day: date | None, zone: str) -> datetime:
@@ -154,15 +158,19 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
     overall = retention.retention_report(session, ctx, when, by="primary_group")
-    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone)
+    by_site = retention.retention_report(session, ctx, when, by="site") \
+        if ctx.site_id is None and study_sites.keys_of(session, ctx.study.id) else None
+    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone, ctx.site_id)
     retention_chart = charts.bars("Retention per wave (completed / eligible)",
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
                                   maximum=100)
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
-    hooks = webhooks.notices(session, ctx.study.id) if viewer.principal.may("coordinator") else []
+    hooks = webhooks.notices(session, ctx.study.id) \
+        if viewer.principal.may("coordinator") and not viewer.principal.sited else []
     return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
                 chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
-                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks)
+                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks,
+                by_site=by_site)
 
 
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)
@@ -177,11 +185,11 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     if wave in waves:
         chosen = wave
     else:  # the wave with the most windows open now (the earliest such wave on a tie)
-        busy = retention.open_windows(session, ctx.study.id, utcnow())
+        busy = retention.open_windows(session, ctx.study.id, utcnow(), ctx.site_id)
         chosen = max(waves, key=lambda w: (busy.get(w, 0), -waves.index(w)))
     per_page = 50
     rows = retention.followup(session, ctx.study.id, wave=chosen, status=status, now=utcnow(), limit=per_page,
-                              offset=(page_no - 1) * per_page)
+                              offset=(page_no - 1) * per_page, site_id=ctx.site_id)
     shown = rows[:per_page]
     sealer = settings_sealer(settings)
     sealed = participants_repo.sealed_contacts(session, [r.participant_id for r in shown])
@@ -234,7 +242,7 @@ def forest(results: dict[str, Any], label: str) -> str:
 @router.get("/studies/{key}/outcomes", response_class=HTMLResponse)
 def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
              as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
-    ctx = _study(session, viewer, key, "coordinator", "analyst")
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     when = _as_of(as_of, ctx.study.timezone)
     result = retention.outcomes_report(session, ctx, when, by="online_30d")
     names = {"true": "attended online", "false": "did not attend online"}
@@ -279,7 +287,7 @@ def contrast_plot(contrasts: list[dict[str, Any]], label: str) -> str:
 def refit(key: str, viewer: FormViewer, session: SessionDep,
           model: Annotated[str, Form(max_length=40)],
           variant: Annotated[str, Form(max_length=40)] = "") -> Response:
-    ctx = _study(session, viewer, key, "analyst")
+    ctx = _study(session, viewer, key, "analyst", whole_study=True)
     job, reused = analyses.request(session, ctx, model=model, variant=variant or None, spec=None, as_of=None,
                                    requested_by=viewer.principal.token_id)
     if not reused:
@@ -291,7 +299,7 @@ def refit(key: str, viewer: FormViewer, session: SessionDep,
 @router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
 def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
     job, key = analyses.get(session, analysis_id)
-    _study(session, viewer, key, "coordinator", "analyst")
+    _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     out = analysis_out(job, key)
     plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
     return page(request, "ui/analysis.html", viewer, job=out, study_key=key, plot=plot,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from app.core.crypto import Pseudonymiser, Sealer
 from app.core.db import Database
 from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
+from app.sites import service as sites
 from app.studies.service import StudyContext, pseudonymiser
 
 PARQUET_BATCH = 10_000
@@ -48,11 +50,21 @@ def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, 
     codebook = study.require_codebook()
     query(codebook, layout)
     pseudonymise = pseudonymiser(session, study.study, sealer)
+    # a study with sites gets a `site` column (the key); a site-scoped request, its site's rows only
+    scope = Scope(site_id=study.site_id, site_column=bool(sites.keys_of(session, study.study.id)))
     if format == "csv":
-        body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
+        body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells, scope=scope)
     else:
-        body = stream_parquet(db, study.study.id, codebook, pseudonymise, layout)
+        body = stream_parquet(db, study.study.id, codebook, pseudonymise, layout, scope=scope)
     return Export(body, MEDIA[format], f"{study.study.key}-{layout}.{format}")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which participants an export holds and whether it names their site."""
+
+    site_id: uuid.UUID | None = None
+    site_column: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,19 +125,22 @@ def _pseudonym(alias: str = "p") -> sql.Composable:
 
 
 def query(codebook: Codebook, layout: str, *, inert: bool = False,
-          typed: bool = False) -> tuple[sql.Composable, list[Column]]:
+          typed: bool = False, scope: Scope = Scope()) -> tuple[sql.Composable, list[Column]]:
     """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV); `typed`:
     timestamps as timestamps (Parquet) rather than RFC 3339 text (CSV). Booleans are spelled
     true/false everywhere in CSV, as the derived values are."""
     cols = columns(codebook, layout)
     wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
-    source = sql.SQL(
+    source: sql.Composable = sql.SQL(
         "FROM responses r JOIN participants p ON p.id = r.participant_id "
         "WHERE r.study_id = %(study)s AND r.status = 'complete'"
     )
+    if scope.site_id is not None:
+        source = sql.SQL("{} AND p.site_id = %(site)s").format(source)
+    site = [sql.SQL("(SELECT s.key FROM sites s WHERE s.id = p.site_id) AS site")] if scope.site_column else []
     if layout == "long":
         select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
+            sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"),
             sql.SQL("r.completed_at") if typed else sql.SQL(
                 "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
             sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
@@ -135,28 +150,28 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False,
         return statement, cols
     # wide: one row per participant, one column per (item, wave) the codebook asks
     select = sql.SQL(", ").join([
-        sql.SQL("{} AS participant").format(_pseudonym()),
+        sql.SQL("{} AS participant").format(_pseudonym()), *site,
         *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c, inert=inert), sql.Literal(c.wave),
                                                                       sql.Identifier(c.name)) for c in cols],
     ])
-    statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id ORDER BY 1").format(select, source)
+    statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id, p.site_id ORDER BY 1").format(select, source)
     return statement, cols
 
 
-def _params(study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
+def _params(study_id: Any, pseudonymiser: Pseudonymiser, scope: Scope = Scope()) -> dict[str, Any]:
     inner, outer = pseudonymiser.sql_pads()
-    return {"study": study_id, "inner": inner, "outer": outer}
+    return {"study": study_id, "inner": inner, "outer": outer, "site": scope.site_id}
 
 
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
-               chunk: int = 1 << 16, *, raw_cells: bool = False) -> Iterator[bytes]:
-    statement, _ = query(codebook, layout, inert=not raw_cells)
+               chunk: int = 1 << 16, *, raw_cells: bool = False, scope: Scope = Scope()) -> Iterator[bytes]:
+    statement, _ = query(codebook, layout, inert=not raw_cells, scope=scope)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
         raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         buffer = bytearray()
-        with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser)) as stream:
+        with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser, scope)) as stream:
             for data in stream:
                 buffer += data
                 if len(buffer) >= chunk:
@@ -191,13 +206,15 @@ class _Drain(io.RawIOBase):
         return out
 
 
-def _schema(cols: list[Column], layout: str) -> Any:
+def _schema(cols: list[Column], layout: str, scope: Scope = Scope()) -> Any:
     import pyarrow as pa
 
     category = pa.dictionary(pa.int32(), pa.string())
     arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "date": pa.date32(),
              "single_choice": category}
     fields = [pa.field("participant", pa.string())]
+    if scope.site_column:
+        fields.append(pa.field("site", category))
     if layout == "long":
         fields += [pa.field("wave", category), pa.field("completed_at", pa.timestamp("us", tz="UTC")),
                    pa.field("late", pa.bool_())]
@@ -226,12 +243,12 @@ def _batch(rows: list[tuple[Any, ...]], schema: Any) -> Any:
 
 
 def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser,
-                   layout: str) -> Iterator[bytes]:
+                   layout: str, *, scope: Scope = Scope()) -> Iterator[bytes]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    statement, cols = query(codebook, layout, typed=True)
-    schema = _schema(cols, layout)
+    statement, cols = query(codebook, layout, typed=True, scope=scope)
+    schema = _schema(cols, layout, scope)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
     with db.sessions() as session:
@@ -239,7 +256,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(name="cohort_export") as cur:  # server-side cursor: rows arrive in batches
             cur.itersize = PARQUET_BATCH
-            cur.execute(statement, _params(study_id, pseudonymiser))
+            cur.execute(statement, _params(study_id, pseudonymiser, scope))
             while rows := cur.fetchmany(PARQUET_BATCH):
                 writer.write_table(_batch(rows, schema))
                 del rows

@@ -210,7 +210,7 @@ def to_out(session: Session, ctx: StudyContext, rows: list[tuple[Response, str]]
 
 
 def get(session: Session, ctx: StudyContext, response_id: uuid.UUID) -> tuple[Response, str]:
-    row = repository.with_external_id(session, ctx.study.id, response_id)
+    row = repository.with_external_id(session, ctx.study.id, response_id, site_id=ctx.site_id)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     return row
@@ -225,7 +225,7 @@ def etag(response: Response) -> str:
 def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: CorrectionIn,
             principal: Principal, now: datetime, *, if_match: str | None = None) -> tuple[Response, str]:
     codebook = ctx.require_codebook()
-    row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True)
+    row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True, site_id=ctx.site_id)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     response, external_id = row
@@ -319,7 +319,8 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     participant, an answer already stored for that wave, completion in the future.
     """
     codebook = ctx.require_codebook()
-    people = repository.participants_by_external_id(session, ctx.study.id, {i.external_id for i in items})
+    people = repository.participants_by_external_id(session, ctx.study.id, {i.external_id for i in items},
+                                                    ctx.site_id)
     stored = repository.existing_waves(session, [p.id for p in people.values()])
     errors: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()

@@ -21,8 +21,10 @@ from app.participants.models import Participant, Schedule
 from app.participants.repository import schedule_status_sql
 from app.responses.models import Response
 from app.retention.models import RetentionCount, RetentionWatermark
+from app.sites.models import Site
 
 UNKNOWN_GROUP = "unknown"
+NO_SITE_GROUP = "none"  # participants without a site, in `by=site`
 
 
 def _baseline(study_id: uuid.UUID, baseline_wave: str) -> Any:
@@ -34,13 +36,15 @@ def _baseline(study_id: uuid.UUID, baseline_wave: str) -> Any:
 
 
 def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
-              by: str | None = None, *, rollup: bool = True) -> dict[str | None, list[dict[str, Any]]]:
+              by: str | None = None, *, rollup: bool = True,
+              site_id: uuid.UUID | None = None) -> dict[str | None, list[dict[str, Any]]]:
     """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest.
 
     Overall retention at or after the study's watermark (the usual case: now) is read from the
     rollup the triggers keep; anything else is the exact aggregate over schedules. Both give the
-    same numbers (a test compares them)."""
-    if rollup and by is None:
+    same numbers (a test compares them). `site_id`: one site's participants only (the rollup
+    spans the study, so this is the exact aggregate); `by="site"`: per site key."""
+    if rollup and by is None and site_id is None:
         watermark = session.scalar(select(RetentionWatermark.at).where(RetentionWatermark.study_id == study_id))
         if watermark is not None and as_of >= watermark:
             return {None: _from_rollup(session, study_id, waves, as_of)}
@@ -67,6 +71,11 @@ def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: da
         .join(Participant, Participant.id == Schedule.participant_id)
         .where(Schedule.study_id == study_id, Participant.enrolled_at <= at)
     )
+    if site_id is not None:
+        query = query.where(Participant.site_id == site_id)
+    if by == "site":
+        group = func.coalesce(Site.key, NO_SITE_GROUP).label("grp")
+        query = query.outerjoin(Site, Site.id == Participant.site_id)
     if by == "primary_group":
         baseline = _baseline(study_id, waves[0])
         group = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP).label("grp")
@@ -120,17 +129,18 @@ def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def open_windows(session: Session, study_id: uuid.UUID, now: datetime) -> dict[str, int]:
+def open_windows(session: Session, study_id: uuid.UUID, now: datetime,
+                 site_id: uuid.UUID | None = None) -> dict[str, int]:
     """How many windows of each wave are open at `now` (the worklist opens on the busiest)."""
     status = schedule_status_sql(literal(now))
     rows = session.execute(
         select(Schedule.wave, func.count()).join(Participant, Participant.id == Schedule.participant_id)
-        .where(Schedule.study_id == study_id, status == "open").group_by(Schedule.wave))
+        .where(Schedule.study_id == study_id, status == "open", *_in_site(site_id)).group_by(Schedule.wave))
     return {wave: int(n) for wave, n in rows}
 
 
 def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | None, now: datetime,
-             limit: int, offset: int) -> list[Any]:
+             limit: int, offset: int, site_id: uuid.UUID | None = None) -> list[Any]:
     """A wave's participants, windows closing soonest first, with the last message sent to each."""
     from app.reminders.models import ReminderSend
 
@@ -154,7 +164,7 @@ def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | 
                Schedule.closes_at, Schedule.completed_at, schedule_status, last_sent.label("last_reminder_at"),
                last_kind.label("last_reminder_kind"))
         .join(Participant, Participant.id == Schedule.participant_id)
-        .where(Schedule.study_id == study_id, Schedule.wave == wave)
+        .where(Schedule.study_id == study_id, Schedule.wave == wave, *_in_site(site_id))
         .order_by(Schedule.closes_at, Participant.external_id)
         .limit(limit + 1).offset(offset)
     )
@@ -163,20 +173,23 @@ def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | 
     return list(session.execute(query).all())
 
 
-def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str) -> list[tuple[str, int]]:
+def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str,
+                       site_id: uuid.UUID | None = None) -> list[tuple[str, int]]:
     """Participants enrolled per calendar month of the study's time zone, oldest first."""
     month = func.to_char(func.timezone(zone, Participant.enrolled_at), "YYYY-MM")
-    rows = session.execute(select(month, func.count()).where(Participant.study_id == study_id)
+    rows = session.execute(select(month, func.count()).where(Participant.study_id == study_id, *_in_site(site_id))
                            .group_by(month).order_by(month))
     return [(str(m), int(n)) for m, n in rows]
 
 
 def outcome_counts(session: Session, study_id: uuid.UUID, baseline_wave: str, as_of: datetime,
-                   by: str) -> Sequence[Any]:
+                   by: str, site_id: uuid.UUID | None = None) -> Sequence[Any]:
     """Complete responses per wave and baseline group: how many say abstinent_30d, how many in all."""
     baseline = _baseline(study_id, baseline_wave)
     if by == "online_30d":
         grp = func.coalesce(cast(baseline.c.derived["online_30d"].astext, String), UNKNOWN_GROUP)
+    elif by == "site":
+        grp = func.coalesce(Site.key, NO_SITE_GROUP)
     else:
         grp = func.coalesce(baseline.c.answers["primary_group"].astext, UNKNOWN_GROUP)
     abstinent = cast(Response.derived["abstinent_30d"].astext, Boolean)
@@ -187,4 +200,12 @@ def outcome_counts(session: Session, study_id: uuid.UUID, baseline_wave: str, as
         .where(Response.study_id == study_id, Response.status == "complete", Response.completed_at <= as_of)
         .group_by(Response.wave, grp)
     )
+    if site_id is not None or by == "site":
+        query = (query.join(Participant, Participant.id == Response.participant_id)
+                 .outerjoin(Site, Site.id == Participant.site_id).where(*_in_site(site_id)))
     return session.execute(query).all()
+
+
+def _in_site(site_id: uuid.UUID | None) -> list[Any]:
+    """The condition limiting a query with `participants` to one site (none: the whole study)."""
+    return [Participant.site_id == site_id] if site_id is not None else []

@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 
 from app.core.db import SessionDep
 from app.core.routing import RoleRoute
-from app.core.security import AnyRole, Coordinator
+from app.core.security import Coordinator, Reader
 from app.idempotency.service import IdempotencyDep
 from app.sites import service
 from app.sites.schemas import SiteIn, SiteList, SiteOut
@@ -24,6 +24,6 @@ def create_site(body: SiteIn, principal: Coordinator, study: StudyFromPath, sess
 
 
 @router.get("", response_model=SiteList, summary="The study's sites (a site-scoped token sees its own)")
-def list_sites(principal: AnyRole, study: StudyFromPath, session: SessionDep) -> SiteList:
+def list_sites(principal: Reader, study: StudyFromPath, session: SessionDep) -> SiteList:
     sites = service.of_study(session, study.study.id)
     return SiteList(items=[service.to_out(s) for s in sites if study.site_id in (None, s.id)])
