@@ -30,7 +30,7 @@ from app.core.db import Database
 from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
 from app.sites import service as sites
-from app.studies.service import StudyContext, pseudonymiser
+from app.studies.service import StudyContext, date_shifter, export_dates, pseudonymiser
 
 PARQUET_BATCH = 10_000
 MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
@@ -44,14 +44,14 @@ class Export:
 
 
 def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, *, format: str, layout: str,
-           raw_cells: bool = False) -> Export:
+           raw_cells: bool = False, dates: str | None = None) -> Export:
     """A study's de-identified export, ready to stream (for the API and the dashboard alike).
-    Everything that can be refused is refused here, before the first byte."""
+    Everything that can be refused is refused here, before the first byte. `dates`: exact, shifted
+    or year (None: the study's default)."""
     codebook = study.require_codebook()
     query(codebook, layout)
     pseudonymise = pseudonymiser(session, study.study, sealer)
-    # a study with sites gets a `site` column (the key); a site-scoped request, its site's rows only
-    scope = Scope(site_id=study.site_id, site_column=bool(sites.keys_of(session, study.study.id)))
+    scope = scope_of(session, study, sealer, dates)
     if format == "csv":
         body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells, scope=scope)
     else:
@@ -61,10 +61,36 @@ def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, 
 
 @dataclass(frozen=True)
 class Scope:
-    """Which participants an export holds and whether it names their site."""
+    """Which participants an export holds, whether it names their site, and how it writes dates:
+    `exact`; `shifted` by each participant's own number of days (`shift_pads`: the HMAC pads of the
+    study's date-shift key, see DateShifter), so intervals between a participant's dates stay exact;
+    or `year` only."""
 
     site_id: uuid.UUID | None = None
     site_column: bool = False
+    dates: str = "exact"
+    shift_pads: tuple[bytes, bytes] | None = None
+
+
+def scope_of(session: Session, study: StudyContext, sealer: Sealer, dates: str | None) -> Scope:
+    """A study with sites gets a `site` column (the key); a site-scoped request, its site's rows only."""
+    chosen = dates or export_dates(study.study)
+    return Scope(site_id=study.site_id, site_column=bool(sites.keys_of(session, study.study.id)), dates=chosen,
+                 shift_pads=date_shifter(session, study.study, sealer).sql_pads() if chosen == "shifted" else None)
+
+
+DATES_NOTE = {
+    "shifted": "dates shifted by a per-participant number of days (between -180 and 180, never 0; the same in "
+               "every export), so intervals between a participant's dates are exact",
+    "year": "dates reduced to their year (HIPAA Safe Harbor style)",
+}
+_ISO_DATE = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+# The participant's shift in days, computed in SQL as DateShifter does in Python: HMAC-SHA256 of the
+# participant id's 16 bytes, first 32 bits, mod 360, mapped onto [-180, -1] and [1, 180].
+_SHIFT_SOURCE = sql.SQL(
+    " CROSS JOIN LATERAL (SELECT CASE WHEN v < 180 THEN v - 180 ELSE v - 179 END AS days FROM (SELECT "
+    "((('x' || left(encode(sha256(%(shift_outer)s || sha256(%(shift_inner)s || uuid_send(p.id))), 'hex'), 8))"
+    "::bit(32)::bigint %% 360)::int) AS v) AS raw) AS sh")
 
 
 @dataclass(frozen=True)
@@ -106,12 +132,18 @@ def neutralise(value: Any, *, numbers_are_data: bool = False) -> Any:
     return value if numbers_are_data and _PLAIN_NUMBER.fullmatch(value) else "'" + value
 
 
-def _value(column: Column, alias: str = "r", *, inert: bool = False) -> sql.Composable:
+def _value(column: Column, alias: str = "r", *, inert: bool = False, dates: str = "exact") -> sql.Composable:
     field = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column.source))
     if column.type == "multi_choice":
         return sql.SQL("(SELECT string_agg(x, ';') FROM jsonb_array_elements_text({} -> {}) AS x)").format(
             field, sql.Literal(column.code))
     value = sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
+    if column.type == "date" and dates == "shifted":  # a stored date is valid YYYY-MM-DD (validation says so)
+        return sql.SQL("(SELECT CASE WHEN v ~ {} THEN to_char(v::date + sh.days, 'YYYY-MM-DD') END "
+                       "FROM (SELECT {} AS v) AS cell)").format(sql.Literal(_ISO_DATE), value)
+    if column.type == "date" and dates == "year":
+        return sql.SQL("(SELECT CASE WHEN v ~ {} THEN left(v, 4) END FROM (SELECT {} AS v) AS cell)").format(
+            sql.Literal(_ISO_DATE), value)
     if inert and column.type == "text":  # only free text can start with a formula; codes and numbers cannot
         return sql.SQL("(SELECT CASE WHEN left(v, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN {} || v "
                        "ELSE v END FROM (SELECT {} AS v) AS cell)").format(sql.Literal("'"), value)
@@ -135,24 +167,36 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False,
         "FROM responses r JOIN participants p ON p.id = r.participant_id "
         "WHERE r.study_id = %(study)s AND r.status = 'complete'"
     )
+    if scope.dates == "shifted":
+        source = sql.SQL("FROM responses r JOIN participants p ON p.id = r.participant_id{} "
+                         "WHERE r.study_id = %(study)s AND r.status = 'complete'").format(_SHIFT_SOURCE)
     if scope.site_id is not None:
         source = sql.SQL("{} AND p.site_id = %(site)s").format(source)
     site = [sql.SQL("(SELECT s.key FROM sites s WHERE s.id = p.site_id) AS site")] if scope.site_column else []
+    completed = sql.SQL("(r.completed_at + make_interval(days => sh.days))") if scope.dates == "shifted" \
+        else sql.SQL("r.completed_at")
+    completed_at: sql.Composable
+    if scope.dates == "year":
+        completed_at = sql.SQL("extract(year FROM r.completed_at AT TIME ZONE 'UTC')::int::text AS completed_at")
+    elif typed:
+        completed_at = sql.SQL("{} AS completed_at").format(completed)
+    else:
+        completed_at = sql.SQL(
+            "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at").format(completed)
     if layout == "long":
         select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"),
-            sql.SQL("r.completed_at") if typed else sql.SQL(
-                "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
+            sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"), completed_at,
             sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
-            *[sql.SQL("{} AS {}").format(_value(c, inert=inert), sql.Identifier(c.name)) for c in cols],
+            *[sql.SQL("{} AS {}").format(_value(c, inert=inert, dates=scope.dates), sql.Identifier(c.name))
+              for c in cols],
         ])
         statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
         return statement, cols
     # wide: one row per participant, one column per (item, wave) the codebook asks
     select = sql.SQL(", ").join([
         sql.SQL("{} AS participant").format(_pseudonym()), *site,
-        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c, inert=inert), sql.Literal(c.wave),
-                                                                      sql.Identifier(c.name)) for c in cols],
+        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(
+            _value(c, inert=inert, dates=scope.dates), sql.Literal(c.wave), sql.Identifier(c.name)) for c in cols],
     ])
     statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id, p.site_id ORDER BY 1").format(select, source)
     return statement, cols
@@ -160,7 +204,9 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False,
 
 def _params(study_id: Any, pseudonymiser: Pseudonymiser, scope: Scope = Scope()) -> dict[str, Any]:
     inner, outer = pseudonymiser.sql_pads()
-    return {"study": study_id, "inner": inner, "outer": outer, "site": scope.site_id}
+    shift_inner, shift_outer = scope.shift_pads or (b"", b"")
+    return {"study": study_id, "inner": inner, "outer": outer, "site": scope.site_id,
+            "shift_inner": shift_inner, "shift_outer": shift_outer}
 
 
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
@@ -210,13 +256,15 @@ def _schema(cols: list[Column], layout: str, scope: Scope = Scope()) -> Any:
     import pyarrow as pa
 
     category = pa.dictionary(pa.int32(), pa.string())
-    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "date": pa.date32(),
-             "single_choice": category}
+    year = scope.dates == "year"
+    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(),
+             "date": pa.int64() if year else pa.date32(), "single_choice": category}
     fields = [pa.field("participant", pa.string())]
     if scope.site_column:
         fields.append(pa.field("site", category))
     if layout == "long":
-        fields += [pa.field("wave", category), pa.field("completed_at", pa.timestamp("us", tz="UTC")),
+        fields += [pa.field("wave", category),
+                   pa.field("completed_at", pa.int64() if year else pa.timestamp("us", tz="UTC")),
                    pa.field("late", pa.bool_())]
     fields += [pa.field(c.name, arrow.get(c.type, pa.string())) for c in cols]
     return pa.schema(fields)
@@ -275,12 +323,20 @@ class _InertWriter:
         self.writer.writerow([neutralise(v) for v in row])
 
 
-def dictionary_csv(codebook: Codebook) -> str:
-    """The codebook as a data dictionary: one row per item and derived variable."""
+def dictionary_csv(codebook: Codebook, scope: Scope = Scope()) -> str:
+    """The codebook as a data dictionary: one row per item and derived variable, and (for a study with
+    sites, or dates not exact) the export's own columns that say so."""
     out = io.StringIO()
     writer = _InertWriter(out)
     writer.writerow(["variable", "kind", "instrument", "type", "label", "options", "min", "max", "required",
                      "waves", "enable_when", "definition"])
+    note = DATES_NOTE.get(scope.dates, "")
+    if scope.site_column:
+        writer.writerow(["site", "export", "", "text", "Site", "", "", "", "", "", "",
+                         "the key of the participant's site"])
+    if note:
+        writer.writerow(["completed_at", "export", "", "integer" if scope.dates == "year" else "datetime",
+                         "Completed at", "", "", "", "", ";".join(codebook.wave_keys), "", note])
     for instrument in codebook.document["instruments"]:
         for item in instrument["items"]:
             condition = item.get("enable_when")
@@ -289,7 +345,8 @@ def dictionary_csv(codebook: Codebook) -> str:
                 " | ".join(f"{o['code']}={o['label']}" for o in item.get("options", [])),
                 item.get("min", ""), item.get("max", ""), str(item.get("required", False)).lower(),
                 ";".join(item["waves"]),
-                f"{condition['item']} {condition['operator']} {condition['value']}" if condition else "", "",
+                f"{condition['item']} {condition['operator']} {condition['value']}" if condition else "",
+                note if item["type"] == "date" else "",
             ])
     for d in codebook.document.get("derived", []):
         writer.writerow([d["code"], "derived", "", d["type"], "", "", "", "", "", ";".join(codebook.wave_keys), "",

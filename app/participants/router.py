@@ -17,6 +17,7 @@ from app.core.timeutil import utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import importer, repository, service
 from app.participants.schemas import (
+    DateShiftOut,
     ImportResult,
     ParticipantIn,
     ParticipantOut,
@@ -24,6 +25,7 @@ from app.participants.schemas import (
     ScheduleStatus,
     SiteMoveIn,
 )
+from app.studies import service as studies
 from app.studies.deps import StudyFromPath
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["participants"], route_class=RoleRoute)
@@ -110,3 +112,12 @@ def move_participant(external_id: str, body: SiteMoveIn, principal: Coordinator,
     now = utcnow()
     service.move(session, study, external_id, body, principal.token_id, now)
     return service.view(session, study, external_id, settings_sealer(settings)).out(now)
+
+
+@router.get("/participants/{external_id}/date-shift", response_model=DateShiftOut,
+            summary="The participant's shift in date-shifted exports (coordinator: to undo it)")
+def date_shift(external_id: str, principal: Coordinator, study: StudyFromPath, session: SessionDep,
+               settings: SettingsDep) -> DateShiftOut:
+    participant = service.find(session, study, external_id)
+    shifter = studies.date_shifter(session, study.study, settings_sealer(settings))
+    return DateShiftOut(external_id=participant.external_id, days=shifter(participant.id))

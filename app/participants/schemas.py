@@ -82,6 +82,12 @@ class SiteMoveIn(BaseModel):
     reason: str = Field(min_length=1, max_length=2000, description="why, for the audit trail")
 
 
+class DateShiftOut(BaseModel):
+    external_id: str
+    days: int = Field(description="what `?dates=shifted` exports add to each of this participant's dates; "
+                                  "subtract it to undo")
+
+
 class ImportError_(BaseModel):
     row: int = Field(description="1-based position of the record (CSV: data rows after the header)")
     loc: list[str | int]

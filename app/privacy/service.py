@@ -22,6 +22,7 @@ BATCH = 1000
 SEALED: tuple[tuple[str, Any, Any], ...] = (
     ("participant contacts", Contact.participant_id, Contact.sealed),
     ("study pseudonym keys", Study.id, Study.pseudonym_key),
+    ("study date-shift keys", Study.id, Study.date_shift_key),
     ("idempotent replies", IdempotencyRecord.id, IdempotencyRecord.sealed_body),
 )
 

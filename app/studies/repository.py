@@ -77,6 +77,15 @@ def set_pseudonym_key(session: Session, study_id: uuid.UUID, sealed: bytes) -> b
     return stored
 
 
+def set_date_shift_key(session: Session, study_id: uuid.UUID, sealed: bytes) -> bytes:
+    """As set_pseudonym_key, for the date-shift key."""
+    session.execute(update(Study).where(Study.id == study_id, Study.date_shift_key.is_(None))
+                    .values(date_shift_key=sealed))
+    stored = session.scalars(select(Study.date_shift_key).where(Study.id == study_id)).one()
+    assert stored is not None
+    return stored
+
+
 def visible(session: Session, only: uuid.UUID | None) -> list[Study]:
     """Every study by key, or just `only` (a token limited to one study)."""
     query = select(Study).order_by(Study.key)

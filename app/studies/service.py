@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.core.crypto import Pseudonymiser, Sealer, new_pseudonym_key
+from app.core.crypto import DateShifter, Pseudonymiser, Sealer, new_pseudonym_key
 from app.core.db import add_unique
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.security import Principal
@@ -19,7 +19,7 @@ from app.instruments.codebook import Codebook, load_codebook, parse_codebook, te
 from app.instruments.models import CodebookRevision
 from app.studies import repository
 from app.studies.models import Study, Wave
-from app.studies.schemas import CodebookRef, Language, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
+from app.studies.schemas import CodebookRef, ExportDates, Language, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,20 @@ def pseudonymiser(session: Session, study: Study, sealer: Sealer) -> Pseudonymis
     return Pseudonymiser(base64.b64decode(sealer.open(sealed)["key"]))
 
 
+def date_shifter(session: Session, study: Study, sealer: Sealer) -> DateShifter:
+    """The study's date-shift function; its key is made on first use, once, and kept sealed."""
+    sealed = study.date_shift_key
+    if sealed is None:
+        sealed = repository.set_date_shift_key(session, study.id, sealer.seal(
+            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
+    return DateShifter(base64.b64decode(sealer.open(sealed)["key"]))
+
+
+def export_dates(study: Study) -> ExportDates:
+    dates: ExportDates = (study.settings or {}).get("export_dates", "exact")
+    return dates
+
+
 def remember_simulation(session: Session, ctx: StudyContext, truth: dict[str, Any]) -> None:
     study = session.get(Study, ctx.study.id)
     assert study is not None
@@ -170,6 +184,8 @@ def update(session: Session, ctx: StudyContext, data: StudyUpdate) -> StudyConte
         study.settings = {**(study.settings or {}), "language": data.language}
     if data.contact is not None:
         study.settings = {**(study.settings or {}), "contact": data.contact.strip() or None}
+    if data.export_dates is not None:
+        study.settings = {**(study.settings or {}), "export_dates": data.export_dates}
     session.flush()
     return StudyContext(study, ctx.codebook, ctx.revision)
 
@@ -188,5 +204,6 @@ def to_out(ctx: StudyContext) -> StudyOut:
         waves=list(cb.wave_keys) if cb is not None else [],
         withdrawal_policy=withdrawal_policy(ctx.study),
         language=survey_language(ctx.study), contact=(ctx.study.settings or {}).get("contact"),
+        export_dates=export_dates(ctx.study),
         created_at=ctx.study.created_at,
     )
