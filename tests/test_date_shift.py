@@ -142,3 +142,17 @@ async def test_year_only_exports_and_the_dictionary_says_which(admin: httpx.Asyn
     assert by_participant(await rows(app_client, study)) == by_participant(await rows(app_client, study,
                                                                                      dates="shifted"))
     assert by_participant(await rows(app_client, study, dates="exact")) == exact
+
+
+async def test_the_dashboard_offers_the_shifted_export(app: Any, app_client: httpx.AsyncClient,
+                                                       study: dict[str, Any]) -> None:
+    from tests.conftest import client_for
+
+    async with client_for(app) as browser:
+        assert (await browser.post("/ui/login", data={"token": study["analyst"]})).status_code == 303
+        page = await browser.get(f"/ui/studies/{study['key']}/data")
+        assert page.status_code == 200 and "dates=shifted" in page.text
+        shifted = await browser.get(f"/ui/studies/{study['key']}/export", params={"dates": "shifted"})
+        assert shifted.status_code == 200
+    api = by_participant(await rows(app_client, study, dates="shifted"))
+    assert by_participant(list(csv.DictReader(io.StringIO(shifted.text)))) == api

@@ -309,23 +309,26 @@ def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, sessio
 @router.get("/studies/{key}/data", response_class=HTMLResponse)
 def data(request: Request, key: str, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
     ctx = _study(session, viewer, key, "analyst")
-    return page(request, "ui/data.html", viewer, study=ctx.study)
+    return page(request, "ui/data.html", viewer, study=ctx.study, dates=studies.export_dates(ctx.study))
 
 
 @router.get("/studies/{key}/export")
 def export(key: str, viewer: ViewerDep, session: SessionDep, db: DatabaseDep, settings: SettingsDep,
            format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
-           layout: Annotated[Literal["long", "wide"], Query()] = "long") -> Response:
+           layout: Annotated[Literal["long", "wide"], Query()] = "long",
+           dates: Annotated[Literal["exact", "shifted", "year"] | None, Query()] = None) -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    export = exports.export(session, db, ctx, settings_sealer(settings), format=format, layout=layout)
+    export = exports.export(session, db, ctx, settings_sealer(settings), format=format, layout=layout, dates=dates)
     return StreamingResponse(export.body, media_type=export.media_type,
                              headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
 
 
 @router.get("/studies/{key}/dictionary")
-def dictionary(key: str, viewer: ViewerDep, session: SessionDep) -> Response:
+def dictionary(key: str, viewer: ViewerDep, session: SessionDep, settings: SettingsDep,
+               dates: Annotated[Literal["exact", "shifted", "year"] | None, Query()] = None) -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    return Response(exports.dictionary_csv(ctx.require_codebook()), media_type=exports.MEDIA["csv"],
+    scope = exports.scope_of(session, ctx, settings_sealer(settings), dates)
+    return Response(exports.dictionary_csv(ctx.require_codebook(), scope), media_type=exports.MEDIA["csv"],
                     headers={"Content-Disposition": f'attachment; filename="{ctx.study.key}-dictionary.csv"'})
 
 
