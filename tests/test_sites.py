@@ -231,3 +231,44 @@ async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped
             {site} if site else {"north", "south"})
     by_site = (await admin.get(f"{base}/retention", params={"by": "site"})).json()
     assert {g["group"]: g["waves"][0]["completed"] for g in by_site["groups"]} == {"north": 2, "south": 2}
+
+
+async def test_redcap_import_assigns_data_access_groups_as_redcap_does(admin: httpx.AsyncClient) -> None:
+    world = await two_site_study(admin)
+    study = world["key"]
+    tokens = {}
+    for site in ("north", None):
+        body: dict[str, Any] = {"role": "coordinator", "label": f"rc {site}", "study_key": study, "format": "redcap"}
+        if site:
+            body["site_key"] = site
+        tokens[site] = (await admin.post("/api/v1/tokens", json=body)).json()["token"]
+
+    async def post(token: str, rows: list[dict[str, str]]) -> httpx.Response:
+        import json
+
+        return await admin.post("/redcap/api/", data={"token": token, "content": "record", "format": "json",
+                                                      "data": json.dumps(rows)})
+
+    # a user in a DAG may not put a record in another one, nor reach another DAG's records
+    r = await post(tokens["north"], [{"record_id": "NORTH-1", "redcap_event_name": "baseline_arm_1",
+                                      "redcap_data_access_group": "south"}])
+    assert r.status_code == 400 and "not a data access group" in r.text
+    r = await post(tokens["north"], [{"record_id": "SOUTH-1", "redcap_event_name": "baseline_arm_1",
+                                      "redcap_data_access_group": "north"}])
+    assert r.status_code == 400 and "does not exist" in r.text
+    r = await post(tokens[None], [{"record_id": "NORTH-1", "redcap_event_name": "baseline_arm_1",
+                                   "redcap_data_access_group": "west"}])
+    assert r.status_code == 400 and "not a data access group" in r.text
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/NORTH-1")).json()["site"] == "north"
+    # a user in no DAG assigns: the record moves, audited with the import as its reason; no response is made
+    r = await post(tokens[None], [{"record_id": "NORTH-1", "redcap_event_name": "month6_arm_1",
+                                   "redcap_data_access_group": "south"}])
+    assert r.status_code == 200, r.text
+    assert (await admin.get(f"/api/v1/studies/{study}/participants/NORTH-1")).json()["site"] == "south"
+    assert (await admin.get(f"/api/v1/studies/{study}/responses",
+                            params={"external_id": "NORTH-1", "wave": "month6"})).json()["items"] == []
+    moves = (await admin.get(f"/api/v1/studies/{study}/audit", params={"table": "participant_site_moves"})).json()
+    assert [m["after"]["reason"] for m in moves["items"]] == ["REDCap record import (redcap_data_access_group)"]
+    r = await admin.post("/redcap/api/", data={"token": tokens["north"], "content": "dag", "action": "import",
+                                               "format": "json", "data": "[]"})
+    assert r.status_code == 400 and "sites" in r.text

@@ -31,6 +31,8 @@ from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.exports.service import neutralise
+from app.participants import service as participants
+from app.participants.schemas import SiteMoveIn
 from app.redcap import logic, repository
 from app.redcap.project import RECORD_ID, Project, event_name, wave_of
 from app.responses import service as responses
@@ -489,8 +491,13 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     return_content = (form.get("returnContent") or "count").lower()
     grouped: dict[tuple[str, str], dict[str, Any]] = {}
     problems: list[str] = []
+    dags: dict[str, str] = {}
     for n, row in enumerate(rows, start=1):
         record = str(row.get(RECORD_ID) or "").strip()
+        dag = str(row.pop("redcap_data_access_group", None) or "").strip()
+        if dag and record and dags.setdefault(record, dag) != dag:
+            problems.append(f"row {n} ({record}): redcap_data_access_group {dag!r} differs from "
+                            f"{dags[record]!r} given for the same record")
         event = str(row.get("redcap_event_name") or "").strip()
         wave = wave_of(event)
         if not record:
@@ -503,6 +510,8 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     now = utcnow()
     imported: list[str] = []
     for (record, wave), row in grouped.items():
+        if record in dags and set(row) <= {RECORD_ID, "redcap_event_name"}:
+            continue  # only a data access group for the record: nothing to store at this event
         answers, bad = project.answers_from(row)
         problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
         if bad:
@@ -537,6 +546,8 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
             problems.append(f"{record} ({event_name(wave)}): {detail}")
             continue
         imported.append(record)
+    problems += _assign_dags(session, ctx, principal, dags, now)
+    imported += list(dags)
     if problems:  # all or nothing: the error rolls the import's transaction back
         raise RedcapError("; ".join(problems[:50]) + (f" (and {len(problems) - 50} more)" if len(problems) > 50
                                                        else ""))
@@ -546,6 +557,29 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     if return_content == "nothing":
         return PlainTextResponse("")
     return JSONResponse({"count": len(ids)}) if fmt == "json" else PlainTextResponse(f"count\n{len(ids)}\n")
+
+
+def _assign_dags(session: Session, ctx: StudyContext, principal: Principal, dags: dict[str, str],
+                 now: datetime) -> list[str]:
+    """`redcap_data_access_group` on import: the record moves to that site (audited, with the import as
+    its reason). A token bound to a site is a user in that DAG: it may name only its own."""
+    problems = []
+    sites = {s.key: s for s in study_sites.of_study(session, ctx.study.id)}
+    for record, dag in dags.items():
+        site = sites.get(dag)
+        if site is None or (ctx.site_id is not None and site.id != ctx.site_id):
+            problems.append(f"{record}: redcap_data_access_group {dag!r} is not a data access group of this "
+                            "project" + (" you may assign records to" if site is not None else ""))
+            continue
+        try:
+            participant = participants.find(session, ctx, record)
+        except DomainError:
+            problems.append(f"{record}: the record does not exist (records are enrolled through cohort's API)")
+            continue
+        if participant.site_id != site.id:
+            participants.move(session, ctx, record, SiteMoveIn(
+                site=dag, reason="REDCap record import (redcap_data_access_group)"), principal.token_id, now)
+    return problems
 
 
 # -- surveys and the log ----------------------------------------------------------------------------
