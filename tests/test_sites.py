@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
 
 from tests.conftest import ADMIN_TOKEN
@@ -229,6 +232,16 @@ async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped
         assert header.split(",")[:3] == ["participant", "site", "wave"]
         assert len(rows) == len(expected[site]) and {r.split(",")[1] for r in rows} == (
             {site} if site else {"north", "south"})
+    wide = await admin.get(f"{base}/export", params={"layout": "wide"}, headers=auth(analysts["south"]))
+    header, *rows = wide.text.strip().splitlines()
+    assert header.split(",")[:2] == ["participant", "site"] and [r.split(",")[1] for r in rows] == ["south"] * 2
+    parquet = await admin.get(f"{base}/export", params={"format": "parquet"}, headers=auth(analysts["north"]))
+    assert set(pd.read_parquet(io.BytesIO(parquet.content))["site"]) == {"north"}
+    outcomes = (await admin.get(f"{base}/outcomes", params={"by": "site"})).json()["items"]
+    assert {(o["wave"], o["group"]) for o in outcomes} == {("baseline", "north"), ("baseline", "south")}
+    north_only = (await admin.get(f"{base}/outcomes", params={"by": "site"},
+                                  headers=auth(coordinators["north"]))).json()["items"]
+    assert {o["group"] for o in north_only} == {"north"}
     by_site = (await admin.get(f"{base}/retention", params={"by": "site"})).json()
     assert {g["group"]: g["waves"][0]["completed"] for g in by_site["groups"]} == {"north": 2, "south": 2}
 
@@ -244,8 +257,6 @@ async def test_redcap_import_assigns_data_access_groups_as_redcap_does(admin: ht
         tokens[site] = (await admin.post("/api/v1/tokens", json=body)).json()["token"]
 
     async def post(token: str, rows: list[dict[str, str]]) -> httpx.Response:
-        import json
-
         return await admin.post("/redcap/api/", data={"token": token, "content": "record", "format": "json",
                                                       "data": json.dumps(rows)})
 
