@@ -194,6 +194,8 @@ async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped
         # retention counts the site's participants only
         retention = (await admin.get(f"{base}/retention", headers=h)).json()["waves"][0]
         assert retention["wave"] == "baseline" and retention["completed"] == len(own), (site, retention)
+        funnel = (await admin.get(f"{base}/reminders/funnel", headers=h)).json()["waves"][0]
+        assert funnel["wave"] == "baseline" and funnel["completed"] == len(own), (site, funnel)
         # a collector's write for another site's participant: as if it did not exist
         other = sorted((NORTH | SOUTH) - own)
         if other:

@@ -191,15 +191,25 @@ def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wav
         session.connection().execute(_CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
 
 
-def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+def _of_site(participant_id: Any, site_id: uuid.UUID | None) -> list[Any]:
+    """Limits a query to one site's participants (none: the whole study)."""
+    if site_id is None:
+        return []
+    return [participant_id.in_(select(Participant.id).where(Participant.site_id == site_id))]
+
+
+def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime,
+                site_id: uuid.UUID | None = None) -> Sequence[Any]:
     return session.execute(
         select(ReminderSend.wave, ReminderSend.kind, func.count())
-        .where(ReminderSend.study_id == study_id, ReminderSend.status == "sent", ReminderSend.sent_at <= as_of)
+        .where(ReminderSend.study_id == study_id, ReminderSend.status == "sent", ReminderSend.sent_at <= as_of,
+               *_of_site(ReminderSend.participant_id, site_id))
         .group_by(ReminderSend.wave, ReminderSend.kind)
     ).all()
 
 
-def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime,
+                      site_id: uuid.UUID | None = None) -> Sequence[Any]:
     """For each wave completed by `as_of`: the kind of the last message sent before completion."""
     last = (
         select(ReminderSend.kind)
@@ -212,7 +222,7 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) ->
     completions = (
         select(Schedule.wave, func.coalesce(last, "none").label("kind"))
         .where(Schedule.study_id == study_id, Schedule.completed_at.is_not(None),
-               Schedule.completed_at <= as_of)
+               Schedule.completed_at <= as_of, *_of_site(Schedule.participant_id, site_id))
         .subquery()
     )
     return session.execute(

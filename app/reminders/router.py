@@ -107,10 +107,10 @@ def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath,
     return TemplateOut(subject=body.subject, body=body.body, variables=list(templates.VARIABLES), customised=True)
 
 
-@router.get("/reminders/funnel", dependencies=[WholeStudy], response_model=Funnel,
+@router.get("/reminders/funnel", response_model=Funnel,
             summary="Completions per wave by the message that preceded them")
 def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep,
                as_of: Annotated[Instant | None, Query()] = None) -> Funnel:
     when: datetime = as_of or utcnow()
-    rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when)
+    rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when, study.site_id)
     return Funnel(as_of=when, waves=[FunnelWave(**r) for r in rows])

@@ -315,12 +315,13 @@ def participant_sends(session: Session, participant_id: uuid.UUID) -> list[Remin
     return repository.of_participant(session, participant_id)
 
 
-def funnel(session: Session, study_id: uuid.UUID, wave_keys: list[str], as_of: datetime) -> list[dict[str, Any]]:
+def funnel(session: Session, study_id: uuid.UUID, wave_keys: list[str], as_of: datetime,
+           site_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
     completed: dict[str, dict[str, int]] = defaultdict(dict)
-    for wave, kind, n in repository.preceding_contact(session, study_id, as_of):
+    for wave, kind, n in repository.preceding_contact(session, study_id, as_of, site_id):
         completed[wave][kind] = n
     sent: dict[str, dict[str, int]] = defaultdict(dict)
-    for wave, kind, n in repository.sent_counts(session, study_id, as_of):
+    for wave, kind, n in repository.sent_counts(session, study_id, as_of, site_id):
         sent[wave][kind] = n
     out = []
     for wave in wave_keys:
