@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -216,6 +217,13 @@ async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped
             overview = await browser.get(f"/ui/studies/{study}")
             assert overview.status_code == 200
             assert ("Retention by site" in overview.text) == (site is None)
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf is not None
+            for stranger in sorted((NORTH | SOUTH) - own):  # reminding or withdrawing another site's: not found
+                for action, form in (("remind", {"wave": "baseline"}), ("withdraw", {"reason": "x"})):
+                    r = await browser.post(f"/ui/studies/{study}/followup/{stranger}/{action}",
+                                           data={**form, "csrf": csrf.group(1)})
+                    assert r.status_code == 404, (site, stranger, action, r.status_code)
         # REDCap records and DAGs, for a token bound to the same site
         r = await admin.post("/redcap/api/", data={"token": redcap[site], "content": "record", "format": "json",
                                                    "exportDataAccessGroups": "true"})
@@ -227,6 +235,8 @@ async def test_each_sites_tokens_see_only_their_site_everywhere_and_the_unscoped
         # FHIR search
         bundle = await admin.get("/fhir/QuestionnaireResponse", headers=h)
         assert bundle.status_code == 200 and mentioned(bundle.text) == own, site
+    everyone = (await admin.get(f"{base}/participants")).json()["items"]
+    assert {p["status"] for p in everyone} == {"active"}, "no site's token withdrew another site's participant"
     for site, token in analysts.items():
         export = await admin.get(f"{base}/export", headers=auth(token))
         assert export.status_code == 200
