@@ -252,6 +252,7 @@ def token_create(
     role: Annotated[str, typer.Option(help="admin, coordinator, collector or analyst")],
     label: Annotated[str, typer.Option(help="what the token is for")] = "created from the command line",
     study: Annotated[str | None, typer.Option(help="limit the token to one study key")] = None,
+    site: Annotated[str | None, typer.Option(help="limit the token to one site (key) of --study")] = None,
 ) -> None:
     """Create a token and print its secret (only once)."""
     from app.core.db import Database, transaction
@@ -266,7 +267,7 @@ def token_create(
         db = Database.from_settings(settings)
         try:
             with transaction(db) as session:
-                created = tokens.create(session, role=role, label=label, study_key=study)
+                created = tokens.create(session, role=role, label=label, study_key=study, site_key=site)
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
