@@ -293,6 +293,62 @@ async def test_identical_requests_on_unchanged_data_reuse_the_result(
     assert [a["id"] for a in listing] == [first["id"], second["id"]]
 
 
+async def test_a_fit_on_unchanged_data_reads_the_kept_snapshot(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.analysis import frame as frames
+
+    first = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert first["status"] == "succeeded", first["error"]
+    read_from_database: list[int] = []
+    load = frames.load
+
+    def counted(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        read_from_database.append(1)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "load", counted)
+    second = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert second["status"] == "succeeded", second["error"]
+    assert read_from_database == []  # the data had not changed: the kept snapshot was the frame
+    assert second["data"]["snapshot_sha256"] == first["data"]["snapshot_sha256"]
+    listed = (await admin.get(f"{BASE}/responses", params={"wave": "baseline", "limit": 1})).json()["items"][0]
+    r = await admin.patch(f"{BASE}/responses/{listed['id']}", json={"answers": {"age": 78}, "reason": "typo"})
+    assert r.status_code == 200
+    third = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert read_from_database == [1]  # changed data is read again
+    assert third["data"]["snapshot_sha256"] != first["data"]["snapshot_sha256"]
+    frame = await exported_frame(app_client, analyst, third)
+    assert (frame["age"] == 78).sum() >= 1
+
+
+async def test_the_frame_and_the_export_read_the_same_derived_values(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any],
+) -> None:
+    """A definition changed and not yet recomputed by the periodic task: an export and a fit
+    read the new definition's values alike (neither serves the stale stored ones)."""
+    document = pal_codebook()
+    document["version"] = 3
+    next(d for d in document["derived"] if d["code"] == "weekly_attendance")["definition"] = "meetings_30d >= 9"
+    assert (await admin.put(f"{BASE}/codebook", json=document)).status_code == 200
+    export = await app_client.get(f"{BASE}/export", params={"format": "csv", "layout": "long"}, headers=auth(analyst))
+    assert export.status_code == 200
+    exported = pd.read_csv(io.StringIO(export.text)).set_index(["participant", "wave"]).sort_index()
+    job = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert job["status"] == "succeeded", job["error"]
+    frame = (await exported_frame(app_client, analyst, job)).set_index(["participant", "wave"]).sort_index()
+    assert list(frame.index) == list(exported.index)
+    expected = (exported["meetings_30d"] >= 9).where(exported["meetings_30d"].notna())
+    known = exported["weekly_attendance"].notna()
+    assert known.sum() > 100
+    assert (exported.loc[known, "weekly_attendance"] == expected[known]).all()
+    assert (frame.loc[known, "weekly_attendance"] == exported.loc[known, "weekly_attendance"]).all()
+    assert (frame["weekly_attendance"].isna() == exported["weekly_attendance"].isna()).all()
+    assert ((exported["meetings_30d"] >= 4) & (exported["meetings_30d"] < 9)).sum() > 0  # the change shows
+
+
 async def test_the_same_snapshot_gives_the_same_numbers(database: Database, settings: Settings,
                                                         admin: httpx.AsyncClient) -> None:
     from app.analysis import frame as frames
@@ -304,8 +360,8 @@ async def test_the_same_snapshot_gives_the_same_numbers(database: Database, sett
     with transaction(database) as session:
         ctx = system_context(session, "pal")
         pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-        one = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
-        two = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
+        one = frames.load(session, ctx, pseudonymise)
+        two = frames.load(session, ctx, pseudonymise)
         codebook = ctx.require_codebook()
     assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
     doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))

@@ -4,9 +4,9 @@ Text answers that a spreadsheet would run as a formula (starting with =, +, -, @
 written with a leading apostrophe in CSV, as OWASP advises; `raw_cells=True` turns that off for
 analysts who read the file with code. Parquet is typed data and always raw.
 
-Item codes and derived variables are the columns; participants appear as the study's HMAC
-pseudonym, computed in SQL with the built-in sha256() from RFC 2104's inner and outer keys
-(no extension needed); there is no contact data and no external id. Everything streams:
+Item codes and derived variables are the columns, selected by the responses domain's one bulk
+reader (`app.responses.table`, which the analysis frame reads through too); participants appear
+as the study's HMAC pseudonym; there is no contact data and no external id. Everything streams:
 CSV straight from PostgreSQL's COPY ... TO STDOUT, Parquet one row group at a time, so a
 million rows pass through in flat memory.
 """
@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, Sealer
 from app.core.db import Database
-from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
+from app.responses import service as responses
+from app.responses import table
 from app.studies.service import StudyContext, pseudonymiser
 
 PARQUET_BATCH = 10_000
@@ -46,7 +47,8 @@ def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, 
     """A study's de-identified export, ready to stream (for the API and the dashboard alike).
     Everything that can be refused is refused here, before the first byte."""
     codebook = study.require_codebook()
-    query(codebook, layout)
+    table.query(codebook, layout)
+    responses.bring_derived_current(session, study)
     pseudonymise = pseudonymiser(session, study.study, sealer)
     if format == "csv":
         body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
@@ -55,108 +57,28 @@ def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, 
     return Export(body, MEDIA[format], f"{study.study.key}-{layout}.{format}")
 
 
-@dataclass(frozen=True)
-class Column:
-    name: str
-    source: str  # "answers" or "derived"
-    code: str
-    type: str
-    wave: str | None = None  # wide layout: the wave this column holds
-
-
-def columns(codebook: Codebook, layout: str) -> list[Column]:
-    items = [Column(code, "answers", code, item.type) for code, item in codebook.items.items()]
-    derived = [Column(d.code, "derived", d.code, d.type) for d in codebook.derived]
-    if layout == "long":
-        return [*items, *derived]
-    out = []
-    for wave in codebook.wave_keys:
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in items
-                if wave in codebook.items[c.code].waves]
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in derived]
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise Invalid("wide column names collide in this codebook; use the long layout", errors=[
-            {"loc": ["query", "layout"], "code": "layout", "message": "item and wave names collide"}])
-    return out
-
-
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 def neutralise(value: Any, *, numbers_are_data: bool = False) -> Any:
     """OWASP's CSV injection defence: a text cell a spreadsheet would run as a formula gets a
-    leading `'` (the native export does the same in SQL, `_value`). `numbers_are_data`: a cell
+    leading `'` (the native export does the same in SQL, `table._value`). `numbers_are_data`: a cell
     that is a plain number (-3, +1.5) stays as it is, for the REDCap CSV, where every value is text."""
     if not isinstance(value, str) or not value.startswith(FORMULA_START):
         return value
     return value if numbers_are_data and _PLAIN_NUMBER.fullmatch(value) else "'" + value
 
 
-def _value(column: Column, alias: str = "r", *, inert: bool = False) -> sql.Composable:
-    field = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column.source))
-    if column.type == "multi_choice":
-        return sql.SQL("(SELECT string_agg(x, ';') FROM jsonb_array_elements_text({} -> {}) AS x)").format(
-            field, sql.Literal(column.code))
-    value = sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
-    if inert and column.type == "text":  # only free text can start with a formula; codes and numbers cannot
-        return sql.SQL("(SELECT CASE WHEN left(v, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN {} || v "
-                       "ELSE v END FROM (SELECT {} AS v) AS cell)").format(sql.Literal("'"), value)
-    return value
-
-
-def _pseudonym(alias: str = "p") -> sql.Composable:
-    return sql.SQL(
-        "left(encode(sha256(%(outer)s || sha256(%(inner)s || convert_to({}.external_id, 'UTF8'))), 'hex'), {})"
-    ).format(sql.Identifier(alias), sql.Literal(16))
-
-
-def query(codebook: Codebook, layout: str, *, inert: bool = False,
-          typed: bool = False) -> tuple[sql.Composable, list[Column]]:
-    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV); `typed`:
-    timestamps as timestamps (Parquet) rather than RFC 3339 text (CSV). Booleans are spelled
-    true/false everywhere in CSV, as the derived values are."""
-    cols = columns(codebook, layout)
-    wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
-    source = sql.SQL(
-        "FROM responses r JOIN participants p ON p.id = r.participant_id "
-        "WHERE r.study_id = %(study)s AND r.status = 'complete'"
-    )
-    if layout == "long":
-        select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
-            sql.SQL("r.completed_at") if typed else sql.SQL(
-                "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
-            sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
-            *[sql.SQL("{} AS {}").format(_value(c, inert=inert), sql.Identifier(c.name)) for c in cols],
-        ])
-        statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
-        return statement, cols
-    # wide: one row per participant, one column per (item, wave) the codebook asks
-    select = sql.SQL(", ").join([
-        sql.SQL("{} AS participant").format(_pseudonym()),
-        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c, inert=inert), sql.Literal(c.wave),
-                                                                      sql.Identifier(c.name)) for c in cols],
-    ])
-    statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id ORDER BY 1").format(select, source)
-    return statement, cols
-
-
-def _params(study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
-    inner, outer = pseudonymiser.sql_pads()
-    return {"study": study_id, "inner": inner, "outer": outer}
-
-
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
                chunk: int = 1 << 16, *, raw_cells: bool = False) -> Iterator[bytes]:
-    statement, _ = query(codebook, layout, inert=not raw_cells)
+    statement, _ = table.query(codebook, layout, inert=not raw_cells)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
         raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         buffer = bytearray()
-        with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser)) as stream:
+        with raw.cursor() as cur, cur.copy(copy, table.params(study_id, pseudonymiser)) as stream:
             for data in stream:
                 buffer += data
                 if len(buffer) >= chunk:
@@ -191,7 +113,7 @@ class _Drain(io.RawIOBase):
         return out
 
 
-def _schema(cols: list[Column], layout: str) -> Any:
+def _schema(cols: list[table.Column], layout: str) -> Any:
     import pyarrow as pa
 
     category = pa.dictionary(pa.int32(), pa.string())
@@ -230,7 +152,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    statement, cols = query(codebook, layout, typed=True)
+    statement, cols = table.query(codebook, layout, typed=True)
     schema = _schema(cols, layout)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
@@ -239,7 +161,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(name="cohort_export") as cur:  # server-side cursor: rows arrive in batches
             cur.itersize = PARQUET_BATCH
-            cur.execute(statement, _params(study_id, pseudonymiser))
+            cur.execute(statement, table.params(study_id, pseudonymiser))
             while rows := cur.fetchmany(PARQUET_BATCH):
                 writer.write_table(_batch(rows, schema))
                 del rows
