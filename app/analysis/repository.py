@@ -134,6 +134,13 @@ def add_plan(session: Session, plan: AnalysisPlan) -> AnalysisPlan:
     return plan
 
 
+def keep_first_plan(session: Session, study_id: uuid.UUID, document: dict[str, Any], now: datetime) -> None:
+    """Store version 1 unless it is stored already (two first requests at once store it once)."""
+    session.execute(insert(AnalysisPlan).values(
+        id=uuid.uuid4(), study_id=study_id, version=1, document=document, created_by=None, created_at=now,
+    ).on_conflict_do_nothing(index_elements=[AnalysisPlan.study_id, AnalysisPlan.version]))
+
+
 def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> tuple[int, int]:
     """How many complete responses, and a hash over their ids, versions and derived signatures."""
     query = select(

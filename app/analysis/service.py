@@ -98,6 +98,7 @@ class CurrentPlan:
     document: dict[str, Any]
     created_at: datetime | None
     created_by: uuid.UUID | None
+    stored: bool = True
 
     @property
     def doc(self) -> plans.PlanDoc:
@@ -114,8 +115,19 @@ def current_plan(session: Session, ctx: StudyContext) -> CurrentPlan:
     codebook = ctx.require_codebook()
     shipped = plans.shipped_plan(codebook.key)
     if shipped is not None:
-        return CurrentPlan(1, shipped, None, None)
-    return CurrentPlan(0, {"variables": {}, "models": {}}, None, None)
+        return CurrentPlan(1, shipped, None, None, stored=False)
+    return CurrentPlan(0, {"variables": {}, "models": {}}, None, None, stored=False)
+
+
+def _kept_plan(session: Session, ctx: StudyContext) -> CurrentPlan:
+    """The current plan, stored: the template's plan becomes the study's stored version 1 the
+    first time something depends on it (a fit that cites it, or an edit that follows it), so a
+    later release shipping another plan never changes what version 1 meant for this study."""
+    current = current_plan(session, ctx)
+    if current.stored or current.version == 0:
+        return current
+    repository.keep_first_plan(session, ctx.study.id, current.document, utcnow())
+    return current_plan(session, ctx)
 
 
 def replace_plan(session: Session, ctx: StudyContext, document: dict[str, Any], *, expected_version: int | None,
@@ -124,7 +136,7 @@ def replace_plan(session: Session, ctx: StudyContext, document: dict[str, Any], 
     codebook = ctx.require_codebook()
     doc: plans.PlanDoc = plans.parse(document, plans.PlanDoc)
     plans.check(doc, codebook)
-    current = current_plan(session, ctx)
+    current = _kept_plan(session, ctx)
     if expected_version is not None and expected_version != current.version:
         raise Conflict(f"the plan is at version {current.version}, not {expected_version}; "
                        "read it again and apply the change to that version")
@@ -176,6 +188,7 @@ def request(session: Session, ctx: StudyContext, *, model: str | None, variant: 
             spec: dict[str, Any] | None, as_of: datetime | None, requested_by: uuid.UUID) -> tuple[Analysis, bool]:
     from app.analysis import frame as frames
 
+    _kept_plan(session, ctx)  # the version a result cites is a stored one
     resolved = resolve_request(session, ctx, model=model, variant=variant, spec=spec)
     codebook = ctx.require_codebook()
     fingerprint = _fingerprint(frames.data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of),
