@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from app.core.migrations import run_migrations
+from app.core.progress import on_terminal
 from app.core.settings import ConfigError, Settings, get_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -307,15 +308,18 @@ def simulate(
         run_migrations(settings)
         db = Database.from_settings(settings)
         try:
-            cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
-            with transaction(db) as session:
-                if study_repository.by_key(session, study) is None:
-                    studies.create(session, StudyCreate(key=study, name="Simulated PAL cohort",
-                                                        timezone=timezone, template="pal-replication"),
-                                   settings_sealer(settings))
-                ctx = studies.system_context(session, study)
-                written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow())
-                studies.remember_simulation(session, ctx, cohort.truth)
+            with on_terminal() as progress:
+                progress.step(f"simulating {participants:,} participants")
+                cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
+                with transaction(db) as session:
+                    if study_repository.by_key(session, study) is None:
+                        studies.create(session, StudyCreate(key=study, name="Simulated PAL cohort",
+                                                            timezone=timezone, template="pal-replication"),
+                                       settings_sealer(settings))
+                    ctx = studies.system_context(session, study)
+                    written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow(), progress=progress)
+                    studies.remember_simulation(session, ctx, cohort.truth)
+                    progress.step("committing")
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
@@ -336,8 +340,6 @@ def import_participants(
     """Enrol participants from a file, through the same checks as participants:import (all-or-nothing by default)."""
     import time
 
-    from rich.console import Console
-
     from app.core.crypto import settings_sealer
     from app.core.db import Database, transaction
     from app.core.errors import DomainError
@@ -346,20 +348,23 @@ def import_participants(
     from app.participants import service as participants
     from app.studies import service as studies
 
-    console = Console(stderr=True)
     raw = file.read_bytes()
     started = time.perf_counter()
-    with database_runtime() as settings, console.status("reading", spinner="dots") as status:
+    with database_runtime() as settings, on_terminal() as progress:
         _setup_logging(settings.log_level)
         db = Database.from_settings(settings)
         try:
+            progress.step(f"reading {file.name}")
             records, csv_mode = importer.read_csv(raw) if file.suffix.lower() == ".csv" else importer.read_json(raw)
-            status.update(f"checking {len(records):,} rows")
+            progress.step("checking", total=len(records), unit="rows")
             rows, errors = importer.validate(records, csv_mode=csv_mode)
-            status.update(f"enrolling {len(rows):,} rows (schedules, sealed contacts, audit)")
+            progress.advance(len(records))
+            # one transaction (all or nothing): the count moves when it is done
+            progress.step("enrolling (schedules, sealed contacts, audit)", total=len(rows), unit="rows")
             with transaction(db, actor="cli:import") as session:
                 result = participants.import_rows(session, studies.system_context(session, study), rows, errors,
                                                   partial=partial, sealer=settings_sealer(settings), now=utcnow())
+            progress.advance(result.created)
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
@@ -385,7 +390,8 @@ def bench(
     """Measure the service against same-run baselines (see bench/ and the README's table)."""
     from bench.run import main as run_bench
 
-    report = run_bench(quick, only, output)
+    with on_terminal() as progress:
+        report = run_bench(quick, only, output, progress)
     if report["errors"]:
         raise typer.Exit(code=1)
 
@@ -402,7 +408,8 @@ def rotate_keys() -> None:
             typer.echo("note: COHORT_OLD_SECRET_KEYS is empty, so only values sealed with the current key can be read")
         db = Database.from_settings(settings)
         try:
-            counts = rotate(db, settings_sealer(settings))
+            with on_terminal() as progress:
+                counts = rotate(db, settings_sealer(settings), progress)
         finally:
             db.dispose()
     for name, n in counts.items():

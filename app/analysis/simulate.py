@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import Sealer
 from app.core.errors import Invalid
+from app.core.progress import SILENT, Progress
 from app.participants import service as participants
 from app.participants.schemas import ContactIn, ParticipantIn
 from app.responses.service import NewResponse, submit_many
@@ -318,16 +319,28 @@ def _answers(rng: np.random.Generator, p: dict[str, Any], wave: str) -> dict[str
 
 
 def write(session: Session, ctx: StudyContext, cohort: Cohort, sealer: Sealer, now: datetime,
-          actor: uuid.UUID | None = None) -> dict[str, int]:
-    """Enrol and answer through the service layer (the same validation as the API)."""
-    rows = [participants.ImportRow(i + 1, p) for i, p in enumerate(cohort.participants)]
-    result = participants.import_rows(session, ctx, rows, [], partial=False, sealer=sealer, now=now)
-    if result.errors:
-        raise Invalid(f"the simulated roster was refused: {result.errors[0].message}")
-    problems = submit_many(session, ctx, cohort.responses, actor, now)
-    if problems:
-        raise Invalid(f"simulated answers were refused: {problems[0]}", errors=problems[:20])
-    return {"participants": result.created, "responses": len(cohort.responses)}
+          actor: uuid.UUID | None = None, *, progress: Progress = SILENT, chunk: int = 250) -> dict[str, int]:
+    """Enrol and answer through the service layer (the same validation as the API), `chunk`
+    participants at a time with all their responses, in the caller's one transaction; each chunk
+    written is reported to `progress`."""
+    answers_of: dict[str, list[NewResponse]] = {}
+    for response in cohort.responses:
+        answers_of.setdefault(response.external_id, []).append(response)
+    progress.step("enrolling and answering", total=len(cohort.participants), unit="participants")
+    created = 0
+    for start in range(0, len(cohort.participants), chunk):
+        people = cohort.participants[start:start + chunk]
+        rows = [participants.ImportRow(start + i + 1, p) for i, p in enumerate(people)]
+        result = participants.import_rows(session, ctx, rows, [], partial=False, sealer=sealer, now=now)
+        if result.errors:
+            raise Invalid(f"the simulated roster was refused: {result.errors[0].message}")
+        problems = submit_many(session, ctx, [r for p in people for r in answers_of.get(p.external_id, [])],
+                               actor, now)
+        if problems:
+            raise Invalid(f"simulated answers were refused: {problems[0]}", errors=problems[:20])
+        created += result.created
+        progress.advance(len(people))
+    return {"participants": created, "responses": len(cohort.responses)}
 
 
 def truth_path(data_dir: Path, study_key: str, seed: int) -> Path:

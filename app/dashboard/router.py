@@ -154,15 +154,18 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
     overall = retention.retention_report(session, ctx, when, by="primary_group")
-    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone)
+    enrolled = charts.every_month(retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone))
     retention_chart = charts.bars("Retention per wave (completed / eligible)",
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
-                                  maximum=100)
+                                  maximum=100, width=480)
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
     hooks = webhooks.notices(session, ctx.study.id) if viewer.principal.may("coordinator") else []
-    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
-                chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
-                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks)
+    # participants without a complete baseline have no group yet: their table comes last, named so
+    groups = sorted(overall.groups or [], key=lambda g: g.group == retention.UNKNOWN_GROUP)
+    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, groups=groups,
+                no_group=retention.UNKNOWN_GROUP, as_of=when, chosen_day=as_of, enrolled=enrolled,
+                total=sum(n for _, n in enrolled), retention_chart=retention_chart, enrolment_chart=enrolment_chart,
+                webhook_notices=hooks)
 
 
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)
@@ -254,7 +257,8 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                        "contrast_plot": contrast_plot(contrasts, f"Contrasts: {title}") if contrasts else "",
                        "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
     return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
-                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version)
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version,
+                waves=list(ctx.require_codebook().wave_keys))
 
 
 def _plan_models(plan: PlanDoc) -> list[tuple[str, str | None, str]]:
@@ -291,11 +295,14 @@ def refit(key: str, viewer: FormViewer, session: SessionDep,
 @router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
 def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
     job, key = analyses.get(session, analysis_id)
-    _study(session, viewer, key, "coordinator", "analyst")
+    ctx = _study(session, viewer, key, "coordinator", "analyst")
     out = analysis_out(job, key)
     plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
-    return page(request, "ui/analysis.html", viewer, job=out, study_key=key, plot=plot,
-                done=job.status in ("succeeded", "failed"))
+    # named as on the Outcomes page while it fits (the result carries its own label once done)
+    titles = {(m, v or ""): t for m, v, t in _plan_models(analyses.current_plan(session, ctx).doc)}
+    title = (job.results or {}).get("label") or titles.get((job.model, job.variant or "")) or job.model
+    return page(request, "ui/analysis.html", viewer, job=out, study=ctx.study, plot=plot, title=title,
+                waves=list(ctx.require_codebook().wave_keys), done=job.status in ("succeeded", "failed"))
 
 
 @router.get("/studies/{key}/data", response_class=HTMLResponse)
