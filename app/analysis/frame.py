@@ -34,7 +34,8 @@ from app.studies.service import StudyContext
 ID_COLUMNS = ("participant", "wave", "completed_at")
 # integers are parsed as float64 and then made Int64, so a stored 3.0 reads as 3 (a fraction is an error)
 ARROW_TYPES = {"integer": pa.float64(), "number": pa.float64(), "boolean": pa.bool_()}
-PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype()}
+# strings in Python storage: a fit iterates participants and codes, which Arrow-backed strings make slow
+PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype("python")}
 
 
 def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
@@ -97,5 +98,5 @@ def to_parquet(frame: pd.DataFrame) -> bytes:
 
 
 def from_parquet(data: bytes) -> pd.DataFrame:
-    frame: pd.DataFrame = pq.read_table(io.BytesIO(data)).to_pandas()
+    frame: pd.DataFrame = pq.read_table(io.BytesIO(data)).to_pandas(types_mapper=PANDAS_TYPES.get)
     return frame
