@@ -135,6 +135,9 @@ def serve(
     import uvicorn
 
     _terminate_on_sigterm()
+    if not os.environ.get("COHORT_PUBLIC_URL"):  # links in mail point where this serves (the worker inherits it)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a wildcard is not an address)
+        os.environ["COHORT_PUBLIC_URL"] = f"http://{shown}:{port}"
     settings = _settings()
     _setup_logging(settings.log_level)
     embedded = settings.embedded

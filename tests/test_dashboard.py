@@ -385,6 +385,41 @@ def test_the_refit_page_has_the_study_nav_and_the_fit_shows_who_is_in_the_model(
     assert population == n + sum(int(k) for _, k in left_out)
 
 
+def test_a_refit_on_unchanged_data_says_so_and_table1_opens_its_report(server: LiveServer) -> None:
+    from app.analysis import tasks
+    from app.core.db import Database
+
+    simulated_study(server, n=200, seed=6)
+    analyst = token(server, "analyst")
+    client = signed_in(server, analyst)
+    outcomes = client.get("/ui/studies/pal/outcomes").text
+    db = Database.from_settings(server.settings)
+    try:
+        for model in ("online_attendance", "table1"):
+            made = client.post("/ui/studies/pal/analyses", data={"model": model, "csrf": csrf_of(outcomes)})
+            assert made.status_code == 303 and "reused" not in made.headers["location"]
+            assert tasks.run(db, server.settings, made.headers["location"].rsplit("/", 1)[-1]) == "succeeded"
+    finally:
+        db.dispose()
+    again = client.post("/ui/studies/pal/analyses", data={"model": "online_attendance", "csrf": csrf_of(outcomes)})
+    assert again.status_code == 303 and again.headers["location"].endswith("?reused=1")
+    assert "have not changed since this fit" in client.get(again.headers["location"]).text
+
+    table1 = client.get(made.headers["location"]).text  # the last one made: table1
+    link = re.search(r'<a href="(/ui/analyses/[^"]+/report)">Open the full report</a>', table1)
+    assert link, "table 1's page links to a report the signed-in browser can open"
+    report = client.get(link.group(1))
+    assert report.status_code == 200 and "<table" in report.text
+    job = httpx.get(f"{server.url}/api/v1/analyses/{made.headers['location'].rsplit('/', 1)[-1]}",
+                    headers=auth(analyst)).json()
+    first = job["results"]["variables"][0]["variable"]
+    assert first in report.text
+    assert httpx.get(f"{server.url}{link.group(1)}").status_code in (303, 401)  # not without signing in
+
+    refused = client.get("/ui/studies/pal", params={"as_of": "1800-01-01"})  # as the API bounds it
+    assert refused.status_code == 422 and "between the years 1900 and 2199" in refused.text
+
+
 def test_chart_text_is_readable_and_months_are_filled_in() -> None:
     assert charts.every_month([]) == []
     assert charts.every_month([("2025-11", 3), ("2026-02", 1)]) == [

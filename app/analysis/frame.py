@@ -31,7 +31,6 @@ from app.responses import service as responses
 from app.responses import table
 from app.studies.service import StudyContext
 
-ID_COLUMNS = ("participant", "wave", "completed_at")
 # integers are parsed as float64 and then made Int64, so a stored 3.0 reads as 3 (a fraction is an error)
 ARROW_TYPES = {"integer": pa.float64(), "number": pa.float64(), "boolean": pa.bool_()}
 # strings in Python storage: a fit iterates participants and codes, which Arrow-backed strings make slow
@@ -51,7 +50,7 @@ def load(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *,
     """The frame of a study's complete responses (completed by `as_of`, when given)."""
     responses.bring_derived_current(session, ctx)
     codebook = ctx.require_codebook()
-    statement, cols = table.query(codebook, "long", precise=True, with_late=False, until=as_of is not None,
+    statement, cols = table.query(codebook, "long", with_late=False, until=as_of is not None,
                                   ordered=False)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     raw = session.connection().connection.dbapi_connection

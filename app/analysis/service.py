@@ -204,6 +204,11 @@ def request(session: Session, ctx: StudyContext, *, model: str | None, variant: 
     return job, False
 
 
+def wave_keys(session: Session, study_key: str) -> list[str]:
+    codebook = system_context(session, study_key).codebook
+    return list(codebook.wave_keys) if codebook is not None else []
+
+
 def get(session: Session, analysis_id: uuid.UUID) -> tuple[Analysis, str]:
     found = repository.with_study_key(session, analysis_id)
     if found is None:

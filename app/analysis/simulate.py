@@ -89,6 +89,14 @@ def truth_table() -> dict[str, Any]:
         "abstinence_generating_spec": generating_spec(),
         # PAL's models 1 and 2 leave out the later 12-step effect by design: approximations, no exact truth
         "abstinence_model1": None, "abstinence_model2": None,
+        "notes": {
+            "online_attendance": "the intercept is tuned to 36 % online in each draw: see the cohort's own truth "
+                                 "(GET /api/v1/studies/{key}/simulation)",
+            "abstinence_model1": "no exact truth: it leaves out primary group, which drives online attendance "
+                                 "and later abstinence, so it overstates the online effects at 6 and 12 months",
+            "abstinence_model2": "no exact truth: one primary-group effect for all waves, where 12-step members "
+                                 "are abstinent more often later; fit abstinence_generating_spec for the exact model",
+        },
     }
 
 

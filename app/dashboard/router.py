@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session
 from app.analysis import service as analyses
 from app.analysis import tasks as analysis_tasks
 from app.analysis.plan import PlanDoc
-from app.analysis.presentation import fmt_number, fmt_p
+from app.analysis.presentation import fmt_number, fmt_p, report_html
 from app.analysis.presentation import to_out as analysis_out
 from app.core.crypto import settings_sealer
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
 from app.core.errors import DomainError, validation_errors
 from app.core.security import Role
-from app.core.timeutil import utcnow
+from app.core.timeutil import Day, utcnow
 from app.dashboard import charts
 from app.dashboard.auth import (
     COOKIE,
@@ -149,7 +149,7 @@ def home(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLRespon
 
 @router.get("/studies/{key}", response_class=HTMLResponse)
 def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query(description="a day (end of day, study time zone)")] = None,
+             as_of: Annotated[Day | None, Query(description="a day (end of day, study time zone)")] = None,
              ) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
@@ -236,7 +236,7 @@ def forest(results: dict[str, Any], label: str) -> str:
 
 @router.get("/studies/{key}/outcomes", response_class=HTMLResponse)
 def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
+             as_of: Annotated[Day | None, Query()] = None) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
     result = retention.outcomes_report(session, ctx, when, by="online_30d")
@@ -289,20 +289,34 @@ def refit(key: str, viewer: FormViewer, session: SessionDep,
     if not reused:
         job_id = str(job.id)
         on_commit(session, lambda: analysis_tasks.run_analysis.delay(job_id))
-    return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+        return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+    return RedirectResponse(f"/ui/analyses/{job.id}?reused=1", status_code=303)
 
 
 @router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
-def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep,
+             reused: Annotated[bool, Query(description="the refit found this fit on unchanged data")] = False,
+             ) -> HTMLResponse:
     job, key = analyses.get(session, analysis_id)
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     out = analysis_out(job, key)
     plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
     # named as on the Outcomes page while it fits (the result carries its own label once done)
-    titles = {(m, v or ""): t for m, v, t in _plan_models(analyses.current_plan(session, ctx).doc)}
+    plan = analyses.current_plan(session, ctx)
+    titles = {(m, v or ""): t for m, v, t in _plan_models(plan.doc)}
     title = (job.results or {}).get("label") or titles.get((job.model, job.variant or "")) or job.model
     return page(request, "ui/analysis.html", viewer, job=out, study=ctx.study, plot=plot, title=title,
-                waves=list(ctx.require_codebook().wave_keys), done=job.status in ("succeeded", "failed"))
+                waves=list(ctx.require_codebook().wave_keys), done=job.status in ("succeeded", "failed"),
+                reused=reused, plan_version=plan.version)
+
+
+@router.get("/analyses/{analysis_id}/report", response_class=HTMLResponse)
+def analysis_report(analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    """The API's HTML report, for a signed-in browser (the API itself wants a bearer token)."""
+    job, key = analyses.get(session, analysis_id)
+    ctx = _study(session, viewer, key, "coordinator", "analyst")
+    return HTMLResponse(report_html(job, key, list(ctx.require_codebook().wave_keys)),
+                        headers={"Cache-Control": "no-store"})
 
 
 @router.get("/studies/{key}/data", response_class=HTMLResponse)

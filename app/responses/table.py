@@ -66,14 +66,13 @@ def _pseudonym(alias: str = "p") -> sql.Composable:
 
 
 TEXT_TIME = "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-PRECISE_TIME = "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 
-def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool = False, precise: bool = False,
-          with_late: bool = True, until: bool = False, ordered: bool = True) -> tuple[sql.Composable, list[Column]]:
+def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool = False, with_late: bool = True,
+          until: bool = False, ordered: bool = True) -> tuple[sql.Composable, list[Column]]:
     """The SELECT of a study's complete responses. `inert`: free-text cells neutralised for
-    spreadsheets (CSV); `typed`: timestamps as timestamps (Parquet) rather than RFC 3339 text;
-    `precise`: text timestamps keep their microseconds; `with_late`: the long layout's `late`
+    spreadsheets (CSV); `typed`: timestamps as timestamps (Parquet) rather than RFC 3339 text
+    (whole seconds); `with_late`: the long layout's `late`
     column; `until`: only responses completed by the `until` parameter; `ordered`: by participant
     and wave (a reader that sorts on its own saves the database a sort of wide rows). Booleans are
     spelled true/false everywhere in text, as the derived values are."""
@@ -86,7 +85,7 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool =
     if until:
         source = sql.SQL("{} AND r.completed_at <= %(until)s").format(source)
     if layout == "long":
-        completed = "r.completed_at" if typed else (PRECISE_TIME if precise else TEXT_TIME)
+        completed = "r.completed_at" if typed else TEXT_TIME
         late = [sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late")]
         select = sql.SQL(", ").join([
             sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
