@@ -135,6 +135,7 @@ def serve(
     import uvicorn
 
     _terminate_on_sigterm()
+    _require_free_port(host, port)  # before any setup: a busy port is the first thing to say
     if not os.environ.get("COHORT_PUBLIC_URL"):  # links in mail point where this serves (the worker inherits it)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a wildcard is not an address)
         os.environ["COHORT_PUBLIC_URL"] = f"http://{shown}:{port}"
@@ -176,6 +177,18 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def _require_free_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port} ({exc.strerror or exc}); is another service using it? "
+                   f"Choose another with --port", err=True)
+        raise typer.Exit(3) from None
 
 
 def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *, embedded: bool) -> None:

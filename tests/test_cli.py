@@ -67,6 +67,17 @@ def test_an_unreachable_database_is_one_line_naming_it(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_serve_on_a_busy_port_says_so_before_any_setup(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = run("serve", "--port", str(port), database_url="postgresql://nobody@127.0.0.1:1/nowhere", cwd=tmp_path)
+    assert done.returncode == 3
+    assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in done.stderr
+    assert "DATABASE_URL" not in done.stderr  # it stopped before reaching for the database
+
+
 def test_import_a_file_all_or_nothing_then_partial(fresh_db: URL, tmp_path: Path) -> None:
     url = fresh_db.render_as_string(hide_password=False)
     assert run("simulate", "--study", "pal", "--participants", "12", database_url=url, cwd=tmp_path).returncode == 0

@@ -341,7 +341,9 @@ def write(session: Session, ctx: StudyContext, cohort: Cohort, sealer: Sealer, n
         rows = [participants.ImportRow(start + i + 1, p) for i, p in enumerate(people)]
         result = participants.import_rows(session, ctx, rows, [], partial=False, sealer=sealer, now=now)
         if result.errors:
-            raise Invalid(f"the simulated roster was refused: {result.errors[0].message}")
+            hint = ("; this seed's cohort is already in the study: simulate into a new study (--study) or "
+                    "with another --seed") if "already enrolled" in result.errors[0].message else ""
+            raise Invalid(f"the simulated roster was refused: {result.errors[0].message}{hint}")
         problems = submit_many(session, ctx, [r for p in people for r in answers_of.get(p.external_id, [])],
                                actor, now)
         if problems:
