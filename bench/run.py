@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.core.progress import SILENT, Progress
 from bench.common import ROOT, Databases, default_server
 from bench.scenarios import FULL, QUICK, SCENARIOS, Scale
 
@@ -45,13 +46,14 @@ def broker() -> str | None:
         return None
 
 
-def run(scale: Scale, only: list[str] | None, output: Path) -> dict[str, Any]:
+def run(scale: Scale, only: list[str] | None, output: Path, progress: Progress = SILENT) -> dict[str, Any]:
     report: dict[str, Any] = {"scale": scale.name, "started_at": datetime.now(UTC).isoformat(), "machine": machine(),
                               "targets": TARGETS, "results": {}, "errors": {}}
+    chosen = [(name, scenario) for name, scenario in SCENARIOS.items() if not only or name in only]
+    progress.step(f"{scale.name} benchmark", total=len(chosen))
     with Databases(default_server()) as dbs:
-        for name, scenario in SCENARIOS.items():
-            if only and name not in only:
-                continue
+        for name, scenario in chosen:
+            progress.status(f"{scale.name} benchmark: {name}")
             started = time.perf_counter()
             try:
                 result = scenario(dbs, scale, broker()) if name == "refit" else scenario(dbs, scale)  # type: ignore[operator]
@@ -59,6 +61,8 @@ def run(scale: Scale, only: list[str] | None, output: Path) -> dict[str, Any]:
             except Exception as exc:
                 report["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
             print_row(name, report)
+            progress.advance()
+    progress.status(f"{scale.name} benchmark")
     output.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(report, indent=2, default=str)
@@ -96,8 +100,9 @@ def summary(name: str, r: dict[str, Any]) -> str:
                 f"{r['plain_aggregate_ms']:.0f} ms ({r['speedup_over_aggregate']:.0f}x); by group "
                 f"{r['retention_by_group_ms']:.0f} ms; bare count {r['baseline_count_by_stored_status_ms']:.0f} ms")
     if name == "refit":
-        return "; ".join(f"{n:,}: API {v['api_seconds']:.2f} s vs statsmodels {v['statsmodels_fit_seconds']:.2f} s "
-                         f"= {v['ratio_api_to_statsmodels']:.2f}x" for n, v in r.items() if isinstance(v, dict))
+        return "; ".join(f"{n:,}: API {v['api_seconds']:.2f} s vs statsmodels {v['statsmodels_seconds']:.2f} s "
+                         f"= {v['ratio_api_to_statsmodels']:.2f}x (new data {v['ratio_new_data_to_statsmodels']:.2f}x)"
+                         for n, v in r.items() if isinstance(v, dict))
     if name == "export":
         return (f"{r['rows']:,} rows: CSV {r['csv']['seconds']:.1f} s ({r['csv']['ratio_to_copy_to']:.2f} of COPY TO), "
                 f"peak RSS {r['csv']['server_peak_rss_mb']:.0f} MB; Parquet {r['parquet']['seconds']:.1f} s, "
@@ -116,5 +121,5 @@ def print_row(name: str, report: dict[str, Any]) -> None:
     typer.echo(f"{'':16s} target: {TARGETS[name]}")
 
 
-def main(quick: bool, only: list[str] | None, output: Path | None) -> dict[str, Any]:
-    return run(QUICK if quick else FULL, only, output or ROOT / "bench" / "results")
+def main(quick: bool, only: list[str] | None, output: Path | None, progress: Progress = SILENT) -> dict[str, Any]:
+    return run(QUICK if quick else FULL, only, output or ROOT / "bench" / "results", progress)

@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session
 from app.analysis import service as analyses
 from app.analysis import tasks as analysis_tasks
 from app.analysis.plan import PlanDoc
-from app.analysis.presentation import fmt_number, fmt_p
+from app.analysis.presentation import fmt_number, fmt_p, report_html
 from app.analysis.presentation import to_out as analysis_out
 from app.core.crypto import settings_sealer
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
 from app.core.errors import DomainError, validation_errors
 from app.core.security import Role
-from app.core.timeutil import utcnow
+from app.core.timeutil import Day, utcnow
 from app.dashboard import charts
 from app.dashboard.auth import (
     COOKIE,
@@ -153,24 +153,27 @@ def home(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLRespon
 
 @router.get("/studies/{key}", response_class=HTMLResponse)
 def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query(description="a day (end of day, study time zone)")] = None,
+             as_of: Annotated[Day | None, Query(description="a day (end of day, study time zone)")] = None,
              ) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
     overall = retention.retention_report(session, ctx, when, by="primary_group")
     by_site = retention.retention_report(session, ctx, when, by="site") \
         if ctx.site_id is None and study_sites.keys_of(session, ctx.study.id) else None
-    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone, ctx.site_id)
+    enrolled = charts.every_month(retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone,
+                                                               ctx.site_id))
     retention_chart = charts.bars("Retention per wave (completed / eligible)",
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
-                                  maximum=100)
+                                  maximum=100, width=480)
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
     hooks = webhooks.notices(session, ctx.study.id) \
         if viewer.principal.may("coordinator") and not viewer.principal.sited else []
-    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
-                chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
-                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks,
-                by_site=by_site)
+    # participants without a complete baseline have no group yet: their table comes last, named so
+    groups = sorted(overall.groups or [], key=lambda g: g.group == retention.UNKNOWN_GROUP)
+    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, groups=groups,
+                no_group=retention.UNKNOWN_GROUP, as_of=when, chosen_day=as_of, enrolled=enrolled,
+                total=sum(n for _, n in enrolled), retention_chart=retention_chart, enrolment_chart=enrolment_chart,
+                webhook_notices=hooks, by_site=by_site)
 
 
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)
@@ -241,7 +244,7 @@ def forest(results: dict[str, Any], label: str) -> str:
 
 @router.get("/studies/{key}/outcomes", response_class=HTMLResponse)
 def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
+             as_of: Annotated[Day | None, Query()] = None) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     when = _as_of(as_of, ctx.study.timezone)
     result = retention.outcomes_report(session, ctx, when, by="online_30d")
@@ -262,7 +265,8 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                        "contrast_plot": contrast_plot(contrasts, f"Contrasts: {title}") if contrasts else "",
                        "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
     return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
-                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version)
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version,
+                waves=list(ctx.require_codebook().wave_keys))
 
 
 def _plan_models(plan: PlanDoc) -> list[tuple[str, str | None, str]]:
@@ -293,17 +297,34 @@ def refit(key: str, viewer: FormViewer, session: SessionDep,
     if not reused:
         job_id = str(job.id)
         on_commit(session, lambda: analysis_tasks.run_analysis.delay(job_id))
-    return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+        return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+    return RedirectResponse(f"/ui/analyses/{job.id}?reused=1", status_code=303)
 
 
 @router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
-def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep,
+             reused: Annotated[bool, Query(description="the refit found this fit on unchanged data")] = False,
+             ) -> HTMLResponse:
     job, key = analyses.get(session, analysis_id)
-    _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     out = analysis_out(job, key)
     plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
-    return page(request, "ui/analysis.html", viewer, job=out, study_key=key, plot=plot,
-                done=job.status in ("succeeded", "failed"))
+    # named as on the Outcomes page while it fits (the result carries its own label once done)
+    plan = analyses.current_plan(session, ctx)
+    titles = {(m, v or ""): t for m, v, t in _plan_models(plan.doc)}
+    title = (job.results or {}).get("label") or titles.get((job.model, job.variant or "")) or job.model
+    return page(request, "ui/analysis.html", viewer, job=out, study=ctx.study, plot=plot, title=title,
+                waves=list(ctx.require_codebook().wave_keys), done=job.status in ("succeeded", "failed"),
+                reused=reused, plan_version=plan.version)
+
+
+@router.get("/analyses/{analysis_id}/report", response_class=HTMLResponse)
+def analysis_report(analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    """The API's HTML report, for a signed-in browser (the API itself wants a bearer token)."""
+    job, key = analyses.get(session, analysis_id)
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
+    return HTMLResponse(report_html(job, key, list(ctx.require_codebook().wave_keys)),
+                        headers={"Cache-Control": "no-store"})
 
 
 @router.get("/studies/{key}/data", response_class=HTMLResponse)

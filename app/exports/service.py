@@ -4,9 +4,9 @@ Text answers that a spreadsheet would run as a formula (starting with =, +, -, @
 written with a leading apostrophe in CSV, as OWASP advises; `raw_cells=True` turns that off for
 analysts who read the file with code. Parquet is typed data and always raw.
 
-Item codes and derived variables are the columns; participants appear as the study's HMAC
-pseudonym, computed in SQL with the built-in sha256() from RFC 2104's inner and outer keys
-(no extension needed); there is no contact data and no external id. Everything streams:
+Item codes and derived variables are the columns, selected by the responses domain's one bulk
+reader (`app.responses.table`, which the analysis frame reads through too); participants appear
+as the study's HMAC pseudonym; there is no contact data and no external id. Everything streams:
 CSV straight from PostgreSQL's COPY ... TO STDOUT, Parquet one row group at a time, so a
 million rows pass through in flat memory.
 """
@@ -27,8 +27,9 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, Sealer
 from app.core.db import Database
-from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
+from app.responses import service as responses
+from app.responses import table
 from app.sites import service as sites
 from app.studies.service import StudyContext, date_shifter, export_dates, pseudonymiser
 
@@ -49,7 +50,8 @@ def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, 
     Everything that can be refused is refused here, before the first byte. `dates`: exact, shifted
     or year (None: the study's default)."""
     codebook = study.require_codebook()
-    query(codebook, layout)
+    table.query(codebook, layout)
+    responses.bring_derived_current(session, study)
     pseudonymise = pseudonymiser(session, study.study, sealer)
     scope = scope_of(session, study, sealer, dates)
     if format == "csv":
@@ -71,6 +73,13 @@ class Scope:
     dates: str = "exact"
     shift_pads: tuple[bytes, bytes] | None = None
 
+    def query(self, codebook: Codebook, layout: str, **options: Any) -> tuple[sql.Composable, list[table.Column]]:
+        return table.query(codebook, layout, one_site=self.site_id is not None, site_column=self.site_column,
+                           dates=self.dates, **options)
+
+    def params(self, study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
+        return table.params(study_id, pseudonymiser, site_id=self.site_id, shift_pads=self.shift_pads)
+
 
 def scope_of(session: Session, study: StudyContext, sealer: Sealer, dates: str | None) -> Scope:
     """A study with sites gets a `site` column (the key); a site-scoped request, its site's rows only."""
@@ -84,39 +93,6 @@ DATES_NOTE = {
                "every export), so intervals between a participant's dates are exact",
     "year": "dates reduced to their year (HIPAA Safe Harbor style)",
 }
-_ISO_DATE = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
-# The participant's shift in days, computed in SQL as DateShifter does in Python: HMAC-SHA256 of the
-# participant id's 16 bytes, first 32 bits, mod 360, mapped onto [-180, -1] and [1, 180].
-_SHIFT_SOURCE = sql.SQL(
-    " CROSS JOIN LATERAL (SELECT CASE WHEN v < 180 THEN v - 180 ELSE v - 179 END AS days FROM (SELECT "
-    "((('x' || left(encode(sha256(%(shift_outer)s || sha256(%(shift_inner)s || uuid_send(p.id))), 'hex'), 8))"
-    "::bit(32)::bigint %% 360)::int) AS v) AS raw) AS sh")
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    source: str  # "answers" or "derived"
-    code: str
-    type: str
-    wave: str | None = None  # wide layout: the wave this column holds
-
-
-def columns(codebook: Codebook, layout: str) -> list[Column]:
-    items = [Column(code, "answers", code, item.type) for code, item in codebook.items.items()]
-    derived = [Column(d.code, "derived", d.code, d.type) for d in codebook.derived]
-    if layout == "long":
-        return [*items, *derived]
-    out = []
-    for wave in codebook.wave_keys:
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in items
-                if wave in codebook.items[c.code].waves]
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in derived]
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise Invalid("wide column names collide in this codebook; use the long layout", errors=[
-            {"loc": ["query", "layout"], "code": "layout", "message": "item and wave names collide"}])
-    return out
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -125,99 +101,22 @@ _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 def neutralise(value: Any, *, numbers_are_data: bool = False) -> Any:
     """OWASP's CSV injection defence: a text cell a spreadsheet would run as a formula gets a
-    leading `'` (the native export does the same in SQL, `_value`). `numbers_are_data`: a cell
+    leading `'` (the native export does the same in SQL, `table._value`). `numbers_are_data`: a cell
     that is a plain number (-3, +1.5) stays as it is, for the REDCap CSV, where every value is text."""
     if not isinstance(value, str) or not value.startswith(FORMULA_START):
         return value
     return value if numbers_are_data and _PLAIN_NUMBER.fullmatch(value) else "'" + value
 
 
-def _value(column: Column, alias: str = "r", *, inert: bool = False, dates: str = "exact") -> sql.Composable:
-    field = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column.source))
-    if column.type == "multi_choice":
-        return sql.SQL("(SELECT string_agg(x, ';') FROM jsonb_array_elements_text({} -> {}) AS x)").format(
-            field, sql.Literal(column.code))
-    value = sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
-    if column.type == "date" and dates == "shifted":  # a stored date is valid YYYY-MM-DD (validation says so)
-        return sql.SQL("(SELECT CASE WHEN v ~ {} THEN to_char(v::date + sh.days, 'YYYY-MM-DD') END "
-                       "FROM (SELECT {} AS v) AS cell)").format(sql.Literal(_ISO_DATE), value)
-    if column.type == "date" and dates == "year":
-        return sql.SQL("(SELECT CASE WHEN v ~ {} THEN left(v, 4) END FROM (SELECT {} AS v) AS cell)").format(
-            sql.Literal(_ISO_DATE), value)
-    if inert and column.type == "text":  # only free text can start with a formula; codes and numbers cannot
-        return sql.SQL("(SELECT CASE WHEN left(v, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN {} || v "
-                       "ELSE v END FROM (SELECT {} AS v) AS cell)").format(sql.Literal("'"), value)
-    return value
-
-
-def _pseudonym(alias: str = "p") -> sql.Composable:
-    return sql.SQL(
-        "left(encode(sha256(%(outer)s || sha256(%(inner)s || convert_to({}.external_id, 'UTF8'))), 'hex'), {})"
-    ).format(sql.Identifier(alias), sql.Literal(16))
-
-
-def query(codebook: Codebook, layout: str, *, inert: bool = False,
-          typed: bool = False, scope: Scope = Scope()) -> tuple[sql.Composable, list[Column]]:
-    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV); `typed`:
-    timestamps as timestamps (Parquet) rather than RFC 3339 text (CSV). Booleans are spelled
-    true/false everywhere in CSV, as the derived values are."""
-    cols = columns(codebook, layout)
-    wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
-    source: sql.Composable = sql.SQL(
-        "FROM responses r JOIN participants p ON p.id = r.participant_id "
-        "WHERE r.study_id = %(study)s AND r.status = 'complete'"
-    )
-    if scope.dates == "shifted":
-        source = sql.SQL("FROM responses r JOIN participants p ON p.id = r.participant_id{} "
-                         "WHERE r.study_id = %(study)s AND r.status = 'complete'").format(_SHIFT_SOURCE)
-    if scope.site_id is not None:
-        source = sql.SQL("{} AND p.site_id = %(site)s").format(source)
-    site = [sql.SQL("(SELECT s.key FROM sites s WHERE s.id = p.site_id) AS site")] if scope.site_column else []
-    completed = sql.SQL("(r.completed_at + make_interval(days => sh.days))") if scope.dates == "shifted" \
-        else sql.SQL("r.completed_at")
-    completed_at: sql.Composable
-    if scope.dates == "year":
-        completed_at = sql.SQL("extract(year FROM r.completed_at AT TIME ZONE 'UTC')::int::text AS completed_at")
-    elif typed:
-        completed_at = sql.SQL("{} AS completed_at").format(completed)
-    else:
-        completed_at = sql.SQL(
-            "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at").format(completed)
-    if layout == "long":
-        select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"), completed_at,
-            sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
-            *[sql.SQL("{} AS {}").format(_value(c, inert=inert, dates=scope.dates), sql.Identifier(c.name))
-              for c in cols],
-        ])
-        statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
-        return statement, cols
-    # wide: one row per participant, one column per (item, wave) the codebook asks
-    select = sql.SQL(", ").join([
-        sql.SQL("{} AS participant").format(_pseudonym()), *site,
-        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(
-            _value(c, inert=inert, dates=scope.dates), sql.Literal(c.wave), sql.Identifier(c.name)) for c in cols],
-    ])
-    statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id, p.site_id ORDER BY 1").format(select, source)
-    return statement, cols
-
-
-def _params(study_id: Any, pseudonymiser: Pseudonymiser, scope: Scope = Scope()) -> dict[str, Any]:
-    inner, outer = pseudonymiser.sql_pads()
-    shift_inner, shift_outer = scope.shift_pads or (b"", b"")
-    return {"study": study_id, "inner": inner, "outer": outer, "site": scope.site_id,
-            "shift_inner": shift_inner, "shift_outer": shift_outer}
-
-
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
                chunk: int = 1 << 16, *, raw_cells: bool = False, scope: Scope = Scope()) -> Iterator[bytes]:
-    statement, _ = query(codebook, layout, inert=not raw_cells, scope=scope)
+    statement, _ = scope.query(codebook, layout, inert=not raw_cells)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
         raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         buffer = bytearray()
-        with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser, scope)) as stream:
+        with raw.cursor() as cur, cur.copy(copy, scope.params(study_id, pseudonymiser)) as stream:
             for data in stream:
                 buffer += data
                 if len(buffer) >= chunk:
@@ -252,7 +151,7 @@ class _Drain(io.RawIOBase):
         return out
 
 
-def _schema(cols: list[Column], layout: str, scope: Scope = Scope()) -> Any:
+def _schema(cols: list[table.Column], layout: str, scope: Scope = Scope()) -> Any:
     import pyarrow as pa
 
     category = pa.dictionary(pa.int32(), pa.string())
@@ -295,7 +194,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    statement, cols = query(codebook, layout, typed=True, scope=scope)
+    statement, cols = scope.query(codebook, layout, typed=True)
     schema = _schema(cols, layout, scope)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
@@ -304,7 +203,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(name="cohort_export") as cur:  # server-side cursor: rows arrive in batches
             cur.itersize = PARQUET_BATCH
-            cur.execute(statement, _params(study_id, pseudonymiser, scope))
+            cur.execute(statement, scope.params(study_id, pseudonymiser))
             while rows := cur.fetchmany(PARQUET_BATCH):
                 writer.write_table(_batch(rows, schema))
                 del rows

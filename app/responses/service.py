@@ -285,6 +285,17 @@ def recompute_stale_derived(session: Session, ctx: StudyContext, *, batch: int =
     return updated
 
 
+def bring_derived_current(session: Session, ctx: StudyContext) -> int:
+    """Before a bulk read (an export, an analysis frame): every stored derived value of the
+    study computed under the definitions in force, so the bulk reader (`table`) reads them as
+    stored and no reader recomputes on its own. Usually nothing is left: the periodic task
+    recomputes within a minute of a codebook revision."""
+    total = 0
+    while done := recompute_stale_derived(session, ctx):
+        total += done
+    return total
+
+
 def request_recompute(session: Session, study_id: uuid.UUID, now: datetime) -> None:
     """Due work for the periodic task: this study's stored derived values are out of date."""
     repository.request_recompute(session, study_id, now)

@@ -1,7 +1,7 @@
 """sites: partitions of a study, the participant's site, site-scoped tokens and site moves
 
 Revision ID: b7d2e4f1a9c3
-Revises: 9a3e6c4b7d21
+Revises: 2f94cd2cbdb5
 Create Date: 2026-12-06 22:00:00.000000+00:00
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = 'b7d2e4f1a9c3'
-down_revision: str | None = '9a3e6c4b7d21'
+down_revision: str | None = '2f94cd2cbdb5'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
