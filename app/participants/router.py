@@ -12,7 +12,7 @@ from app.core.deps import SettingsDep
 from app.core.etag import ETAG_HEADER
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator
+from app.core.security import Coordinator, WholeStudy
 from app.core.timeutil import utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import importer, repository, service
@@ -104,11 +104,10 @@ def get_participant(external_id: str, principal: Coordinator, study: StudyFromPa
     return view.out(utcnow())
 
 
-@router.post("/participants/{external_id}/move", response_model=ParticipantOut,
+@router.post("/participants/{external_id}/move", response_model=ParticipantOut, dependencies=[WholeStudy],
              summary="Move a participant to another site (whole-study coordinator; audited, with a reason)")
 def move_participant(external_id: str, body: SiteMoveIn, principal: Coordinator, study: StudyFromPath,
                      session: SessionDep, settings: SettingsDep) -> ParticipantOut:
-    principal.require_whole_study("move participants between sites")
     now = utcnow()
     service.move(session, study, external_id, body, principal.token_id, now)
     return service.view(session, study, external_id, settings_sealer(settings)).out(now)

@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 
 from app.core.db import SessionDep
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator, Reader
+from app.core.security import Coordinator, Reader, WholeStudy
 from app.idempotency.service import IdempotencyDep
 from app.sites import service
 from app.sites.schemas import SiteIn, SiteList, SiteOut
@@ -14,10 +14,10 @@ from app.studies.deps import StudyFromPath
 router = APIRouter(prefix="/api/v1/studies/{key}/sites", tags=["sites"], route_class=RoleRoute)
 
 
-@router.post("", status_code=201, response_model=SiteOut, summary="Add a site to a study")
+@router.post("", status_code=201, response_model=SiteOut, summary="Add a site to a study",
+             dependencies=[WholeStudy])
 def create_site(body: SiteIn, principal: Coordinator, study: StudyFromPath, session: SessionDep,
                 idem: IdempotencyDep) -> JSONResponse:
-    principal.require_whole_study("add sites")
     idem.check(body)
     site = service.create(session, study.study.id, body)
     return idem.remember(201, service.to_out(site))
