@@ -63,11 +63,11 @@ def retention_report(session: Session, study: StudyContext, when: datetime,
                      by: Literal["primary_group"] | None = None) -> Retention:
     """Retention per wave as of `when` (overall, and per group with `by`): the API's and the dashboard's."""
     waves = list(study.require_codebook().wave_keys)
-    body = Retention(as_of=when, waves=retention(session, study.study.id, waves, when)[None])
+    overall, groups = repository.overall_and_groups(session, study.study.id, waves, when, by)
+    body = Retention(as_of=when, waves=overall)
     if by is not None:
-        grouped = retention(session, study.study.id, waves, when, by=by)
         body.by = by
-        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in grouped.items()]
+        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in groups.items()]
     return body
 
 
