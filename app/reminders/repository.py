@@ -123,7 +123,8 @@ def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: i
 
 
 _RECORD = text("""
-    UPDATE reminder_sends AS r SET status = v.status, last_error = v.reason, due_at = coalesce(v.due_at, r.due_at),
+    UPDATE reminder_sends AS r SET status = v.status, last_error = coalesce(v.reason, r.last_error),
+                                   due_at = coalesce(v.due_at, r.due_at),
                                    updated_at = now()
     FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[]),
                 CAST(:dues AS timestamptz[])) AS v(id, status, reason, due_at)
