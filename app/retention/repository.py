@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 from app.participants.models import Participant, Schedule
 from app.participants.repository import schedule_status_sql
 from app.responses.models import Response
-from app.retention.models import RetentionCount, RetentionWatermark
+from app.retention.models import RetentionCount, RetentionGroupCount, RetentionWatermark
 from app.sites.models import Site
+from app.studies.models import Wave
 
 UNKNOWN_GROUP = "unknown"
 NO_SITE_GROUP = "none"  # participants without a site, in `by=site`
@@ -40,14 +41,40 @@ def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: da
               site_id: uuid.UUID | None = None) -> dict[str | None, list[dict[str, Any]]]:
     """Per wave (and per baseline group when `by` is given): eligible, completed, rate and the rest.
 
-    Overall retention at or after the study's watermark (the usual case: now) is read from the
-    rollup the triggers keep; anything else is the exact aggregate over schedules. Both give the
-    same numbers (a test compares them). `site_id`: one site's participants only (the rollup
-    spans the study, so this is the exact aggregate); `by="site"`: per site key."""
-    if rollup and by is None and site_id is None:
+    At or after the study's watermark (the usual case: now) overall and by primary group are read
+    from the rollups the triggers keep; anything else is the exact aggregate over schedules. Both
+    give the same numbers (tests compare them). `site_id`: one site's participants only (the
+    rollups span the study, so this is the aggregate); `by="site"`: per site key (aggregate)."""
+    if by is None:
+        return {None: overall_and_groups(session, study_id, waves, as_of, None, rollup=rollup, site_id=site_id)[0]}
+    return overall_and_groups(session, study_id, waves, as_of, by, rollup=rollup, site_id=site_id)[1]
+
+
+def overall_and_groups(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, by: str | None,
+                       *, rollup: bool = True, site_id: uuid.UUID | None = None,
+                       ) -> tuple[list[dict[str, Any]], dict[str | None, list[dict[str, Any]]]]:
+    """Retention overall and, with `by`, per group: from the rollups in one read when they
+    answer for `as_of` (the whole study, overall or by primary group), else from the aggregate."""
+    if rollup and site_id is None and (by is None or by == "primary_group"):
         watermark = session.scalar(select(RetentionWatermark.at).where(RetentionWatermark.study_id == study_id))
         if watermark is not None and as_of >= watermark:
-            return {None: _from_rollup(session, study_id, waves, as_of)}
+            if by is None:
+                return _from_rollup(session, study_id, waves, as_of, groups=False)
+            # the group rollup follows the study's first wave; the codebook names the baseline
+            if session.scalar(_first_wave(study_id)) == waves[0]:
+                return _from_rollup(session, study_id, waves, as_of, groups=True)
+    overall = _aggregate(session, study_id, waves, as_of, None, site_id)
+    if not overall:
+        overall = {None: [_wave_row(wave, None) for wave in waves]}
+    return overall[None], (_aggregate(session, study_id, waves, as_of, by, site_id) if by is not None else {})
+
+
+def _first_wave(study_id: uuid.UUID) -> Any:
+    return select(Wave.key).where(Wave.study_id == study_id).order_by(Wave.position, Wave.key).limit(1)
+
+
+def _aggregate(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
+               by: str | None, site_id: uuid.UUID | None = None) -> dict[str | None, list[dict[str, Any]]]:
     at = literal(as_of)
     completed_by = and_(Schedule.completed_at.is_not(None), Schedule.completed_at <= at)
     completed_in_window = and_(completed_by, Schedule.completed_at >= Schedule.opens_at,
@@ -84,16 +111,16 @@ def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: da
     found: dict[str | None, dict[str, dict[str, int]]] = defaultdict(dict)
     for row in session.execute(query):
         found[row.grp][row.wave] = dict(row._mapping)
-    out: dict[str | None, list[dict[str, Any]]] = {}
-    for grp, per_wave in sorted(found.items(), key=lambda kv: str(kv[0])):
-        out[grp] = [_wave_row(wave, per_wave.get(wave)) for wave in waves]
-    if not out and by is None:
-        out[None] = [_wave_row(wave, None) for wave in waves]
-    return out
+    return {grp: [_wave_row(wave, per_wave.get(wave)) for wave in waves]
+            for grp, per_wave in sorted(found.items(), key=lambda kv: str(kv[0]))}
 
 
-def _from_rollup(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime) -> list[dict[str, Any]]:
-    c = RetentionCount
+COUNTS = ("eligible", "completed", "open", "missed", "withdrawn", "late", "schedules")
+
+
+def _rollup_totals(table: type[RetentionCount] | type[RetentionGroupCount], study_id: uuid.UUID,
+                   as_of: datetime) -> Any:
+    c = table
     at = literal(as_of)
     eligible = and_(c.wd_ok, or_(c.closes_at <= at, c.in_window))
     pending = c.cls == "pending"
@@ -101,21 +128,45 @@ def _from_rollup(session: Session, study_id: uuid.UUID, waves: list[str], as_of:
     def total(condition: Any) -> Any:
         return func.coalesce(func.sum(c.n).filter(condition), 0)
 
-    query = (
+    group = RetentionGroupCount.grp if table is RetentionGroupCount else literal(None, String)
+    return (
         select(
-            c.wave,
+            group.label("grp"), c.wave,
             total(eligible).label("eligible"),
             total(and_(eligible, c.cls == "completed")).label("completed"),
             total(and_(pending, c.opens_at <= at, at < c.closes_at)).label("open"),
             total(and_(pending, c.closes_at <= at)).label("missed"),
             total(c.cls == "withdrawn").label("withdrawn"),
             total(and_(eligible, c.late)).label("late"),
+            func.coalesce(func.sum(c.n), 0).label("schedules"),
         )
         .where(c.study_id == study_id)
-        .group_by(c.wave)
+        .group_by(group, c.wave)
     )
-    found = {row.wave: dict(row._mapping) for row in session.execute(query)}
-    return [_wave_row(wave, found.get(wave)) for wave in waves]
+
+
+def _from_rollup(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, *,
+                 groups: bool) -> tuple[list[dict[str, Any]], dict[str | None, list[dict[str, Any]]]]:
+    """Overall from `retention_counts`; with `groups`, each baseline group from
+    `retention_group_counts` and those without one as what is left of the overall counts."""
+    query = _rollup_totals(RetentionCount, study_id, as_of)
+    if groups:
+        query = query.union_all(_rollup_totals(RetentionGroupCount, study_id, as_of))
+    found: dict[str | None, dict[str, dict[str, int]]] = defaultdict(dict)
+    for row in session.execute(query):
+        found[row.grp][row.wave] = {name: int(getattr(row, name)) for name in COUNTS}
+    overall = [_wave_row(wave, found[None].get(wave)) for wave in waves]
+    if not groups:
+        return overall, {}
+    everyone = found.pop(None, {})
+    found.pop(UNKNOWN_GROUP, None)  # an answer spelled like the no-group row is counted in it, as the aggregate does
+    unknown = {wave: {name: everyone[wave][name] - sum(g.get(wave, {}).get(name, 0) for g in found.values())
+                      for name in COUNTS} for wave in everyone}
+    found[UNKNOWN_GROUP] = unknown
+    present = {grp: per_wave for grp, per_wave in found.items()
+               if any(counts["schedules"] for counts in per_wave.values())}
+    return overall, {grp: [_wave_row(wave, per_wave.get(wave)) for wave in waves]
+                     for grp, per_wave in sorted(present.items(), key=lambda kv: str(kv[0]))}
 
 
 def _wave_row(wave: str, counts: dict[str, Any] | None) -> dict[str, Any]:

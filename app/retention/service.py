@@ -69,11 +69,11 @@ def retention_report(session: Session, study: StudyContext, when: datetime,
     """Retention per wave as of `when` (overall, and per group with `by`): the API's and the dashboard's.
     A site-scoped request counts its site's participants only."""
     waves = list(study.require_codebook().wave_keys)
-    body = Retention(as_of=when, waves=retention(session, study.study.id, waves, when, site_id=study.site_id)[None])
+    overall, groups = repository.overall_and_groups(session, study.study.id, waves, when, by, site_id=study.site_id)
+    body = Retention(as_of=when, waves=overall)
     if by is not None:
-        grouped = retention(session, study.study.id, waves, when, by=by, site_id=study.site_id)
         body.by = by
-        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in grouped.items()]
+        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in groups.items()]
     return body
 
 
