@@ -6,7 +6,7 @@ import base64
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -136,22 +136,24 @@ def install_codebook(session: Session, study: Study, codebook: Codebook) -> int:
     return revision
 
 
+def _study_key(session: Session, study: Study, sealer: Sealer, name: Literal["pseudonym_key", "date_shift_key"],
+               ) -> bytes:
+    """One of the study's random keys, made on first use, once, and kept sealed."""
+    sealed: bytes | None = getattr(study, name)
+    if sealed is None:
+        sealed = repository.set_key(session, study.id, name, sealer.seal(
+            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
+    return base64.b64decode(sealer.open(sealed)["key"])
+
+
 def pseudonymiser(session: Session, study: Study, sealer: Sealer) -> Pseudonymiser:
     """The study's pseudonym function; a study created before keys existed gets one now, once."""
-    sealed = study.pseudonym_key
-    if sealed is None:
-        sealed = repository.set_pseudonym_key(session, study.id, sealer.seal(
-            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
-    return Pseudonymiser(base64.b64decode(sealer.open(sealed)["key"]))
+    return Pseudonymiser(_study_key(session, study, sealer, "pseudonym_key"))
 
 
 def date_shifter(session: Session, study: Study, sealer: Sealer) -> DateShifter:
-    """The study's date-shift function; its key is made on first use, once, and kept sealed."""
-    sealed = study.date_shift_key
-    if sealed is None:
-        sealed = repository.set_date_shift_key(session, study.id, sealer.seal(
-            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
-    return DateShifter(base64.b64decode(sealer.open(sealed)["key"]))
+    """The study's date-shift function (its own key, apart from the pseudonyms')."""
+    return DateShifter(_study_key(session, study, sealer, "date_shift_key"))
 
 
 def export_dates(study: Study) -> ExportDates:
