@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL
 
 from app.dashboard import charts
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
-from tests.factories import auth, simulated_pal_study, valid_answers
+from tests.factories import auth, pal_codebook, simulated_pal_study, valid_answers
 from tests.processes import kill_group, start_worker
 from tests.smtp import SmtpServer
 from tests.test_workers import broker_for, midday_zone, worker_env
@@ -323,8 +323,10 @@ def test_the_enrolment_chart_has_every_month_and_participants_without_a_baseline
 
     # the two without a baseline: their own table, last, named, with no rates and the reason why
     group = answers["primary_group"]
+    label = {o["code"]: o["label"] for i in pal_codebook()["instruments"] for item in i["items"]
+             if item["code"] == "primary_group" for o in item["options"]}[group]
     captions = re.findall(r'<table id="retention-([^"]+)">\s*<caption>([^<]+)</caption>', page)
-    assert captions[-2:] == [(group, group), ("unknown", "no baseline yet")]
+    assert captions[-2:] == [(group, f"{label} ({group})"), ("unknown", "no baseline yet")]  # the option's label
     assert ">unknown<" not in page
     no_baseline = table_cells(page, "retention-unknown")
     assert no_baseline["baseline"]["eligible"] == "1" and no_baseline["baseline"]["open"] == "1"  # EARLY, N1

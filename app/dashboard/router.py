@@ -98,6 +98,13 @@ def _study(session: Session, viewer: Viewer, key: str, *roles: Role, whole_study
     return ctx
 
 
+def _option_labels(ctx: StudyContext, code: str) -> dict[str, str]:
+    """A choice item's option labels by code, in the codebook's order (empty if there is no such item)."""
+    codebook = ctx.require_codebook()
+    return {o["code"]: o["label"] for instrument in codebook.document.get("instruments", [])
+            for item in instrument.get("items", []) if item.get("code") == code for o in item.get("options") or []}
+
+
 def _as_of(day: date | None, zone: str) -> datetime:
     """A chosen day means the end of that day in the study's time zone; no day means now."""
     if day is None:
@@ -168,10 +175,14 @@ def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
     hooks = webhooks.notices(session, ctx.study.id) \
         if viewer.principal.may("coordinator") and not viewer.principal.sited else []
-    # participants without a complete baseline have no group yet: their table comes last, named so
-    groups = sorted(overall.groups or [], key=lambda g: g.group == retention.UNKNOWN_GROUP)
+    # groups in the codebook's option order, named by their labels; participants without a complete
+    # baseline have no group yet: their table comes last, named so
+    options = _option_labels(ctx, "primary_group")
+    order = {code: i for i, code in enumerate(options)}
+    groups = sorted(overall.groups or [], key=lambda g: (g.group == retention.UNKNOWN_GROUP,
+                                                          order.get(g.group, len(order)), g.group))
     return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, groups=groups,
-                no_group=retention.UNKNOWN_GROUP, as_of=when, chosen_day=as_of, enrolled=enrolled,
+                no_group=retention.UNKNOWN_GROUP, group_labels=options, as_of=when, chosen_day=as_of, enrolled=enrolled,
                 total=sum(n for _, n in enrolled), retention_chart=retention_chart, enrolment_chart=enrolment_chart,
                 webhook_notices=hooks, by_site=by_site)
 
