@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from app.core.migrations import run_migrations
+from app.core.progress import on_terminal
 from app.core.settings import ConfigError, Settings, get_settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -134,6 +135,10 @@ def serve(
     import uvicorn
 
     _terminate_on_sigterm()
+    _require_free_port(host, port)  # before any setup: a busy port is the first thing to say
+    if not os.environ.get("COHORT_PUBLIC_URL"):  # links in mail point where this serves (the worker inherits it)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 (a wildcard is not an address)
+        os.environ["COHORT_PUBLIC_URL"] = f"http://{shown}:{port}"
     settings = _settings()
     _setup_logging(settings.log_level)
     embedded = settings.embedded
@@ -172,6 +177,18 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def _require_free_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {host}:{port} ({exc.strerror or exc}); is another service using it? "
+                   f"Choose another with --port", err=True)
+        raise typer.Exit(3) from None
 
 
 def _banner(settings: Settings, host: str, port: int, admin_token: str | None, *, embedded: bool) -> None:
@@ -252,6 +269,7 @@ def token_create(
     role: Annotated[str, typer.Option(help="admin, coordinator, collector or analyst")],
     label: Annotated[str, typer.Option(help="what the token is for")] = "created from the command line",
     study: Annotated[str | None, typer.Option(help="limit the token to one study key")] = None,
+    site: Annotated[str | None, typer.Option(help="limit the token to one site (key) of --study")] = None,
 ) -> None:
     """Create a token and print its secret (only once)."""
     from app.core.db import Database, transaction
@@ -266,7 +284,7 @@ def token_create(
         db = Database.from_settings(settings)
         try:
             with transaction(db) as session:
-                created = tokens.create(session, role=role, label=label, study_key=study)
+                created = tokens.create(session, role=role, label=label, study_key=study, site_key=site)
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
@@ -307,15 +325,18 @@ def simulate(
         run_migrations(settings)
         db = Database.from_settings(settings)
         try:
-            cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
-            with transaction(db) as session:
-                if study_repository.by_key(session, study) is None:
-                    studies.create(session, StudyCreate(key=study, name="Simulated PAL cohort",
-                                                        timezone=timezone, template="pal-replication"),
-                                   settings_sealer(settings))
-                ctx = studies.system_context(session, study)
-                written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow())
-                studies.remember_simulation(session, ctx, cohort.truth)
+            with on_terminal() as progress:
+                progress.step(f"simulating {participants:,} participants")
+                cohort = sim.generate(participants, seed, enrolled_from=sim.default_start(), prefix=f"S{seed}-")
+                with transaction(db) as session:
+                    if study_repository.by_key(session, study) is None:
+                        studies.create(session, StudyCreate(key=study, name="Simulated PAL cohort",
+                                                            timezone=timezone, template="pal-replication"),
+                                       settings_sealer(settings))
+                    ctx = studies.system_context(session, study)
+                    written = sim.write(session, ctx, cohort, settings_sealer(settings), utcnow(), progress=progress)
+                    studies.remember_simulation(session, ctx, cohort.truth)
+                    progress.step("committing")
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
@@ -336,8 +357,6 @@ def import_participants(
     """Enrol participants from a file, through the same checks as participants:import (all-or-nothing by default)."""
     import time
 
-    from rich.console import Console
-
     from app.core.crypto import settings_sealer
     from app.core.db import Database, transaction
     from app.core.errors import DomainError
@@ -346,20 +365,23 @@ def import_participants(
     from app.participants import service as participants
     from app.studies import service as studies
 
-    console = Console(stderr=True)
     raw = file.read_bytes()
     started = time.perf_counter()
-    with database_runtime() as settings, console.status("reading", spinner="dots") as status:
+    with database_runtime() as settings, on_terminal() as progress:
         _setup_logging(settings.log_level)
         db = Database.from_settings(settings)
         try:
+            progress.step(f"reading {file.name}")
             records, csv_mode = importer.read_csv(raw) if file.suffix.lower() == ".csv" else importer.read_json(raw)
-            status.update(f"checking {len(records):,} rows")
+            progress.step("checking", total=len(records), unit="rows")
             rows, errors = importer.validate(records, csv_mode=csv_mode)
-            status.update(f"enrolling {len(rows):,} rows (schedules, sealed contacts, audit)")
+            progress.advance(len(records))
+            # one transaction (all or nothing): the count moves when it is done
+            progress.step("enrolling (schedules, sealed contacts, audit)", total=len(rows), unit="rows")
             with transaction(db, actor="cli:import") as session:
                 result = participants.import_rows(session, studies.system_context(session, study), rows, errors,
                                                   partial=partial, sealer=settings_sealer(settings), now=utcnow())
+            progress.advance(result.created)
         except DomainError as exc:
             raise _fail(exc.detail) from None
         finally:
@@ -385,7 +407,8 @@ def bench(
     """Measure the service against same-run baselines (see bench/ and the README's table)."""
     from bench.run import main as run_bench
 
-    report = run_bench(quick, only, output)
+    with on_terminal() as progress:
+        report = run_bench(quick, only, output, progress)
     if report["errors"]:
         raise typer.Exit(code=1)
 
@@ -402,7 +425,8 @@ def rotate_keys() -> None:
             typer.echo("note: COHORT_OLD_SECRET_KEYS is empty, so only values sealed with the current key can be read")
         db = Database.from_settings(settings)
         try:
-            counts = rotate(db, settings_sealer(settings))
+            with on_terminal() as progress:
+                counts = rotate(db, settings_sealer(settings), progress)
         finally:
             db.dispose()
     for name, n in counts.items():

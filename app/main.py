@@ -39,6 +39,7 @@ from app.redcap.router import router as redcap_router
 from app.reminders.router import router as reminders_router
 from app.responses.router import router as responses_router
 from app.retention.router import router as retention_router
+from app.sites.router import router as sites_router
 from app.studies.router import router as studies_router
 from app.survey.router import router as survey_router
 from app.tokens import repository as tokens_repository
@@ -104,7 +105,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     for page_error in (dashboard_auth.SignInRequired, dashboard_auth.NotAllowed):
         app.add_exception_handler(page_error, error_page)
     app.add_exception_handler(Replay, replay_handler)
-    for router in (health_router, tokens_router, studies_router, codebooks_router, participants_router,
+    for router in (health_router, tokens_router, studies_router, sites_router, codebooks_router, participants_router,
                    withdrawals_router, responses_router, reminders_router, retention_router, analysis_router,
                    audit_router, exports_router, webhooks_router, survey_router, dashboard_router, redcap_router,
                    fhir_router):

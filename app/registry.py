@@ -11,6 +11,7 @@ from app.participants import models as participants_models
 from app.reminders import models as reminders_models
 from app.responses import models as responses_models
 from app.retention import models as retention_models
+from app.sites import models as sites_models
 from app.studies import models as studies_models
 from app.tokens import models as tokens_models
 from app.webhooks import models as webhooks_models
@@ -18,5 +19,5 @@ from app.webhooks import models as webhooks_models
 __all__ = [
     "Base", "analysis_models", "audit_models", "dashboard_models", "health_models", "idempotency_models",
     "instruments_models", "participants_models", "reminders_models", "responses_models", "retention_models",
-    "studies_models", "tokens_models", "webhooks_models",
+    "sites_models", "studies_models", "tokens_models", "webhooks_models",
 ]

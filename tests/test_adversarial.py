@@ -157,6 +157,84 @@ def test_a_scoped_token_of_any_role_reaches_nothing_of_another_study(server: Liv
     assert document["paths"]
 
 
+@pytest.fixture(scope="module")
+def sited(admin: httpx.Client) -> dict[str, Any]:
+    """A study with sites north and south, one participant in each with a complete baseline response."""
+    key = f"adv-sites-{uuid.uuid4().hex[:6]}"
+    assert admin.post("/api/v1/studies", json={"key": key, "name": "Sited", "timezone": "UTC",
+                                               "template": "pal-replication"}).status_code == 201
+    out: dict[str, Any] = {"key": key}
+    for site in ("north", "south"):
+        assert admin.post(f"/api/v1/studies/{key}/sites", json={"key": site, "name": site}).status_code == 201
+        external_id = f"{site.upper()}-ADV-1"
+        enrolled = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+        r = admin.post(f"/api/v1/studies/{key}/participants", json={
+            "external_id": external_id, "enrolled_at": enrolled, "site": site,
+            "contact": {"email": f"{site}@example.org"}})
+        assert r.status_code == 201, r.text
+        response = admin.post(f"/api/v1/studies/{key}/responses", json={
+            "external_id": external_id, "wave": "baseline", "status": "complete",
+            "answers": valid_answers("baseline", random.Random(5))})
+        assert response.status_code == 201, response.text
+        out[site] = {"external_id": external_id, "response_id": response.json()["id"]}
+    return out
+
+
+SITE_BODIES = {  # valid bodies, so that only the site scope can refuse these writes
+    ("POST", "/api/v1/studies/{key}/participants/{external_id}/withdraw"): {"reason": "x"},
+    ("POST", "/api/v1/studies/{key}/participants/{external_id}/reminders"): {"wave": "baseline"},
+    ("POST", "/api/v1/studies/{key}/participants/{external_id}/move"): {"site": "north", "reason": "x"},
+    ("PATCH", "/api/v1/studies/{key}/responses/{response_id}"): {"answers": {"age": 40}, "reason": "x"},
+}
+
+
+def test_a_site_scoped_token_of_any_role_reaches_nothing_of_another_site(server: LiveServer, admin: httpx.Client,
+                                                                         sited: dict[str, Any]) -> None:
+    """The token matrix, one level down: north's tokens against south's participant and response.
+    What names south's participant is 403 or 404 (an error may echo the id asked for); no answer that
+    succeeds shows it; whole-study operations are 403."""
+    key, south = sited["key"], sited["south"]
+    tokens = {}
+    for role in ("coordinator", "collector", "analyst"):
+        r = admin.post("/api/v1/tokens", json={"role": role, "label": f"north {role}", "study_key": key,
+                                               "site_key": "north"})
+        assert r.status_code == 201, r.text
+        tokens[role] = r.json()["token"]
+    values = {"key": key, "external_id": south["external_id"], "response_id": south["response_id"],
+              "wave": "baseline", "webhook_id": str(uuid.uuid4()), "delivery_id": str(uuid.uuid4()),
+              "analysis_id": str(uuid.uuid4()), "token_id": str(uuid.uuid4()), "token": "not-a-link"}
+    failures = []
+    checked = 0
+    for method, path, op in operations(admin):
+        if "{key}" not in path:
+            continue
+        url = fill(path, values)
+        names_south = "{external_id}" in path or "{response_id}" in path
+        body = SITE_BODIES.get((method, path))
+        for role, secret in tokens.items():
+            kwargs: dict[str, Any] = {"headers": auth(secret)}
+            if "requestBody" in op:
+                kwargs["json"] = body if body is not None else {}
+            r = httpx.request(method, server.url + url, timeout=30, **kwargs)
+            checked += 1
+            refused = (403, 404) if body is not None or "requestBody" not in op else (403, 404, 422)
+            if r.status_code >= 500:
+                failures.append(f"{role} {method} {url}: {r.status_code}")
+            elif op.get("x-whole-study") and r.status_code != 403:
+                failures.append(f"{role} {method} {url}: whole-study operation answered {r.status_code}")
+            elif names_south and r.status_code not in refused:
+                failures.append(f"{role} {method} {url}: {r.status_code} {r.text[:120]}")
+            elif r.status_code < 400 and (south["external_id"] in r.text or south["response_id"] in r.text):
+                failures.append(f"{role} {method} {url}: shows south's participant")
+    assert checked > 100
+    assert not failures, "\n".join(failures)
+    # nothing of south changed, and north's own participant is reachable
+    assert admin.get(f"/api/v1/studies/{key}/participants/{south['external_id']}").json()["status"] == "active"
+    own = httpx.get(f"{server.url}/api/v1/studies/{key}/participants/{sited['north']['external_id']}",
+                    headers=auth(tokens["coordinator"]))
+    assert own.status_code == 200 and own.json()["site"] == "north"
+
+
 def test_a_scoped_admin_manages_only_its_own_studys_tokens_and_audit(server: LiveServer, admin: httpx.Client,
                                                                       world: dict[str, Any]) -> None:
     a, b = world["a"], world["b"]

@@ -39,6 +39,8 @@ ONLINE_TERMS = ["intercept", "woman", "age", "white", "hispanic", "married", "co
 GEE_TERMS = ["intercept", "online", "wave[month6]", "wave[month12]", "online:wave[month6]", "online:wave[month12]",
              "woman", "age", "aud_severity"]
 MODEL2_TERMS = [*GEE_TERMS, "primary_group[aa_12step]", "primary_group[wfs]", "multiple_groups"]
+GENERATING_EXTRA = ["primary_group[aa_12step]:wave[month6]", "primary_group[aa_12step]:wave[month12]",
+                    "primary_group[wfs]:wave[month6]", "primary_group[wfs]:wave[month12]"]
 CONTRASTS = {"online at baseline": ["online"], "online at month6": ["online", "online:wave[month6]"],
              "online at month12": ["online", "online:wave[month12]"]}
 
@@ -293,6 +295,62 @@ async def test_identical_requests_on_unchanged_data_reuse_the_result(
     assert [a["id"] for a in listing] == [first["id"], second["id"]]
 
 
+async def test_a_fit_on_unchanged_data_reads_the_kept_snapshot(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.analysis import frame as frames
+
+    first = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert first["status"] == "succeeded", first["error"]
+    read_from_database: list[int] = []
+    load = frames.load
+
+    def counted(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        read_from_database.append(1)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "load", counted)
+    second = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert second["status"] == "succeeded", second["error"]
+    assert read_from_database == []  # the data had not changed: the kept snapshot was the frame
+    assert second["data"]["snapshot_sha256"] == first["data"]["snapshot_sha256"]
+    listed = (await admin.get(f"{BASE}/responses", params={"wave": "baseline", "limit": 1})).json()["items"][0]
+    r = await admin.patch(f"{BASE}/responses/{listed['id']}", json={"answers": {"age": 78}, "reason": "typo"})
+    assert r.status_code == 200
+    third = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert read_from_database == [1]  # changed data is read again
+    assert third["data"]["snapshot_sha256"] != first["data"]["snapshot_sha256"]
+    frame = await exported_frame(app_client, analyst, third)
+    assert (frame["age"] == 78).sum() >= 1
+
+
+async def test_the_frame_and_the_export_read_the_same_derived_values(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any],
+) -> None:
+    """A definition changed and not yet recomputed by the periodic task: an export and a fit
+    read the new definition's values alike (neither serves the stale stored ones)."""
+    document = pal_codebook()
+    document["version"] = 3
+    next(d for d in document["derived"] if d["code"] == "weekly_attendance")["definition"] = "meetings_30d >= 9"
+    assert (await admin.put(f"{BASE}/codebook", json=document)).status_code == 200
+    export = await app_client.get(f"{BASE}/export", params={"format": "csv", "layout": "long"}, headers=auth(analyst))
+    assert export.status_code == 200
+    exported = pd.read_csv(io.StringIO(export.text)).set_index(["participant", "wave"]).sort_index()
+    job = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
+    assert job["status"] == "succeeded", job["error"]
+    frame = (await exported_frame(app_client, analyst, job)).set_index(["participant", "wave"]).sort_index()
+    assert list(frame.index) == list(exported.index)
+    expected = (exported["meetings_30d"] >= 9).where(exported["meetings_30d"].notna())
+    known = exported["weekly_attendance"].notna()
+    assert known.sum() > 100
+    assert (exported.loc[known, "weekly_attendance"] == expected[known]).all()
+    assert (frame.loc[known, "weekly_attendance"] == exported.loc[known, "weekly_attendance"]).all()
+    assert (frame["weekly_attendance"].isna() == exported["weekly_attendance"].isna()).all()
+    assert ((exported["meetings_30d"] >= 4) & (exported["meetings_30d"] < 9)).sum() > 0  # the change shows
+
+
 async def test_the_same_snapshot_gives_the_same_numbers(database: Database, settings: Settings,
                                                         admin: httpx.AsyncClient) -> None:
     from app.analysis import frame as frames
@@ -304,8 +362,8 @@ async def test_the_same_snapshot_gives_the_same_numbers(database: Database, sett
     with transaction(database) as session:
         ctx = system_context(session, "pal")
         pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-        one = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
-        two = frames.load(session, ctx.study.id, ctx.require_codebook(), pseudonymise)
+        one = frames.load(session, ctx, pseudonymise)
+        two = frames.load(session, ctx, pseudonymise)
         codebook = ctx.require_codebook()
     assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
     doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))
@@ -366,11 +424,13 @@ async def test_requests_are_validated(app_client: httpx.AsyncClient, analyst: st
 @pytest.mark.slow
 def test_simulated_true_effects_are_recovered() -> None:
     """5,000 participants, three seeds: the true odds ratios of the two exactly specified models
-    (the online Logit and model 2) fall inside the reported 95 % intervals at about the nominal
-    rate; model 1, which leaves out the confounder (12-step membership), overstates the online
-    effects that model 2 reports."""
+    (the online Logit and the simulator's generating GEE, model 2 plus primary group x wave)
+    fall inside the reported 95 % intervals at about the nominal rate. 12-step members attend
+    online more and are abstinent more often later, so model 1 (no primary group) credits online
+    attendance with part of that: model 2 reports weaker online effects at 6 and 12 months."""
     from app.analysis import plan as plans
     from app.analysis.fit import run
+    from app.analysis.simulate import generating_spec
     from tests.simulated import CODEBOOK, frame_of
 
     doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))
@@ -378,15 +438,20 @@ def test_simulated_true_effects_are_recovered() -> None:
     def spec(key: str, variant: str | None) -> dict[str, Any]:
         return plans.resolve(doc.models[key], doc.variables, variant, CODEBOOK, key=key, plan_version=1)
 
+    one_off = plans.parse(generating_spec(), plans.SpecDoc)
+    plans.check_spec(one_off, doc, CODEBOOK)
+    generating = plans.resolve(one_off, doc.variables, None, CODEBOOK, key="spec", plan_version=1)
     covered, total, misses = 0, 0, []
     for seed in (101, 202, 303):
         cohort = generate(5000, seed, enrolled_from=default_start())
         frame = frame_of(cohort)
         model1 = run(spec("abstinence", None), frame)
         model2 = run(spec("abstinence", "model2"), frame)
+        exact = run(generating, frame)
+        assert [c["term"] for c in exact["coefficients"]] == list(cohort.truth["abstinence_generating"])
         checks = (("online_attendance", run(spec("online_attendance", None), frame)["coefficients"]),
-                  ("abstinence_model2", model2["coefficients"]),
-                  ("abstinence_model2_contrasts", model2["contrasts"]))
+                  ("abstinence_generating", exact["coefficients"]),
+                  ("abstinence_generating_contrasts", exact["contrasts"]))
         for key, rows in checks:
             for c in rows:
                 true_or = math.exp(cohort.truth[key][c["term"]])
@@ -395,16 +460,18 @@ def test_simulated_true_effects_are_recovered() -> None:
                     covered += 1
                 else:
                     misses.append((seed, key, c["term"]))
-        # adjusting for primary group weakens the online effects (the paper's model 2)
+        # adjusting for primary group weakens the online effects at the follow-ups (the paper's model 2)
         one = {c["term"]: c["estimate"] for c in model1["contrasts"]}
         two = {c["term"]: c["estimate"] for c in model2["contrasts"]}
-        truth = cohort.truth["abstinence_model2_contrasts"]
         for name in ("online at month6", "online at month12"):
             assert one[name] > two[name], (seed, name, one[name], two[name])
+        truth = cohort.truth["abstinence_generating_contrasts"]
         assert truth["online at baseline"] < 0 < truth["online at month6"]  # the seed study's directions
         assert abs(truth["online at month12"]) < 0.1
-    assert total == 3 * (18 + 12 + 3)
-    assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 99 intervals
+        later = cohort.truth["abstinence_generating"]
+        assert later["primary_group[aa_12step]:wave[month6]"] > 0 < later["primary_group[aa_12step]:wave[month12]"]
+    assert total == 3 * (18 + 16 + 3)
+    assert covered / total >= 0.88, misses  # nominal 95 %; binomial noise over 111 intervals
     assert 0.30 <= cohort.truth["online_share"] <= 0.42  # close to the study's 36 % online
 
 
@@ -421,5 +488,6 @@ def test_simulate_show_truth_prints_the_truth_table() -> None:
     shown = json.loads(result.output)
     assert shown == truth_table()
     assert list(shown["online_attendance"]) == ONLINE_TERMS[1:]
-    assert list(shown["abstinence_model2"]) == MODEL2_TERMS
-    assert list(shown["abstinence_model2_contrasts"]) == list(CONTRASTS)
+    assert list(shown["abstinence_generating"]) == [*MODEL2_TERMS, *GENERATING_EXTRA]
+    assert list(shown["abstinence_generating_contrasts"]) == list(CONTRASTS)
+    assert shown["abstinence_model1"] is None and shown["abstinence_model2"] is None

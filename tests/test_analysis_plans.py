@@ -68,15 +68,23 @@ async def test_pal_plan_is_served_and_each_change_is_a_new_audited_version(
     stale = await app_client.put(PLAN, json=edited, headers=auth(analyst))  # still says version 1
     assert stale.status_code == 409
     audit = (await admin.get("/api/v1/studies/pal/audit", params={"table": "analysis_plans"})).json()["items"]
-    assert [(a["action"], a["after"]["version"]) for a in audit] == [("INSERT", 2)]
+    # the template's plan was stored as version 1 by the first edit, then the edit as version 2
+    audit.sort(key=lambda a: a["after"]["version"])  # one transaction: the same audit time
+    assert [(a["action"], a["after"]["version"]) for a in audit] == [("INSERT", 1), ("INSERT", 2)]
+    from app.analysis.plan import shipped_plan
+
+    assert audit[0]["after"]["document"] == shipped_plan("pal-v1")
 
 
 async def test_a_refit_after_a_plan_edit_cites_the_new_version_and_the_old_result_stays(
     app_client: httpx.AsyncClient, analyst: str, database: Database, settings: Settings
 ) -> None:
     simulate_into(database, settings, 300, seed=8)
+    assert (await app_client.get(PLAN, headers=auth(analyst))).json()["created_at"] is None  # the template's, unstored
     before = await fit(app_client, analyst, database, settings, {"model": "abstinence", "variant": "model2"})
     assert before["status"] == "succeeded" and before["results"]["plan_version"] == 1
+    # a result cites version 1: from now on the study keeps it, whatever a later release ships
+    assert (await app_client.get(PLAN, headers=auth(analyst))).json()["created_at"] is not None
     plan = (await app_client.get(PLAN, headers=auth(analyst))).json()
     plan["models"]["abstinence"]["variants"]["model2"]["add_terms"].append("college")
     assert (await app_client.put(PLAN, json=plan, headers=auth(analyst))).status_code == 200

@@ -51,3 +51,4 @@ def test_the_quick_benchmark_runs_every_scenario(pg_server: URL, tmp_path: Path)
     for fmt in ("csv", "parquet"):
         assert results["export"][fmt]["mb"] > 0 and results["export"][fmt]["server_peak_rss_mb"] > 0
     assert "target:" in stdout  # the table a user reads
+    assert "━" not in stdout + stderr  # not a terminal: no progress bar in the output

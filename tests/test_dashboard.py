@@ -8,19 +8,25 @@ import io
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from sqlalchemy.engine import URL
 
+from app.dashboard import charts
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings, serve_app
-from tests.factories import auth, simulated_pal_study
+from tests.factories import auth, pal_codebook, simulated_pal_study, valid_answers
 from tests.processes import kill_group, start_worker
 from tests.smtp import SmtpServer
 from tests.test_workers import broker_for, midday_zone, worker_env
+
+if TYPE_CHECKING:
+    from playwright.sync_api import FloatRect
 
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
 EMAIL = re.compile(r"[\w.+-]+@example\.org")
@@ -72,10 +78,16 @@ def table_cells(html: str, table_id: str) -> dict[str, dict[str, str]]:
     for row in re.finditer(r'<tr data-wave="([^"]+)"(?: data-group="([^"]+)")?>(.*?)</tr>', body.group(1), re.S):
         key = row.group(1) + (f"/{row.group(2)}" if row.group(2) else "")
         cells = {}
-        for cell in re.finditer(r'<td data-field="(\w+)"(?: data-value="([^"]*)")?>([^<]*)</td>', row.group(3)):
+        for cell in re.finditer(r'<td data-field="(\w+)"(?: data-value="([^"]*)")?[^>]*>([^<]*)</td>', row.group(3)):
             cells[cell.group(1)] = cell.group(2) if cell.group(2) is not None else cell.group(3)
         out[key] = cells
     return out
+
+
+def table_html(html: str, table_id: str) -> str:
+    body = re.search(rf'<table id="{re.escape(table_id)}">(.*?)</table>', html, re.S)
+    assert body, f"no table {table_id}"
+    return body.group(1)
 
 
 def as_of_instant(html: str) -> str:
@@ -276,6 +288,159 @@ def test_a_withdrawal_from_a_stale_page_is_a_clear_conflict(server: LiveServer) 
     assert participant.json()["status"] == "withdrawn"
 
 
+def test_the_enrolment_chart_has_every_month_and_participants_without_a_baseline_are_named(
+        server: LiveServer) -> None:
+    import random
+
+    now = datetime.now(UTC)
+    first = now - timedelta(days=125)  # four months or so before the others: empty months between
+    with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as admin:
+        assert admin.post("/api/v1/studies", json={"key": "pal", "name": "PAL", "timezone": "UTC",
+                                                   "template": "pal-replication"}).status_code == 201
+        for ext, when in (("EARLY", first), ("B1", now - timedelta(days=2)), ("N1", now - timedelta(days=2))):
+            r = admin.post("/api/v1/studies/pal/participants",
+                           json={"external_id": ext, "enrolled_at": when.isoformat()})
+            assert r.status_code == 201, r.text
+        answers = valid_answers("baseline", random.Random(3))
+        r = admin.post("/api/v1/studies/pal/responses", json={"external_id": "B1", "wave": "baseline",
+                                                               "answers": answers})
+        assert r.status_code == 201, r.text
+    client = signed_in(server, token(server, "coordinator"))
+    page = client.get("/ui/studies/pal").text
+
+    # every calendar month from the first enrolment to the last, the empty ones as 0
+    months = re.findall(r'<tr data-month="([\d-]+)"><th scope="row">[\d-]+</th><td>(\d+)</td></tr>',
+                        table_html(page, "enrolment"))
+    expected, day = [], first.date().replace(day=1)
+    while day <= now.date():
+        expected.append(f"{day:%Y-%m}")
+        day = (day + timedelta(days=32)).replace(day=1)
+    assert [m for m, _ in months] == expected and len(expected) >= 4
+    counts = dict(months)
+    assert counts[expected[0]] == "1" and counts[expected[-1]] == "2"
+    assert all(counts[m] == "0" for m in expected[1:-1])
+    assert "3 in all" in page
+
+    # the two without a baseline: their own table, last, named, with no rates and the reason why
+    group = answers["primary_group"]
+    label = {o["code"]: o["label"] for i in pal_codebook()["instruments"] for item in i["items"]
+             if item["code"] == "primary_group" for o in item["options"]}[group]
+    captions = re.findall(r'<table id="retention-([^"]+)">\s*<caption>([^<]+)</caption>', page)
+    assert captions[-2:] == [(group, f"{label} ({group})"), ("unknown", "no baseline yet")]  # the option's label
+    assert ">unknown<" not in page
+    no_baseline = table_cells(page, "retention-unknown")
+    assert no_baseline["baseline"]["eligible"] == "1" and no_baseline["baseline"]["open"] == "1"  # EARLY, N1
+    rates = re.findall(r'<td data-field="rate" data-value="" title="([^"]+)">(.)</td>',
+                       table_html(page, "retention-unknown"))
+    assert [shown for _, shown in rates] == ["—", "—", "—"]
+    assert all("without a complete baseline response" in why for why, _ in rates)
+    assert 'data-note="no-rates">— no rates for participants without a complete baseline response' in page
+    # a wave no one is eligible for yet has no rate either, said the same way
+    overall = table_cells(page, "retention")
+    assert overall["month12"]["eligible"] == "0" and overall["month12"]["rate"] == ""
+    assert re.search(r'<td data-field="rate" data-value="" title="no rate yet: no one is eligible[^"]*">—</td>',
+                     table_html(page, "retention"))
+    assert 'data-note="no-rate">— no rate yet: no one is eligible for this wave' in page
+
+
+def test_the_refit_page_has_the_study_nav_and_the_fit_shows_who_is_in_the_model(server: LiveServer) -> None:
+    from app.analysis import tasks
+    from app.core.db import Database
+
+    simulated_study(server, n=240, seed=5)
+    analyst = token(server, "analyst")
+    client = signed_in(server, analyst)
+    outcomes = client.get("/ui/studies/pal/outcomes").text
+    assert 'id="h-online_attendance-"' in outcomes
+    requested = client.post("/ui/studies/pal/analyses", data={"model": "online_attendance", "csrf": csrf_of(outcomes)})
+    assert requested.status_code == 303
+    location = requested.headers["location"]
+    waiting = client.get(location).text
+    assert 'data-status="queued"' in waiting and 'http-equiv="refresh"' in waiting
+    nav = re.search(r'<nav aria-label="Study pages">(.*?)</nav>', waiting, re.S)
+    assert nav, "the progress page has the study's navigation"
+    links = dict((text, href) for href, text in re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', nav.group(1)))
+    assert links == {"Overview": "/ui/studies/pal", "Outcomes": "/ui/studies/pal/outcomes",
+                     "Data": "/ui/studies/pal/data"}
+    assert '<a href="/ui/studies/pal/outcomes#h-online_attendance-">Back to the analyses</a>' in waiting
+    assert "<h1>Online attendance at baseline (logistic regression)</h1>" in waiting  # as on the Outcomes page
+
+    db = Database.from_settings(server.settings)
+    try:
+        assert tasks.run(db, server.settings, location.rsplit("/", 1)[-1]) == "succeeded"
+    finally:
+        db.dispose()
+    job = httpx.get(f"{server.url}/api/v1/analyses/{location.rsplit('/', 1)[-1]}", headers=auth(analyst)).json()
+    results = job["results"]
+    assert results["excluded"], "this seed leaves some out (primary group other or none)"
+    page = client.get(location).text
+    assert "<h1>Online attendance at baseline (logistic regression)</h1>" in page
+    sample = re.search(r'<table class="sample"[^>]*>(.*?)</table>', page, re.S)
+    assert sample, "who is in the model"
+    shown = sample.group(1)
+    population = int(re.findall(r'data-field="population">(\d+)<', shown)[0])
+    n = int(re.findall(r'data-field="n">(\d+)<', shown)[0])
+    left_out = re.findall(r'<tr data-excluded="([^"]+)"><th scope="row">left out: [^<]+</th>'
+                          r'<td data-field="excluded">(\d+)</td>', shown)
+    assert n == results["n"] and population == results["population"]["participants"]
+    assert [(reason, int(k)) for reason, k in left_out] == [(e["reason"], e["n"]) for e in results["excluded"]]
+    assert population == n + sum(int(k) for _, k in left_out)
+
+
+def test_a_refit_on_unchanged_data_says_so_and_table1_opens_its_report(server: LiveServer) -> None:
+    from app.analysis import tasks
+    from app.core.db import Database
+
+    simulated_study(server, n=200, seed=6)
+    analyst = token(server, "analyst")
+    client = signed_in(server, analyst)
+    outcomes = client.get("/ui/studies/pal/outcomes").text
+    db = Database.from_settings(server.settings)
+    try:
+        for model in ("online_attendance", "table1"):
+            made = client.post("/ui/studies/pal/analyses", data={"model": model, "csrf": csrf_of(outcomes)})
+            assert made.status_code == 303 and "reused" not in made.headers["location"]
+            assert tasks.run(db, server.settings, made.headers["location"].rsplit("/", 1)[-1]) == "succeeded"
+    finally:
+        db.dispose()
+    again = client.post("/ui/studies/pal/analyses", data={"model": "online_attendance", "csrf": csrf_of(outcomes)})
+    assert again.status_code == 303 and again.headers["location"].endswith("?reused=1")
+    assert "have not changed since this fit" in client.get(again.headers["location"]).text
+
+    table1 = client.get(made.headers["location"]).text  # the last one made: table1
+    link = re.search(r'<a href="(/ui/analyses/[^"]+/report)">Open the full report</a>', table1)
+    assert link, "table 1's page links to a report the signed-in browser can open"
+    report = client.get(link.group(1))
+    assert report.status_code == 200 and "<table" in report.text
+    job = httpx.get(f"{server.url}/api/v1/analyses/{made.headers['location'].rsplit('/', 1)[-1]}",
+                    headers=auth(analyst)).json()
+    first = job["results"]["variables"][0]["variable"]
+    assert first in report.text
+    assert httpx.get(f"{server.url}{link.group(1)}").status_code in (303, 401)  # not without signing in
+
+    refused = client.get("/ui/studies/pal", params={"as_of": "1800-01-01"})  # as the API bounds it
+    assert refused.status_code == 422 and "between the years 1900 and 2199" in refused.text
+
+
+def test_chart_text_is_readable_and_months_are_filled_in() -> None:
+    assert charts.every_month([]) == []
+    assert charts.every_month([("2025-11", 3), ("2026-02", 1)]) == [
+        ("2025-11", 3), ("2025-12", 0), ("2026-01", 0), ("2026-02", 1)]
+    many = charts.every_month([("2024-01", 5), ("2026-12", 2)])
+    assert len(many) == 36 and many[12] == ("2025-01", 0)
+    drawn = [charts.bars("enrolment", many),
+             charts.bars("retention", [("baseline", 100.0), ("month6", 80.0)], fmt="{:.0f} %", maximum=100),
+             charts.intervals("odds ratios", [charts.Interval("woman", "odds ratio", 1.4, 1.0, 2.1),
+                                              charts.Interval("age", "odds ratio", 0.98, 0.96, 0.99)],
+                              log_scale=True, reference=1.0, axis="odds ratio")]
+    for svg in drawn:
+        sizes = {int(size) for size in re.findall(r'font-size="(\d+)"', svg)}
+        assert sizes and min(sizes) >= 14, sizes
+    # 36 months: every n-th named (from the first) so that names never overlap
+    names = re.findall(r'>(\d{4}-\d\d)</text>', drawn[0])
+    assert names[0] == "2024-01" and 4 <= len(names) <= 12
+
+
 # -- in a real browser -----------------------------------------------------------------------------
 
 
@@ -291,7 +456,8 @@ def chromium() -> str:
 
 
 def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
+    """The pages a user reads, at 1366 px and on a phone; the screenshots are saved in tests/screenshots/."""
+    from playwright.sync_api import expect, sync_playwright
 
     executable = chromium()
     settings = make_settings(fresh_db, tmp_path, rate_limit_per_minute=0)
@@ -299,9 +465,14 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
     with serve_app(settings.model_copy(update={"redis_url": broker if broker.startswith("redis") else None}),
                    fresh_db) as server:
         simulated_study(server, n=400, seed=11)
+        # two enrolled this week, long after the simulated cohort: months without enrolment between,
+        # and a group without a baseline yet
+        for ext in ("NEW1", "NEW2"):
+            r = httpx.post(f"{server.url}/api/v1/studies/pal/participants", headers=auth(ADMIN_TOKEN), json={
+                "external_id": ext, "enrolled_at": (datetime.now(UTC) - timedelta(days=2)).isoformat()})
+            assert r.status_code == 201, r.text
         analyst = token(server, "analyst")
-        worker = start_worker(worker_env(settings, broker), tmp_path / "worker.log", "--queues", "analysis",
-                              "--concurrency", "1")
+        worker: subprocess.Popen[bytes] | None = None
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
@@ -321,16 +492,38 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
                     row = page.locator(f'#retention tr[data-wave="{w["wave"]}"]')
                     assert row.locator('[data-field="eligible"]').inner_text() == str(w["eligible"])
                     assert row.locator('[data-field="completed"]').inner_text() == str(w["completed"])
+                # nothing overlaps the enrolment toggle at 1366 px (the retention table sat on it once)
+                toggle = page.get_by_text("Enrolment per month").bounding_box()
+                for table in page.locator("table").all():
+                    box = table.bounding_box()
+                    if toggle and box and box["height"]:
+                        assert not overlaps(toggle, box), "a table overlaps the enrolment toggle"
+                # every month between the cohort and this week, the empty ones as 0; the newcomers named
+                page.get_by_text("Enrolment per month").click()
+                months = page.locator("#enrolment tbody tr")
+                assert months.count() > 12 and "0" in months.locator("td").all_inner_texts()
+                no_baseline = page.locator("#retention-unknown")
+                expect(no_baseline.locator("caption")).to_have_text("no baseline yet")
+                assert no_baseline.locator('[data-field="rate"]').all_inner_texts() == ["—", "—", "—"]
+                expect(page.locator('[data-note="no-rates"]')).to_contain_text("without a complete baseline")
                 SCREENSHOTS.mkdir(exist_ok=True)
                 page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
 
-                # a refit, watched until it finishes
+                # a refit requested while no worker runs yet: the progress page, with the study's pages
                 page.get_by_role("link", name="Outcomes", exact=True).click()
                 section = page.locator('section[data-model="abstinence"][data-variant=""]')
                 assert "Not fitted yet" in section.inner_text()
                 section.get_by_role("button", name="Refit on the data as it stands").click()
                 status = page.locator("#job-status")
-                assert status.get_attribute("data-status") in ("queued", "running", "succeeded")
+                assert status.get_attribute("data-status") == "queued"
+                nav = page.get_by_role("navigation", name="Study pages")
+                for name in ("Overview", "Outcomes", "Data"):  # (expect retries: the page reloads every 2 s)
+                    expect(nav.get_by_role("link", name=name, exact=True)).to_be_visible()
+                expect(page.get_by_role("link", name="Back to the analyses")).to_be_visible()
+                page.screenshot(path=str(SCREENSHOTS / "analysis-progress.png"), full_page=True)
+
+                worker = start_worker(worker_env(settings, broker), tmp_path / "worker.log", "--queues", "analysis",
+                                      "--concurrency", "1")
                 # (a selector, not a script: the page's CSP allows no eval, for tests either)
                 page.locator('#job-status[data-status="succeeded"], #job-status[data-status="failed"]').wait_for(
                     timeout=120_000)
@@ -348,8 +541,25 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
                     assert shown.inner_text() == f"{c['odds_ratio']:.3f}"
                 assert page.locator('[data-field="plan_version"]').first.inner_text() == "1"
                 assert page.locator("svg[role=img]").count() >= 1  # the forest plot
+                assert page.locator('table.sample [data-field="n"]').inner_text() == str(job["results"]["n"])
                 page.screenshot(path=str(SCREENSHOTS / "analysis.png"), full_page=True)
-                page.get_by_role("link", name="Back to the outcomes").click()
+
+                # the attendance model: n, and who was left out and why
+                page.get_by_role("link", name="Back to the analyses").click()
+                attendance = page.locator('section[data-model="online_attendance"]')
+                attendance.get_by_role("button", name="Refit on the data as it stands").click()
+                page.locator('#job-status[data-status="succeeded"], #job-status[data-status="failed"]').wait_for(
+                    timeout=120_000)
+                fitted = httpx.get(f"{server.url}/api/v1/analyses/{page.url.rsplit('/', 1)[-1]}",
+                                   headers=auth(analyst)).json()["results"]
+                sample = page.locator("table.sample")
+                assert sample.locator('[data-field="n"]').inner_text() == str(fitted["n"])
+                for e in fitted["excluded"]:
+                    assert f"left out: {e['reason']}" in sample.inner_text()
+                    assert sample.locator(f'tr[data-excluded="{e["reason"]}"] td').inner_text() == str(e["n"])
+                page.screenshot(path=str(SCREENSHOTS / "analysis-attendance.png"), full_page=True)
+
+                page.get_by_role("link", name="Back to the analyses").click()
                 outcome_section = page.locator('section[data-model="abstinence"][data-variant=""]')
                 assert job["data"]["snapshot_sha256"] in outcome_section.inner_text()
                 assert "online at month6" in outcome_section.locator("table.contrasts").inner_text()
@@ -364,9 +574,29 @@ def test_in_a_browser_sign_in_read_retention_refit_and_download(fresh_db: URL, t
                 rows = list(csv.DictReader(io.StringIO(saved.read_text())))
                 assert len(rows) == job_rows(server, analyst)
                 assert "alcohol_last_use" in rows[0] and not any(EMAIL.search(str(v)) for v in rows[0].values())
+
+                # the overview on a phone: the page is as wide as the screen (tables and charts scroll
+                # inside their own boxes), and the retention rate is in view
+                phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+                small = phone.new_page()
+                small.goto(f"{server.url}/ui/login")
+                small.get_by_label("API token").fill(analyst)
+                small.get_by_role("button", name="Sign in").click()
+                small.goto(f"{server.url}/ui/studies/pal")
+                main = small.locator("main").bounding_box()
+                assert main is not None and main["width"] <= 390
+                rate = small.locator('#retention tr[data-wave="baseline"] [data-field="rate"]').bounding_box()
+                assert rate is not None and rate["x"] + rate["width"] <= 390
+                small.screenshot(path=str(SCREENSHOTS / "overview-phone.png"), full_page=True)
                 browser.close()
         finally:
-            kill_group(worker, 15)
+            if worker is not None:
+                kill_group(worker, 15)
+
+
+def overlaps(a: FloatRect, b: FloatRect) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
 
 
 def job_rows(server: LiveServer, analyst: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -50,7 +52,8 @@ def data_dir() -> Iterator[Path]:
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in {"DATABASE_URL", "REDIS_URL", "SMTP_URL", "COHORT_BOOTSTRAP_TOKEN", "COHORT_SECRET_KEY"}}
+           if k not in {"DATABASE_URL", "REDIS_URL", "SMTP_URL", "COHORT_BOOTSTRAP_TOKEN", "COHORT_SECRET_KEY",
+                        "COHORT_PUBLIC_URL"}}
     env["COHORT_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -104,6 +107,24 @@ def test_serve_on_the_embedded_database(data_dir: Path) -> None:
             return all(body["workers"][q]["status"] == "ok" for q in ("reminders", "analysis"))
 
         wait_until(worker_seen, 90, "a worker heartbeat through the embedded broker")
+
+        # the invitation's survey link points at the port this serves on (no COHORT_PUBLIC_URL set)
+        yesterday = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+        r = httpx.post(f"{base}/api/v1/studies/pal/participants", headers=auth(admin), json={
+            "external_id": "P0002", "enrolled_at": yesterday, "timezone": "UTC",
+            "contact": {"email": "p0002@example.org"}})
+        assert r.status_code == 201, r.text
+        now = f"{datetime.now(UTC):%Y-%m-%d}T14:00:00Z"
+        r = httpx.post(f"{base}/api/v1/studies/pal/reminders:run", params={"now": now}, headers=auth(admin))
+        assert r.status_code == 200, r.text
+        outbox = data_dir / "outbox"
+        wait_until(lambda: any(outbox.glob("*.eml")), 60, "the invitation in the outbox")
+        mail = email.message_from_bytes(next(outbox.glob("*.eml")).read_bytes())
+        body = next(part for part in mail.walk() if part.get_content_type() == "text/plain")
+        payload = body.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        text = payload.decode()
+        assert re.search(rf"http://127\.0\.0\.1:{port}/s/\S+", text), text
     finally:
         code = stop(proc)
     assert code in (0, 128 + signal.SIGTERM), log.read_text()[-2000:]

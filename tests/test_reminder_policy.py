@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from app.participants.schedule import WaveWindow, plan
-from app.reminders.policy import Policy, into_sending_hours, planned_sends, retry_at
+from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
 from tests.factories import pal_codebook
 
 DOC = pal_codebook()
@@ -74,3 +77,21 @@ def test_a_policy_without_reminders_and_a_short_window() -> None:
     planned = dict(planned_sends(policy, opens_at=opens, closes_at=closes, enrolled_at=opens - timedelta(days=9),
                                  zone_name="America/New_York"))
     assert planned == {"invitation": datetime(2026, 3, 2, 9, tzinfo=NY)}  # reminder and final fall outside
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/London", "Asia/Kolkata", "Pacific/Auckland",
+                                  "Australia/Lord_Howe", "UTC"])
+def test_the_claim_query_keeps_the_policys_sending_hours(connection: Any, zone: str) -> None:
+    """The claim decides in SQL; its sending hours are the policy's, through DST changes too."""
+    from sqlalchemy.orm import Session
+
+    from app.reminders.repository import sending_hours
+
+    session = Session(bind=connection)
+    start = datetime(2026, 3, 7, tzinfo=UTC)  # spans the March changes of both hemispheres
+    for step in range(0, 24 * 60 * 40, 97):  # every 97 minutes for 40 days
+        now = start + timedelta(minutes=step)
+        inside, later = sending_hours(session, now, zone)
+        assert inside == in_sending_hours(now, ZoneInfo(zone)), now
+        if not inside:
+            assert later == into_sending_hours(now, ZoneInfo(zone)), now

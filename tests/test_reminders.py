@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -270,3 +271,56 @@ async def test_the_audit_trail_records_each_sends_outcome_not_its_leases(api: ht
     assert statuses[0] == "pending" and statuses[-1] == "sent"  # planned, then what became of it
     assert "sending" not in statuses  # the lease taken on the way is bookkeeping, not history
     assert all(e["actor"] for e in history if e["action"] == "UPDATE")
+
+
+async def test_one_claim_decides_every_outcome_in_its_order(api: httpx.AsyncClient, connection: Any,
+                                                            database: Database) -> None:
+    """A batch holding every case is decided in the rule's order and recorded with its reason:
+    withdrawn or completed (the safety net behind the eager cancellations) -> cancelled; window
+    closed, or a later message of the wave due -> skipped; outside sending hours -> deferred to
+    the next morning there; otherwise leased to be sent."""
+    from sqlalchemy import text
+
+    from app.core.db import transaction
+    from app.reminders import service
+    from app.reminders.policy import in_sending_hours, into_sending_hours
+
+    await create_study(api, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    now = datetime.combine(datetime.now(UTC).date() - timedelta(days=1), time(16), tzinfo=UTC)  # 11:00 in NY
+    local = now.astimezone(NY)
+    for ext, days_ago, extra in (("SEND", 2, {}), ("GONE", 2, {}), ("DONE", 2, {}), ("SHUT", 40, {}),
+                                 ("LATER", 10, {}), ("NIGHT", 2, {"timezone": "Asia/Tokyo"})):
+        await enrol(api, ext, datetime.combine(local.date() - timedelta(days=days_ago), time(8), tzinfo=NY),
+                    f"{ext.lower()}@example.org", **extra)
+    with transaction(database) as session:
+        while service.plan(session, now):
+            pass
+    # states the eager cancellations would have closed, made behind their back
+    connection.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() "
+                            "WHERE external_id = 'GONE'"))
+    connection.execute(text("UPDATE schedules SET completed_at = now() - interval '1 day' FROM participants p "
+                            "WHERE p.id = schedules.participant_id AND p.external_id = 'DONE' "
+                            "AND schedules.wave = 'baseline'"))
+    with transaction(database) as session:
+        claims, result, seen = service.claim(session, now, owner=uuid.uuid4())
+    got = {(r.external_id, r.kind): (r.status, r.last_error, r.due_at) for r in connection.execute(text(
+        "SELECT p.external_id, r.kind, r.status, r.last_error, r.due_at FROM reminder_sends r "
+        "JOIN participants p ON p.id = r.participant_id WHERE r.due_at <= :now OR r.status <> 'pending'"),
+        {"now": now})}
+    assert got[("SEND", "invitation")][0] == "sending"
+    assert got[("GONE", "invitation")][:2] == ("cancelled", "participant withdrew")
+    assert got[("DONE", "invitation")][:2] == ("cancelled", "wave completed")
+    assert got[("SHUT", "invitation")][:2] == ("skipped", "the window closed before it was sent")
+    assert got[("LATER", "invitation")][:2] == ("skipped", "a later message of this wave was due")
+    assert got[("LATER", "reminder_1")][0] == "sending"
+    assert all(v[:2] == ("skipped", "the window closed before it was sent")
+               for (ext, _), v in got.items() if ext == "SHUT") and sum(ext == "SHUT" for ext, _ in got) == 4
+    night = connection.execute(text(
+        "SELECT r.status, r.due_at FROM reminder_sends r JOIN participants p ON p.id = r.participant_id "
+        "WHERE p.external_id = 'NIGHT' AND r.kind = 'invitation'")).one()
+    tokyo = ZoneInfo("Asia/Tokyo")
+    assert not in_sending_hours(now, tokyo)  # 01:00 there: deferred to the morning, as the policy says
+    assert night.status == "pending" and night.due_at == into_sending_hours(now, tokyo)
+    assert {(c.external_id, c.kind) for c in claims} == {("SEND", "invitation"), ("LATER", "reminder_1")}
+    assert (result.cancelled, result.skipped, result.deferred) == (2, 5, 1)
+    assert seen == len(claims) + result.cancelled + result.skipped + result.deferred

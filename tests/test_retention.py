@@ -275,3 +275,117 @@ async def test_the_retention_rollup_equals_the_exact_aggregate(admin: httpx.Asyn
         assert service.retention(session, study, waves, at)[None] == expected_retention(people, at)
         later = at + timedelta(minutes=10)
         assert service.retention(session, study, waves, later)[None] == expected_retention(people, later)
+
+
+async def test_the_group_rollup_equals_the_aggregate_through_every_kind_of_change(
+        admin: httpx.AsyncClient, connection: Any, database: Any) -> None:
+    """Retention by baseline primary group, read from the rollups, equals the plain aggregate after
+    enrolments, partial and complete responses, corrections that change the group (one at a time and
+    many in one statement), withdrawals (keeping and deleting answers) and late enrolments; the
+    no-group row (no baseline yet) included; and the rollup kept by the triggers equals a rebuild."""
+    from sqlalchemy import text
+
+    from app.retention import service
+    from app.studies.service import system_context
+
+    rng = random.Random(16)
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    start = datetime.now(UTC) - timedelta(days=500)
+    people = make_cohort(rng, 40, start)
+    r = await admin.post(f"{BASE}/participants:import", json=[
+        {"external_id": p.ext, "enrolled_at": p.enrolled_at.isoformat()} for p in people])
+    assert r.json()["created"] == 40
+    baseline_ids: dict[str, str] = {}
+    for p in people:
+        for wave, done in sorted(p.completed.items(), key=lambda kv: kv[1]):
+            body = {"external_id": p.ext, "wave": wave, "completed_at": done.isoformat(),
+                    "answers": answers_for(p, wave, rng)}
+            if rng.random() < 0.4:  # progress saved first: a partial baseline puts nobody in a group
+                r = await admin.post(f"{BASE}/responses", json={**body, "status": "partial", "completed_at": None})
+                assert r.status_code == 201, r.text
+            r = await admin.post(f"{BASE}/responses", json=body)
+            assert r.status_code in (200, 201), r.text
+            if wave == "baseline":
+                baseline_ids[p.ext] = r.json()["id"]
+    real_groups = ["aa_12step", "smart", "lifering", "wfs"]
+    corrected = [p for p in people if p.primary_group in real_groups][:6]
+    for p in corrected:  # a coordinator's correction moves the participant to another group
+        p.primary_group = rng.choice([g for g in real_groups if g != p.primary_group])
+        r = await admin.patch(f"{BASE}/responses/{baseline_ids[p.ext]}",
+                              json={"answers": {"primary_group": p.primary_group}, "reason": "paper form"})
+        assert r.status_code == 200, r.text
+    for p in people[:20]:
+        if p.withdrawn_at is not None:
+            r = await admin.post(f"{BASE}/participants/{p.ext}/withdraw",
+                                 json={"reason": "test", "withdrawn_at": p.withdrawn_at.isoformat()})
+            assert r.status_code == 200
+    assert (await admin.patch(BASE, json={"withdrawal_policy": "delete_responses"})).status_code == 200
+    for p in people[20:]:  # their answers go, and with the baseline their group
+        if p.withdrawn_at is not None:
+            r = await admin.post(f"{BASE}/participants/{p.ext}/withdraw",
+                                 json={"reason": "test", "withdrawn_at": p.withdrawn_at.isoformat()})
+            assert r.status_code == 200
+    for i in range(3):  # enrolled lately: no baseline, no group
+        r = await admin.post(f"{BASE}/participants", json={
+            "external_id": f"NEW{i}", "enrolled_at": (datetime.now(UTC) - timedelta(days=i)).isoformat()})
+        assert r.status_code == 201
+    # many participants change group, or leave one, in single statements
+    connection.execute(text("UPDATE responses SET answers = jsonb_set(answers, '{primary_group}', '\"wfs\"') "
+                            "WHERE wave = 'baseline' AND answers ->> 'primary_group' = 'smart'"))
+    connection.execute(text("UPDATE responses SET status = 'partial' WHERE wave = 'baseline' AND "
+                            "answers ->> 'primary_group' = 'lifering'"))
+    connection.execute(text("UPDATE participants SET withdrawn_at = now() - interval '20 days', status = 'withdrawn' "
+                            "WHERE external_id IN ('R030', 'R031', 'R032', 'NEW0')"))
+
+    with database.sessions() as session:
+        study = system_context(session, "pal").study.id
+        waves = list(WINDOWS)
+        now = datetime.now(UTC)
+        for at in (now, now + timedelta(days=30), now + timedelta(days=400)):
+            fast = service.retention(session, study, waves, at, by="primary_group")
+            exact = service.retention(session, study, waves, at, by="primary_group", rollup=False)
+            assert fast == exact, at
+            assert "unknown" in fast and len(fast) >= 4
+            assert [sum(w["eligible"] for w in rows) for rows in fast.values()] != [0] * len(fast)
+        # the rollup is really what answered: emptied, the answer changes
+        counts = text("SELECT * FROM retention_group_counts WHERE n <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10")
+        kept = connection.execute(counts).all()
+        connection.execute(text("DELETE FROM retention_group_counts"))
+        assert service.retention(session, study, waves, now, by="primary_group") != exact
+        # kept incrementally by the triggers == rebuilt from scratch
+        connection.execute(text("SELECT cohort_retention_rebuild(:s)"), {"s": study})
+        assert connection.execute(counts).all() == kept
+
+
+async def test_the_group_rollup_follows_the_studys_first_wave(admin: httpx.AsyncClient, connection: Any,
+                                                              database: Any) -> None:
+    """Groups come from the baseline, the study's first wave: should the waves be reordered, the
+    rollup is counted again for the new first wave, and the codebook's baseline is still answered."""
+    from sqlalchemy import text
+
+    from app.retention import service
+    from app.studies.service import system_context
+
+    rng = random.Random(3)
+    await create_study(admin, ADMIN_TOKEN, key="pal", timezone="America/New_York")
+    people = make_cohort(rng, 12, datetime.now(UTC) - timedelta(days=500))
+    await admin.post(f"{BASE}/participants:import", json=[
+        {"external_id": p.ext, "enrolled_at": p.enrolled_at.isoformat()} for p in people])
+    for p in people:
+        for wave, done in sorted(p.completed.items(), key=lambda kv: kv[1]):
+            await admin.post(f"{BASE}/responses", json={"external_id": p.ext, "wave": wave,
+                                                        "completed_at": done.isoformat(),
+                                                        "answers": answers_for(p, wave, rng)})
+    counts = text("SELECT * FROM retention_group_counts WHERE n <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10")
+    before = connection.execute(counts).all()
+    assert {row.wave for row in before} == set(WINDOWS)
+    connection.execute(text("UPDATE waves SET position = 2 - position"))  # month12 first
+    assert connection.execute(counts).all() != before
+    with database.sessions() as session:
+        study = system_context(session, "pal").study.id
+        at = datetime.now(UTC)
+        expected = service.retention(session, study, list(WINDOWS), at, by="primary_group", rollup=False)
+        assert service.retention(session, study, list(WINDOWS), at, by="primary_group") == expected
+        connection.execute(text("UPDATE waves SET position = 2 - position"))
+        assert connection.execute(counts).all() == before
+        assert service.retention(session, study, list(WINDOWS), at, by="primary_group") == expected

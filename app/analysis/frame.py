@@ -1,9 +1,10 @@
 """The analysis frame: one row per complete response, item codes and derived variables as columns.
 
-Built by one streaming query that pulls each item out of the stored raw answers (JSONB) and
-the derived values beside them; rows whose derived values were computed under older
-definitions are recomputed from the codebook in force. Participants appear as study-salted
-pseudonyms, never as external ids.
+Read through the responses domain's one bulk reader (`app.responses.table`, the same SELECT the
+exports run), streamed out of PostgreSQL with COPY and parsed by Arrow's CSV reader into typed
+columns: no value passes through a Python object on the way. Derived values computed under
+older definitions are brought up to date first, so the frame, an export and a single response
+read agree. Participants appear as study-salted pseudonyms, never as external ids.
 """
 
 from __future__ import annotations
@@ -12,25 +13,28 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from psycopg import sql
 from sqlalchemy.orm import Session
 
 from app.analysis import repository
+from app.core.crypto import Pseudonymiser
 from app.instruments.codebook import Codebook
-from app.responses.validation import carried_values, compute_derived
+from app.responses import service as responses
+from app.responses import table
+from app.studies.service import StudyContext
 
-ID_COLUMNS = ("participant", "wave", "completed_at")
-
-
-def columns_of(codebook: Codebook) -> tuple[list[str], list[str]]:
-    return list(codebook.items), [d.code for d in codebook.derived]
+# integers are parsed as float64 and then made Int64, so a stored 3.0 reads as 3 (a fraction is an error)
+ARROW_TYPES = {"integer": pa.float64(), "number": pa.float64(), "boolean": pa.bool_()}
+# strings in Python storage: a fit iterates participants and codes, which Arrow-backed strings make slow
+PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype("python")}
 
 
 def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
@@ -41,69 +45,40 @@ def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, 
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _typed(values: list[Any], kind: str) -> pd.Series:
-    if kind == "boolean":
-        return pd.Series([None if v is None else v == "true" for v in values], dtype="boolean")
-    if kind == "integer":
-        return pd.Series(pd.to_numeric(pd.Series(values, dtype="object"), errors="coerce")).astype("Int64")
-    if kind == "number":
-        return pd.Series(pd.to_numeric(pd.Series(values, dtype="object"), errors="coerce"), dtype="float64")
-    return pd.Series(values, dtype="string")
+def load(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *,
+         as_of: datetime | None = None) -> pd.DataFrame:
+    """The frame of a study's complete responses (completed by `as_of`, when given)."""
+    responses.bring_derived_current(session, ctx)
+    codebook = ctx.require_codebook()
+    statement, cols = table.query(codebook, "long", with_late=False, until=as_of is not None,
+                                  ordered=False)
+    copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
+    raw = session.connection().connection.dbapi_connection
+    assert isinstance(raw, psycopg.Connection)
+    buffer = io.BytesIO()
+    with raw.cursor() as cur, cur.copy(copy, table.params(ctx.study.id, pseudonymiser, as_of)) as stream:
+        for data in stream:
+            buffer.write(data)
+    frame = parse(buffer.getvalue(), cols)
+    order = frame["wave"].map({w: i for i, w in enumerate(codebook.wave_keys)})
+    keys = frame[["participant"]].assign(_w=order)
+    return frame.iloc[keys.sort_values(["participant", "_w"], kind="mergesort").index].reset_index(drop=True)
 
 
-def load(session: Session, study_id: uuid.UUID, codebook: Codebook, pseudonymise: Callable[[str], str], *,
-         as_of: datetime | None = None, batch: int = 20_000) -> pd.DataFrame:
-    items, derived = columns_of(codebook)
-    rows = repository.frame_rows(session, study_id, items, derived, codebook.derived_signature, as_of=as_of,
-                                 batch=batch)
-    n_fixed = 5
-    transposed: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * (n_fixed + len(items)
-                                                                                           + len(derived))
-    names: dict[str, str] = {}
-    for pid, ext in zip(transposed[0], transposed[1], strict=True):
-        if pid not in names:
-            names[pid] = pseudonymise(ext)
-    columns: dict[str, list[Any]] = {
-        "participant": [names[pid] for pid in transposed[0]],
-        "wave": list(transposed[2]),
-        "completed_at": list(transposed[3]),
-        **{code: list(transposed[n_fixed + j]) for j, code in enumerate(items)},
-        **{code: list(transposed[n_fixed + len(items) + j]) for j, code in enumerate(derived)},
-    }
-    stale = [i for i, answers in enumerate(transposed[4]) if answers is not None]
-    if stale:
-        raw_answers = {i: (str(transposed[0][i]), transposed[2][i], transposed[4][i]) for i in stale}
-        _recompute(columns, stale, raw_answers, codebook, derived)
-    kinds = {code: item.type for code, item in codebook.items.items()}
-    kinds.update({d.code: d.type for d in codebook.derived})
-    frame = pd.DataFrame({
-        "participant": pd.Series(columns["participant"], dtype="string"),
-        "wave": pd.Series(columns["wave"], dtype="string"),
-        "completed_at": pd.to_datetime(pd.Series(columns["completed_at"], dtype="object"), utc=True),
-        **{code: _typed(columns[code], kinds[code]) for code in (*items, *derived)},
-    })
+def parse(data: bytes, cols: list[table.Column]) -> pd.DataFrame:
+    """The reader's long-layout CSV as typed columns: integers as Int64, booleans as boolean,
+    numbers as float64, completed_at as UTC timestamps, the rest (codes, text) as strings. A
+    missing value is null; an empty text answer stays an empty string."""
+    types = {"participant": pa.string(), "wave": pa.string(), "completed_at": pa.timestamp("us", tz="UTC"),
+             **{c.name: ARROW_TYPES.get(c.type, pa.string()) for c in cols}}
+    options = pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True,
+                                    quoted_strings_can_be_null=False, true_values=["true"], false_values=["false"])
+    parsed = pa_csv.read_csv(io.BytesIO(data), convert_options=options)
+    frame: pd.DataFrame = parsed.to_pandas(types_mapper=PANDAS_TYPES.get)
+    for c in cols:
+        if c.type == "integer":
+            frame[c.name] = frame[c.name].astype("Int64")
     return frame
-
-
-def _recompute(columns: dict[str, list[Any]], stale: list[int], raw: dict[int, tuple[str, str, dict[str, Any]]],
-               codebook: Codebook, derived: list[str]) -> None:
-    """Rows computed under older definitions: derive again, source waves first for carried values."""
-    by_participant: dict[str, dict[str, dict[str, Any]]] = {}
-    for i in stale:
-        pid, wave, answers = raw[i]
-        by_participant.setdefault(pid, {})[wave] = answers
-    order = {w: k for k, w in enumerate(codebook.wave_keys)}
-    values: dict[tuple[str, str], dict[str, Any]] = {}
-    for pid, waves in by_participant.items():
-        done: dict[str, dict[str, Any]] = {}
-        for wave in sorted(waves, key=lambda w: order.get(w, 99)):
-            done[wave] = compute_derived(codebook, wave, waves[wave], carried_values(codebook, wave, done))
-            values[(pid, wave)] = done[wave]
-    for i in stale:
-        pid, wave, _ = raw[i]
-        for code in derived:
-            v = values[(pid, wave)].get(code)
-            columns[code][i] = None if v is None else (json.dumps(v) if isinstance(v, bool) else str(v))
 
 
 def snapshot_sha256(frame: pd.DataFrame) -> str:
@@ -122,5 +97,5 @@ def to_parquet(frame: pd.DataFrame) -> bytes:
 
 
 def from_parquet(data: bytes) -> pd.DataFrame:
-    frame: pd.DataFrame = pq.read_table(io.BytesIO(data)).to_pandas()
+    frame: pd.DataFrame = pq.read_table(io.BytesIO(data)).to_pandas(types_mapper=PANDAS_TYPES.get)
     return frame

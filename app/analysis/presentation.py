@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, select_autoescape
+
 from app.analysis.models import Analysis
 from app.analysis.schemas import AnalysisData, AnalysisOut
+
+_templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
 
 
 def to_out(job: Analysis, study_key: str) -> AnalysisOut:
@@ -26,3 +30,17 @@ def fmt_p(value: Any) -> str:
     if not isinstance(value, int | float):
         return ""
     return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def report_html(job: Analysis, study_key: str, waves: list[str]) -> str:
+    """The results as a readable HTML page (the API's `/report` and the dashboard's alike);
+    observations by wave in the codebook's order (stored JSON keeps no order)."""
+    out = to_out(job, study_key)
+    results = dict(job.results or {})
+    if isinstance(results.get("n_by_wave"), dict):
+        counts = results["n_by_wave"]
+        results["n_by_wave"] = {w: counts[w] for w in [*waves, *sorted(counts)] if w in counts}
+    title = str(results.get("label") or job.model)
+    return _templates.get_template("report.html").render(
+        title=title, study=study_key, id=job.id, status=job.status, error=job.error, data=out.data,
+        software=job.software, results=results or None, fmt=fmt_number, pfmt=fmt_p)

@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Text, bindparam, case, cast, func, select, tuple_, update
+from sqlalchemy import Text, cast, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.analysis.models import Analysis, AnalysisPlan, Snapshot
-from app.participants.models import Participant
 from app.responses.models import Response
 from app.studies.models import Study
 
@@ -73,10 +72,19 @@ def study_key(session: Session, study_id: uuid.UUID) -> str | None:
 
 
 def save_snapshot(session: Session, *, sha256: str, study_id: uuid.UUID, rows: int, participants: int,
-                  parquet: bytes, now: datetime) -> None:
-    session.execute(insert(Snapshot).values(
+                  parquet: bytes, now: datetime, data_key: str | None) -> None:
+    statement = insert(Snapshot).values(
         sha256=sha256, study_id=study_id, rows=rows, participants=participants, parquet=parquet, created_at=now,
-    ).on_conflict_do_nothing(index_elements=[Snapshot.sha256]))
+        data_key=data_key)
+    session.execute(statement.on_conflict_do_update(index_elements=[Snapshot.sha256],
+                                                    set_={"data_key": statement.excluded.data_key}))
+
+
+def snapshot_at(session: Session, study_id: uuid.UUID, data_key: str) -> Snapshot | None:
+    """The snapshot read when the study's data had this fingerprint, if one was kept."""
+    found: Snapshot | None = session.scalars(select(Snapshot).where(
+        Snapshot.study_id == study_id, Snapshot.data_key == data_key).limit(1)).first()
+    return found
 
 
 def snapshot(session: Session, sha256: str) -> Snapshot | None:
@@ -126,6 +134,13 @@ def add_plan(session: Session, plan: AnalysisPlan) -> AnalysisPlan:
     return plan
 
 
+def keep_first_plan(session: Session, study_id: uuid.UUID, document: dict[str, Any], now: datetime) -> None:
+    """Store version 1 unless it is stored already (two first requests at once store it once)."""
+    session.execute(insert(AnalysisPlan).values(
+        id=uuid.uuid4(), study_id=study_id, version=1, document=document, created_by=None, created_at=now,
+    ).on_conflict_do_nothing(index_elements=[AnalysisPlan.study_id, AnalysisPlan.version]))
+
+
 def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> tuple[int, int]:
     """How many complete responses, and a hash over their ids, versions and derived signatures."""
     query = select(
@@ -137,26 +152,3 @@ def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | Non
         query = query.where(Response.completed_at <= as_of)
     count, digest = session.execute(query).one()
     return int(count), int(digest)
-
-
-def frame_rows(session: Session, study_id: uuid.UUID, items: list[str], derived: list[str], signature: str, *,
-               as_of: datetime | None, batch: int) -> Sequence[Row[Any]]:
-    """One row per complete response: participant id, external id, wave, completed_at, the raw
-    answers when its derived values were computed under another signature (else null), then each
-    item and each derived value as text; ordered by participant and wave."""
-    answer_cols = [Response.answers[code].astext.label(f"a:{code}") for code in items]
-    derived_cols = [Response.derived[code].astext.label(f"d:{code}") for code in derived]
-    # the raw answers travel (and are decoded) only for rows whose derived values are stale
-    stale_answers = case((Response.derived_signature.is_distinct_from(signature), Response.answers), else_=None)
-    query = (
-        select(Response.participant_id, Participant.external_id, Response.wave, Response.completed_at,
-               stale_answers, *answer_cols, *derived_cols)
-        .join(Participant, Participant.id == Response.participant_id)
-        .where(Response.study_id == study_id, Response.status == "complete")
-        .order_by(Response.participant_id, Response.wave)
-    )
-    if as_of is not None:
-        query = query.where(Response.completed_at <= bindparam("as_of", as_of))
-    # Core rows (no ORM loading), streamed from a server-side cursor
-    result = session.connection().execute(query.execution_options(stream_results=True, yield_per=batch))
-    return result.all()

@@ -6,23 +6,20 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from jinja2 import Environment, PackageLoader, select_autoescape
 
 from app.analysis import service, tasks
 from app.analysis.models import Analysis
-from app.analysis.presentation import fmt_number, fmt_p, to_out
+from app.analysis.presentation import report_html, to_out
 from app.analysis.schemas import AnalysisIn, AnalysisOut, AnalysisQueued, PlanIn, PlanOut
 from app.core.db import SessionDep, on_commit
 from app.core.errors import Conflict, Forbidden
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
-from app.core.security import Analyst, Principal, Reader
+from app.core.security import Analyst, Principal, Reader, WholeStudy
 from app.idempotency.service import IdempotencyDep
 from app.studies.deps import StudyFromPath
 
-router = APIRouter(tags=["analyses"], route_class=RoleRoute)
-
-_templates = Environment(loader=PackageLoader("app", "templates"), autoescape=select_autoescape(["html"]))
+router = APIRouter(tags=["analyses"], route_class=RoleRoute, dependencies=[WholeStudy])
 
 
 @router.post("/api/v1/studies/{key}/analyses", status_code=202, response_model=AnalysisQueued,
@@ -93,12 +90,7 @@ def get_analysis(analysis_id: uuid.UUID, principal: Reader, session: SessionDep)
             summary="The results as a readable HTML table (the same numbers)")
 def report(analysis_id: uuid.UUID, principal: Reader, session: SessionDep) -> HTMLResponse:
     job, key = _visible(session, analysis_id, principal)
-    out = to_out(job, key)
-    title = str((job.results or {}).get("label") or job.model)
-    html = _templates.get_template("report.html").render(
-        title=title, study=key, id=job.id, status=job.status, error=job.error, data=out.data,
-        software=job.software, results=job.results, fmt=fmt_number, pfmt=fmt_p)
-    return HTMLResponse(html)
+    return HTMLResponse(report_html(job, key, service.wave_keys(session, key)))
 
 
 @router.get("/api/v1/analyses/{analysis_id}/frame", summary="The exact data snapshot the fit used",

@@ -31,7 +31,7 @@ from app.core.crypto import settings_sealer
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
-from app.instruments.codebook import Codebook
+from app.responses import service as responses
 from app.studies.service import StudyContext, pseudonymiser, system_context
 from app.webhooks import service as webhooks
 from app.webhooks.schemas import EventType
@@ -98,6 +98,7 @@ class CurrentPlan:
     document: dict[str, Any]
     created_at: datetime | None
     created_by: uuid.UUID | None
+    stored: bool = True
 
     @property
     def doc(self) -> plans.PlanDoc:
@@ -114,8 +115,19 @@ def current_plan(session: Session, ctx: StudyContext) -> CurrentPlan:
     codebook = ctx.require_codebook()
     shipped = plans.shipped_plan(codebook.key)
     if shipped is not None:
-        return CurrentPlan(1, shipped, None, None)
-    return CurrentPlan(0, {"variables": {}, "models": {}}, None, None)
+        return CurrentPlan(1, shipped, None, None, stored=False)
+    return CurrentPlan(0, {"variables": {}, "models": {}}, None, None, stored=False)
+
+
+def _kept_plan(session: Session, ctx: StudyContext) -> CurrentPlan:
+    """The current plan, stored: the template's plan becomes the study's stored version 1 the
+    first time something depends on it (a fit that cites it, or an edit that follows it), so a
+    later release shipping another plan never changes what version 1 meant for this study."""
+    current = current_plan(session, ctx)
+    if current.stored or current.version == 0:
+        return current
+    repository.keep_first_plan(session, ctx.study.id, current.document, utcnow())
+    return current_plan(session, ctx)
 
 
 def replace_plan(session: Session, ctx: StudyContext, document: dict[str, Any], *, expected_version: int | None,
@@ -124,7 +136,7 @@ def replace_plan(session: Session, ctx: StudyContext, document: dict[str, Any], 
     codebook = ctx.require_codebook()
     doc: plans.PlanDoc = plans.parse(document, plans.PlanDoc)
     plans.check(doc, codebook)
-    current = current_plan(session, ctx)
+    current = _kept_plan(session, ctx)
     if expected_version is not None and expected_version != current.version:
         raise Conflict(f"the plan is at version {current.version}, not {expected_version}; "
                        "read it again and apply the change to that version")
@@ -176,6 +188,7 @@ def request(session: Session, ctx: StudyContext, *, model: str | None, variant: 
             spec: dict[str, Any] | None, as_of: datetime | None, requested_by: uuid.UUID) -> tuple[Analysis, bool]:
     from app.analysis import frame as frames
 
+    _kept_plan(session, ctx)  # the version a result cites is a stored one
     resolved = resolve_request(session, ctx, model=model, variant=variant, spec=spec)
     codebook = ctx.require_codebook()
     fingerprint = _fingerprint(frames.data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of),
@@ -189,6 +202,11 @@ def request(session: Session, ctx: StudyContext, *, model: str | None, variant: 
         data_fingerprint=fingerprint, requested_by=requested_by, created_at=utcnow(),
         plan_version=resolved["plan_version"], spec=resolved))
     return job, False
+
+
+def wave_keys(session: Session, study_key: str) -> list[str]:
+    codebook = system_context(session, study_key).codebook
+    return list(codebook.wave_keys) if codebook is not None else []
 
 
 def get(session: Session, analysis_id: uuid.UUID) -> tuple[Analysis, str]:
@@ -225,29 +243,58 @@ def _legacy_variant(variant: str | None) -> str | None:
     return None if variant in (None, "", "model1") else variant  # jobs queued before plans said model1
 
 
-def prepare(session: Session, settings: Settings, job: Claim) -> tuple[pd.DataFrame, dict[str, Any], Codebook]:
-    """The analysis frame and the spec to fit (a job queued before plans gets the current plan's)."""
-    from app.analysis import frame as frames
+@dataclass(frozen=True)
+class Prepared:
+    """What a fit reads: the frame, the spec, the data fingerprint the frame is known to hold (None:
+    the data changed while it was read) and the frame's snapshot (None: not stored yet)."""
 
+    frame: pd.DataFrame
+    spec: dict[str, Any]
+    data_key: str | None
+    sha: str | None
+
+
+def _context(session: Session, job: Claim) -> StudyContext:
     key = repository.study_key(session, job.study_id)
     if key is None:
         raise ModelError("the study no longer exists")
-    ctx = system_context(session, key)
+    return system_context(session, key)
+
+
+def bring_current(session: Session, job: Claim) -> None:
+    """The study's stored derived values, up to date before the frame is read (its own transaction)."""
+    responses.bring_derived_current(session, _context(session, job))
+
+
+def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
+    """The analysis frame and the spec to fit (a job queued before plans gets the current plan's).
+    Data that has not changed since a kept snapshot is read from that snapshot. A new frame is
+    labelled with the data fingerprint only if the fingerprint is the same before and after the
+    read (a response stored meanwhile leaves it unlabelled, so it is never reused for other data)."""
+    from app.analysis import frame as frames
+
+    ctx = _context(session, job)
     codebook = ctx.require_codebook()
     spec = job.spec
     if spec is None:
         spec = resolve_request(session, ctx, model=job.model, variant=_legacy_variant(job.variant), spec=None)
+    data_key = frames.data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
+    kept = repository.snapshot_at(session, job.study_id, data_key)
+    if kept is not None:
+        return Prepared(frames.from_parquet(kept.parquet), spec, data_key, kept.sha256)
     pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-    return frames.load(session, job.study_id, codebook, pseudonymise, as_of=job.as_of), spec, codebook
+    frame = frames.load(session, ctx, pseudonymise, as_of=job.as_of)
+    after = frames.data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
+    return Prepared(frame, spec, data_key if after == data_key else None, None)
 
 
-def store_snapshot(session: Session, study_id: uuid.UUID, frame: pd.DataFrame) -> str:
+def store_snapshot(session: Session, study_id: uuid.UUID, frame: pd.DataFrame, data_key: str | None) -> str:
     from app.analysis import frame as frames
 
     sha = frames.snapshot_sha256(frame)
     repository.save_snapshot(session, sha256=sha, study_id=study_id, rows=len(frame),
                              participants=int(frame["participant"].nunique()), parquet=frames.to_parquet(frame),
-                             now=utcnow())
+                             now=utcnow(), data_key=data_key)
     return sha
 
 

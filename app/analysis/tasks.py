@@ -1,6 +1,7 @@
 """Celery entry points of the analysis domain, and the transactions they own.
 
-`run` is what a worker does with one job: claim it, load the frame and store its snapshot,
+`run` is what a worker does with one job: claim it, bring derived values up to date, read the
+frame (from the snapshot kept for unchanged data, or from the database) and store its snapshot,
 fit (outside any transaction: a fit can take seconds), record the outcome; each step commits
 on its own, so a crash mid-fit leaves the job `running` for the sweep to queue again.
 """
@@ -33,10 +34,14 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
     outcome: dict[str, Any]
     try:
         with transaction(db) as session:
-            frame, spec, _ = service.prepare(session, settings, job)
+            service.bring_current(session, job)
         with transaction(db) as session:
-            sha = service.store_snapshot(session, job.study_id, frame)
-        outcome = {"status": "succeeded", **service.fit(job, spec, frame, sha)}
+            prepared = service.prepare(session, settings, job)
+        sha = prepared.sha
+        if sha is None:
+            with transaction(db) as session:
+                sha = service.store_snapshot(session, job.study_id, prepared.frame, prepared.data_key)
+        outcome = {"status": "succeeded", **service.fit(job, prepared.spec, prepared.frame, sha)}
     except ModelError as exc:
         outcome = {"status": "failed", "error": str(exc)}
     except Exception as exc:

@@ -24,6 +24,8 @@ AUDITED = (
     ("response_corrections", "id", (), "response"),
     ("reminder_sends", "id", (), "column"),
     ("analysis_plans", "id", (), "column"),
+    ("sites", "id", (), "column"),
+    ("participant_site_moves", "id", (), "column"),
 )
 
 

@@ -13,14 +13,15 @@ from app.audit.schemas import AuditOut
 from app.core.db import SessionDep
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_cursor, encode_cursor
 from app.core.routing import RoleRoute
-from app.core.security import AdminOnly, Coordinator
+from app.core.security import AdminOnly, Coordinator, WholeStudy
 from app.core.timeutil import Instant
 from app.studies.deps import StudyFromPath
 
-router = APIRouter(tags=["audit"], route_class=RoleRoute)
+router = APIRouter(tags=["audit"], route_class=RoleRoute, dependencies=[WholeStudy])
 
 Table = Literal["studies", "codebooks", "waves", "api_tokens", "participants", "participant_contacts", "schedules",
-                "responses", "response_corrections", "reminder_sends", "analysis_plans"]
+                "responses", "response_corrections", "reminder_sends", "analysis_plans", "sites",
+                "participant_site_moves"]
 assert set(get_args(Table)) == {t for t, *_ in AUDITED}
 
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from app.codebooks import service
 from app.core.db import SessionDep, on_commit
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator
+from app.core.security import Coordinator, WholeStudy
 from app.core.timeutil import utcnow
 from app.responses.tasks import recompute_derived
 from app.studies import service as studies
@@ -17,7 +17,8 @@ from app.studies.schemas import StudyOut
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"], route_class=RoleRoute)
 
 
-@router.put("/{key}/codebook", response_model=StudyOut, summary="Install a new codebook revision",
+@router.put("/{key}/codebook", dependencies=[WholeStudy],
+            response_model=StudyOut, summary="Install a new codebook revision",
             description="Items, rules and derived definitions may change; waves may not once participants are "
                         "enrolled. Stored derived values are recomputed under new definitions.")
 def put_codebook(document: dict[str, Any], principal: Coordinator, study: StudyFromPath,

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -99,6 +100,28 @@ class Pseudonymiser:
         sha256(outer || sha256(inner || message))."""
         padded = self.key.ljust(_BLOCK, b"\0")
         return bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded)
+
+
+class DateShifter:
+    """A participant's date shift for de-identified exports: a whole number of days in [-180, -1] or
+    [1, 180] (never 0, so no original date survives), derived by HMAC-SHA256 from the study's own
+    random key and the participant's id. The same for every export, different between participants,
+    and undone by whoever holds the key (a coordinator, through the API)."""
+
+    SPAN = 180
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            raise ValueError("date-shift keys are at most 64 bytes")
+        self.key = key
+
+    def __call__(self, participant_id: uuid.UUID) -> int:
+        value = int(hmac.new(self.key, participant_id.bytes, hashlib.sha256).hexdigest()[:8], 16) % (2 * self.SPAN)
+        return value - self.SPAN if value < self.SPAN else value - self.SPAN + 1
+
+    def sql_pads(self) -> tuple[bytes, bytes]:
+        """RFC 2104's inner and outer keys (see Pseudonymiser.sql_pads): SQL computes the same shift."""
+        return Pseudonymiser(self.key).sql_pads()
 
 
 def new_pseudonym_key() -> bytes:

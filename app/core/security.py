@@ -42,6 +42,9 @@ class Principal:
     token_id: uuid.UUID
     role: Role
     study_id: uuid.UUID | None
+    # A token limited to one site of its study: it sees only that site's participants (and what
+    # hangs on them), and nothing that spans the whole study.
+    site_id: uuid.UUID | None = None
 
     def may(self, *roles: Role) -> bool:
         """Admin may do everything; any other role only what is listed."""
@@ -64,6 +67,15 @@ class Principal:
         if self.scoped:
             raise Forbidden(f"a token limited to one study may not {what}")
 
+    @property
+    def sited(self) -> bool:
+        return self.site_id is not None
+
+    def require_whole_study(self, what: str) -> None:
+        """Refuse a site-scoped token what spans every site (study settings, audit, models, webhooks)."""
+        if self.sited:
+            raise Forbidden(f"a token limited to one site may not {what}")
+
 
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization")
@@ -76,7 +88,7 @@ def _bearer(request: Request) -> str:
 
 
 PrincipalLookup = Callable[[Session, str], Any]
-"""(session, secret digest) -> a row with id, role and study_id, or None. The tokens domain owns
+"""(session, secret digest) -> a row with id, role, study_id and site_id, or None. The tokens domain owns
 the table and provides it; the application hands it to this layer (`app.state.principal_lookup`),
 so the plumbing does not import a domain."""
 
@@ -118,7 +130,7 @@ class KnownTokens:
 
 
 def _principal_of(row: Any) -> Principal:
-    return Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+    return Principal(token_id=row.id, role=row.role, study_id=row.study_id, site_id=row.site_id)
 
 
 def authenticate_now(request: Request, session: Session) -> Principal:
@@ -179,6 +191,17 @@ def require(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal
     check.cohort_roles = tuple(sorted(allowed))  # type: ignore[attr-defined]
     return check
 
+
+async def whole_study(principal: CurrentPrincipal) -> Principal:
+    """For routes whose data spans every site of a study: a site-scoped token is refused (403)."""
+    principal.require_whole_study("do this: it spans every site of the study")
+    return principal
+
+
+whole_study.cohort_whole_study = True  # type: ignore[attr-defined]
+
+WholeStudy = Depends(whole_study)
+"""Add as `dependencies=[WholeStudy]` to a route (or router) that cannot be limited to one site."""
 
 AdminOnly = Annotated[Principal, Depends(require())]
 Coordinator = Annotated[Principal, Depends(require("coordinator"))]

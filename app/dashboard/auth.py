@@ -68,7 +68,7 @@ def sign_in(session: Session, settings: Settings, secret: str) -> tuple[str, Pri
     row = tokens.principal_row(session, hash_secret(secret.strip()))
     if row is None:
         return None
-    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id, site_id=row.site_id)
     session_id = repository.start(session, row.id)
     value = _serializer(settings).dumps({"t": str(row.id), "s": str(session_id), "c": secrets.token_urlsafe(24)})
     return str(value), principal
@@ -98,7 +98,8 @@ def viewer_of(request: Request, session: Session, settings: Settings) -> Viewer 
     if row is None or str(row.id) != data["t"]:
         return None
     remember_actor(session, str(row.id))
-    return Viewer(Principal(token_id=row.id, role=row.role, study_id=row.study_id), data["c"], uuid.UUID(data["s"]))
+    return Viewer(Principal(token_id=row.id, role=row.role, study_id=row.study_id, site_id=row.site_id), data["c"],
+                  uuid.UUID(data["s"]))
 
 
 def sign_out(session: Session, viewer: Viewer) -> None:

@@ -18,32 +18,63 @@ def _svg(width: int, height: int, label: str, body: list[str]) -> str:
             f"<title>{escape(label)}</title>{''.join(body)}</svg>")
 
 
-def _text(x: float, y: float, text: str, *, anchor: str = "start", size: int = 12, fill: str = INK) -> str:
+# Text sizes in the drawing's units. A chart is drawn at its own width on a desktop (one user unit
+# is one CSS pixel), and not below LABEL on any screen; on a phone it scrolls rather than shrink.
+LABEL, SMALL = 15, 14
+
+
+def _text(x: float, y: float, text: str, *, anchor: str = "start", size: int = LABEL, fill: str = INK) -> str:
     return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{fill}" '
             f'font-family="system-ui, sans-serif">{escape(text)}</text>')
 
 
+def every_month(counts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each calendar month ("YYYY-MM") from the first to the last, the months without any as 0:
+    a quiet spell is a gap on the chart, not two distant months side by side."""
+    if not counts:
+        return []
+    found = dict(counts)
+    year, month = map(int, min(found).split("-"))
+    last = tuple(map(int, max(found).split("-")))
+    out: list[tuple[str, int]] = []
+    while (year, month) <= last:
+        key = f"{year:04d}-{month:02d}"
+        out.append((key, found.get(key, 0)))
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return out
+
+
 def bars(label: str, values: Sequence[tuple[str, float]], *, fmt: str = "{:.0f}", maximum: float | None = None,
-         width: int = 640, height: int = 220) -> str:
-    """Vertical bars, one per (category, value)."""
-    left, bottom, top = 44, 34, 16
+         width: int = 640, height: int = 260) -> str:
+    """Vertical bars, one per (category, value); with many categories every n-th is named."""
+    left, right, bottom, top = 56, 32, 40, 24  # right: room for half the last name
     top_value = maximum if maximum is not None else max((v for _, v in values), default=0) or 1
     plot_h = height - bottom - top
-    slot = (width - left - 8) / max(len(values), 1)
-    body = [f'<line x1="{left}" y1="{height - bottom}" x2="{width - 8}" y2="{height - bottom}" stroke="{INK}"/>']
+    slot = (width - left - right) / max(len(values), 1)
+    # with many bars every n-th is named (a character is about 8.5 px at LABEL), and the values
+    # above the bars (about 8 px a digit at SMALL) are thinned the same way only if they do not fit
+    names_every = _every(slot, 8.5 * max((len(name) for name, _ in values), default=1) + 6)
+    values_every = _every(slot, 8 * max((len(fmt.format(v)) for _, v in values), default=1) + 2)
+    base = height - bottom
+    body = [f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="{INK}"/>']
     for tick in (0, 0.5, 1):
-        y = height - bottom - plot_h * tick
-        body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 8}" y2="{y:.1f}" stroke="{GRID}"/>')
-        body.append(_text(left - 6, y + 4, fmt.format(top_value * tick), anchor="end", size=11, fill=MUTED))
+        y = base - plot_h * tick
+        body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="{GRID}"/>')
+        body.append(_text(left - 6, y + 5, fmt.format(top_value * tick), anchor="end", size=SMALL, fill=MUTED))
     for i, (name, value) in enumerate(values):
         h = plot_h * (value / top_value if top_value else 0)
         x = left + i * slot + slot * 0.15
-        body.append(f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{slot * 0.7:.1f}" height="{h:.1f}" '
+        body.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{slot * 0.7:.1f}" height="{h:.1f}" '
                     f'fill="{ACCENT}"><title>{escape(name)}: {escape(fmt.format(value))}</title></rect>')
-        body.append(_text(x + slot * 0.35, height - bottom - h - 4, fmt.format(value), anchor="middle", size=11))
-        if len(values) <= 16 or i % max(1, len(values) // 12) == 0:
-            body.append(_text(x + slot * 0.35, height - bottom + 16, name, anchor="middle", size=11))
+        if i % values_every == 0:
+            body.append(_text(x + slot * 0.35, base - h - 5, fmt.format(value), anchor="middle", size=SMALL))
+        if i % names_every == 0:
+            body.append(_text(x + slot * 0.35, base + 20, name, anchor="middle"))
     return _svg(width, height, label, body)
+
+
+def _every(slot: float, text_width: float) -> int:
+    return max(1, math.ceil(text_width / slot))
 
 
 @dataclass(frozen=True)
@@ -60,9 +91,9 @@ def intervals(label: str, items: Sequence[Interval], *, log_scale: bool = False,
     """Points with error bars, one row each: a forest plot (log scale, reference line at 1) or rates with CIs."""
     shown = [i for i in items if i.estimate is not None and i.low is not None and i.high is not None
              and (not log_scale or min(i.estimate, i.low, i.high) > 0)]
-    row_h, right, top = 24, 80, 12
-    left = min(320, 16 + 7 * max((len(i.row) for i in items), default=10))  # room for the longest label
-    height = top + row_h * max(len(items), 1) + 40
+    row_h, right, top = 28, 80, 12
+    left = min(360, 16 + 8 * max((len(i.row) for i in items), default=10))  # room for the longest label
+    height = top + row_h * max(len(items), 1) + 48
     values = [v for i in shown for v in (i.low, i.high, i.estimate) if v is not None]
     if reference is not None:
         values.append(reference)
@@ -75,14 +106,14 @@ def intervals(label: str, items: Sequence[Interval], *, log_scale: bool = False,
     body: list[str] = []
     if reference is not None and values:
         x = scale(reference)
-        body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 34}" stroke="{MUTED}" '
+        body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - 42}" stroke="{MUTED}" '
                     f'stroke-dasharray="4 3"/>')
     series = list(dict.fromkeys(i.series for i in items))
     for n, item in enumerate(items):
         y = top + row_h * n + row_h / 2
-        body.append(_text(left - 8, y + 4, item.row, anchor="end", size=12))
+        body.append(_text(left - 8, y + 5, item.row, anchor="end"))
         if item not in shown:
-            body.append(_text(left + 4, y + 4, "not estimable", size=11, fill=MUTED))
+            body.append(_text(left + 4, y + 5, "not estimable", size=SMALL, fill=MUTED))
             continue
         assert item.estimate is not None and item.low is not None and item.high is not None
         colour = PALETTE[series.index(item.series) % len(PALETTE)]
@@ -91,17 +122,17 @@ def intervals(label: str, items: Sequence[Interval], *, log_scale: bool = False,
         body.append(f'<circle cx="{scale(item.estimate):.1f}" cy="{y:.1f}" r="4" fill="{colour}">'
                     f"<title>{escape(item.row)}: {fmt.format(item.estimate)} ({fmt.format(item.low)} to "
                     f"{fmt.format(item.high)})</title></circle>")
-        body.append(_text(width - right + 6, y + 4, fmt.format(item.estimate), size=11))
-    base = height - 34
+        body.append(_text(width - right + 6, y + 5, fmt.format(item.estimate), size=SMALL))
+    base = height - 42
     body.append(f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="{INK}"/>')
     if values:
         for v in (lo, reference, hi):
             if v is not None:
-                body.append(_text(scale(v), base + 14, fmt.format(v), anchor="middle", size=11, fill=MUTED))
-    body.append(_text((left + width - right) / 2, base + 30, axis, anchor="middle", size=11))
+                body.append(_text(scale(v), base + 17, fmt.format(v), anchor="middle", size=SMALL, fill=MUTED))
+    body.append(_text((left + width - right) / 2, base + 36, axis, anchor="middle", size=SMALL))
     if len(series) > 1:
         for k, name in enumerate(series):
-            body.append(f'<rect x="{8}" y="{height - 14 - 14 * (len(series) - 1 - k)}" width="10" height="10" '
+            body.append(f'<rect x="{8}" y="{height - 16 - 17 * (len(series) - 1 - k)}" width="12" height="12" '
                         f'fill="{PALETTE[k % len(PALETTE)]}"/>')
-            body.append(_text(22, height - 5 - 14 * (len(series) - 1 - k), name, size=11))
+            body.append(_text(26, height - 5 - 17 * (len(series) - 1 - k), name, size=SMALL))
     return _svg(width, height, label, body)

@@ -28,7 +28,7 @@ _tokens = cast(Table, ApiToken.__table__)
 _sessions = cast(Table, DashboardSession.__table__)
 # The page's principal: the session is open and its token active; names the actor for the audit.
 _ACTIVE = (
-    select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
+    select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id, _tokens.c.site_id,
            func.set_config("cohort.actor", cast_(_tokens.c.id, String), True))
     .join(_sessions, _sessions.c.token_id == _tokens.c.id)
     .where(_sessions.c.id == bindparam("session_id"), _sessions.c.ended_at.is_(None),

@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session
 from app.analysis import service as analyses
 from app.analysis import tasks as analysis_tasks
 from app.analysis.plan import PlanDoc
-from app.analysis.presentation import fmt_number, fmt_p
+from app.analysis.presentation import fmt_number, fmt_p, report_html
 from app.analysis.presentation import to_out as analysis_out
 from app.core.crypto import settings_sealer
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
 from app.core.errors import DomainError, validation_errors
 from app.core.security import Role
-from app.core.timeutil import utcnow
+from app.core.timeutil import Day, utcnow
 from app.dashboard import charts
 from app.dashboard.auth import (
     COOKIE,
@@ -48,6 +48,7 @@ from app.reminders import service as reminders
 from app.reminders import tasks as reminder_tasks
 from app.responses import service as responses
 from app.retention import service as retention
+from app.sites import service as study_sites
 from app.studies import repository as studies_repo
 from app.studies import service as studies
 from app.studies.service import StudyContext
@@ -88,10 +89,20 @@ def page(request: Request, name: str, viewer: Viewer | None, status_code: int = 
     return HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
 
 
-def _study(session: Session, viewer: Viewer, key: str, *roles: Role) -> StudyContext:
+def _study(session: Session, viewer: Viewer, key: str, *roles: Role, whole_study: bool = False) -> StudyContext:
     if roles and not viewer.may(*roles):
         raise NotAllowed(f"the {viewer.role} role cannot open this page")
-    return studies.context(session, key, viewer.principal)
+    ctx = studies.context(session, key, viewer.principal)
+    if whole_study and viewer.principal.sited:  # models and their data span every site
+        raise NotAllowed("a token limited to one site cannot open this page: it spans every site of the study")
+    return ctx
+
+
+def _option_labels(ctx: StudyContext, code: str) -> dict[str, str]:
+    """A choice item's option labels by code, in the codebook's order (empty if there is no such item)."""
+    codebook = ctx.require_codebook()
+    return {o["code"]: o["label"] for instrument in codebook.document.get("instruments", [])
+            for item in instrument.get("items", []) if item.get("code") == code for o in item.get("options") or []}
 
 
 def _as_of(day: date | None, zone: str) -> datetime:
@@ -149,20 +160,31 @@ def home(request: Request, viewer: ViewerDep, session: SessionDep) -> HTMLRespon
 
 @router.get("/studies/{key}", response_class=HTMLResponse)
 def overview(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query(description="a day (end of day, study time zone)")] = None,
+             as_of: Annotated[Day | None, Query(description="a day (end of day, study time zone)")] = None,
              ) -> HTMLResponse:
     ctx = _study(session, viewer, key, "coordinator", "analyst")
     when = _as_of(as_of, ctx.study.timezone)
     overall = retention.retention_report(session, ctx, when, by="primary_group")
-    enrolled = retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone)
+    by_site = retention.retention_report(session, ctx, when, by="site") \
+        if ctx.site_id is None and study_sites.keys_of(session, ctx.study.id) else None
+    enrolled = charts.every_month(retention.enrolment_by_month(session, ctx.study.id, ctx.study.timezone,
+                                                               ctx.site_id))
     retention_chart = charts.bars("Retention per wave (completed / eligible)",
                                   [(w.wave, 100 * (w.rate or 0)) for w in overall.waves], fmt="{:.0f} %",
-                                  maximum=100)
+                                  maximum=100, width=480)
     enrolment_chart = charts.bars("Participants enrolled per month", enrolled)
-    hooks = webhooks.notices(session, ctx.study.id) if viewer.principal.may("coordinator") else []
-    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, as_of=when,
-                chosen_day=as_of, enrolled=enrolled, total=sum(n for _, n in enrolled),
-                retention_chart=retention_chart, enrolment_chart=enrolment_chart, webhook_notices=hooks)
+    hooks = webhooks.notices(session, ctx.study.id) \
+        if viewer.principal.may("coordinator") and not viewer.principal.sited else []
+    # groups in the codebook's option order, named by their labels; participants without a complete
+    # baseline have no group yet: their table comes last, named so
+    options = _option_labels(ctx, "primary_group")
+    order = {code: i for i, code in enumerate(options)}
+    groups = sorted(overall.groups or [], key=lambda g: (g.group == retention.UNKNOWN_GROUP,
+                                                          order.get(g.group, len(order)), g.group))
+    return page(request, "ui/overview.html", viewer, study=ctx.study, retention=overall, groups=groups,
+                no_group=retention.UNKNOWN_GROUP, group_labels=options, as_of=when, chosen_day=as_of, enrolled=enrolled,
+                total=sum(n for _, n in enrolled), retention_chart=retention_chart, enrolment_chart=enrolment_chart,
+                webhook_notices=hooks, by_site=by_site)
 
 
 @router.get("/studies/{key}/followup", response_class=HTMLResponse)
@@ -177,11 +199,11 @@ def worklist(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
     if wave in waves:
         chosen = wave
     else:  # the wave with the most windows open now (the earliest such wave on a tie)
-        busy = retention.open_windows(session, ctx.study.id, utcnow())
+        busy = retention.open_windows(session, ctx.study.id, utcnow(), ctx.site_id)
         chosen = max(waves, key=lambda w: (busy.get(w, 0), -waves.index(w)))
     per_page = 50
     rows = retention.followup(session, ctx.study.id, wave=chosen, status=status, now=utcnow(), limit=per_page,
-                              offset=(page_no - 1) * per_page)
+                              offset=(page_no - 1) * per_page, site_id=ctx.site_id)
     shown = rows[:per_page]
     sealer = settings_sealer(settings)
     sealed = participants_repo.sealed_contacts(session, [r.participant_id for r in shown])
@@ -233,8 +255,8 @@ def forest(results: dict[str, Any], label: str) -> str:
 
 @router.get("/studies/{key}/outcomes", response_class=HTMLResponse)
 def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
-             as_of: Annotated[date | None, Query()] = None) -> HTMLResponse:
-    ctx = _study(session, viewer, key, "coordinator", "analyst")
+             as_of: Annotated[Day | None, Query()] = None) -> HTMLResponse:
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     when = _as_of(as_of, ctx.study.timezone)
     result = retention.outcomes_report(session, ctx, when, by="online_30d")
     names = {"true": "attended online", "false": "did not attend online"}
@@ -254,7 +276,8 @@ def outcomes(request: Request, key: str, viewer: ViewerDep, session: SessionDep,
                        "contrast_plot": contrast_plot(contrasts, f"Contrasts: {title}") if contrasts else "",
                        "plot": forest(job.results, f"Odds ratios: {title}") if job and job.results else ""})
     return page(request, "ui/outcomes.html", viewer, study=ctx.study, outcomes=result, names=names,
-                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version)
+                rate_chart=rate_chart, models=models, as_of=when, chosen_day=as_of, plan_version=plan.version,
+                waves=list(ctx.require_codebook().wave_keys))
 
 
 def _plan_models(plan: PlanDoc) -> list[tuple[str, str | None, str]]:
@@ -279,45 +302,65 @@ def contrast_plot(contrasts: list[dict[str, Any]], label: str) -> str:
 def refit(key: str, viewer: FormViewer, session: SessionDep,
           model: Annotated[str, Form(max_length=40)],
           variant: Annotated[str, Form(max_length=40)] = "") -> Response:
-    ctx = _study(session, viewer, key, "analyst")
+    ctx = _study(session, viewer, key, "analyst", whole_study=True)
     job, reused = analyses.request(session, ctx, model=model, variant=variant or None, spec=None, as_of=None,
                                    requested_by=viewer.principal.token_id)
     if not reused:
         job_id = str(job.id)
         on_commit(session, lambda: analysis_tasks.run_analysis.delay(job_id))
-    return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+        return RedirectResponse(f"/ui/analyses/{job.id}", status_code=303)
+    return RedirectResponse(f"/ui/analyses/{job.id}?reused=1", status_code=303)
 
 
 @router.get("/analyses/{analysis_id}", response_class=HTMLResponse)
-def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+def analysis(request: Request, analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep,
+             reused: Annotated[bool, Query(description="the refit found this fit on unchanged data")] = False,
+             ) -> HTMLResponse:
     job, key = analyses.get(session, analysis_id)
-    _study(session, viewer, key, "coordinator", "analyst")
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
     out = analysis_out(job, key)
     plot = forest(job.results, "Odds ratios with 95 % CI") if job.results and job.model != "table1" else ""
-    return page(request, "ui/analysis.html", viewer, job=out, study_key=key, plot=plot,
-                done=job.status in ("succeeded", "failed"))
+    # named as on the Outcomes page while it fits (the result carries its own label once done)
+    plan = analyses.current_plan(session, ctx)
+    titles = {(m, v or ""): t for m, v, t in _plan_models(plan.doc)}
+    title = (job.results or {}).get("label") or titles.get((job.model, job.variant or "")) or job.model
+    return page(request, "ui/analysis.html", viewer, job=out, study=ctx.study, plot=plot, title=title,
+                waves=list(ctx.require_codebook().wave_keys), done=job.status in ("succeeded", "failed"),
+                reused=reused, plan_version=plan.version)
+
+
+@router.get("/analyses/{analysis_id}/report", response_class=HTMLResponse)
+def analysis_report(analysis_id: uuid.UUID, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
+    """The API's HTML report, for a signed-in browser (the API itself wants a bearer token)."""
+    job, key = analyses.get(session, analysis_id)
+    ctx = _study(session, viewer, key, "coordinator", "analyst", whole_study=True)
+    return HTMLResponse(report_html(job, key, list(ctx.require_codebook().wave_keys)),
+                        headers={"Cache-Control": "no-store"})
 
 
 @router.get("/studies/{key}/data", response_class=HTMLResponse)
 def data(request: Request, key: str, viewer: ViewerDep, session: SessionDep) -> HTMLResponse:
     ctx = _study(session, viewer, key, "analyst")
-    return page(request, "ui/data.html", viewer, study=ctx.study)
+    return page(request, "ui/data.html", viewer, study=ctx.study, dates=studies.export_dates(ctx.study))
 
 
 @router.get("/studies/{key}/export")
 def export(key: str, viewer: ViewerDep, session: SessionDep, db: DatabaseDep, settings: SettingsDep,
            format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
-           layout: Annotated[Literal["long", "wide"], Query()] = "long") -> Response:
+           layout: Annotated[Literal["long", "wide"], Query()] = "long",
+           dates: Annotated[Literal["exact", "shifted", "year"] | None, Query()] = None) -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    export = exports.export(session, db, ctx, settings_sealer(settings), format=format, layout=layout)
+    export = exports.export(session, db, ctx, settings_sealer(settings), format=format, layout=layout, dates=dates)
     return StreamingResponse(export.body, media_type=export.media_type,
                              headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
 
 
 @router.get("/studies/{key}/dictionary")
-def dictionary(key: str, viewer: ViewerDep, session: SessionDep) -> Response:
+def dictionary(key: str, viewer: ViewerDep, session: SessionDep, settings: SettingsDep,
+               dates: Annotated[Literal["exact", "shifted", "year"] | None, Query()] = None) -> Response:
     ctx = _study(session, viewer, key, "analyst")
-    return Response(exports.dictionary_csv(ctx.require_codebook()), media_type=exports.MEDIA["csv"],
+    scope = exports.scope_of(session, ctx, settings_sealer(settings), dates)
+    return Response(exports.dictionary_csv(ctx.require_codebook(), scope), media_type=exports.MEDIA["csv"],
                     headers={"Content-Disposition": f'attachment; filename="{ctx.study.key}-dictionary.csv"'})
 
 

@@ -15,6 +15,11 @@ from app.studies.deps import StudyFromPath
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["exports"], route_class=RoleRoute)
 
+DatesQuery = Annotated[Literal["exact", "shifted", "year"] | None, Query(
+    description="exact; shifted: every date and timestamp of a participant moved by the same number of days "
+                "(per participant, between -180 and 180, never 0, the same in every export), so intervals are "
+                "exact; year: years only. Default: the study's `export_dates`")]
+
 @router.get(
     "/export", response_class=StreamingResponse,
     summary="De-identified data: item codes and derived variables, pseudonymous participants, no contact data",
@@ -27,15 +32,18 @@ def export(principal: Analyst, study: StudyFromPath, session: SessionDep, db: Da
            raw_cells: Annotated[bool, Query(description="CSV: write text answers exactly as stored. By default a "
                                                         "cell starting with = + - @ tab or CR gets a leading ' so "
                                                         "spreadsheets do not run it as a formula")] = False,
+           dates: DatesQuery = None,
            ) -> StreamingResponse:
     export = service.export(session, db, study, settings_sealer(settings), format=format, layout=layout,
-                            raw_cells=raw_cells)
+                            raw_cells=raw_cells, dates=dates)
     return StreamingResponse(export.body, media_type=export.media_type,
                              headers={"Content-Disposition": f'attachment; filename="{export.filename}"'})
 
 
 @router.get("/export/dictionary", response_class=Response, summary="The data dictionary of the export (CSV)",
             responses={200: {"content": {"text/csv": {}}}})
-def dictionary(principal: Analyst, study: StudyFromPath) -> Response:
-    return Response(service.dictionary_csv(study.require_codebook()), media_type=service.MEDIA["csv"],
+def dictionary(principal: Analyst, study: StudyFromPath, session: SessionDep, settings: SettingsDep,
+               dates: DatesQuery = None) -> Response:
+    scope = service.scope_of(session, study, settings_sealer(settings), dates)
+    return Response(service.dictionary_csv(study.require_codebook(), scope), media_type=service.MEDIA["csv"],
                     headers={"Content-Disposition": f'attachment; filename="{study.study.key}-dictionary.csv"'})

@@ -4,9 +4,9 @@ Text answers that a spreadsheet would run as a formula (starting with =, +, -, @
 written with a leading apostrophe in CSV, as OWASP advises; `raw_cells=True` turns that off for
 analysts who read the file with code. Parquet is typed data and always raw.
 
-Item codes and derived variables are the columns; participants appear as the study's HMAC
-pseudonym, computed in SQL with the built-in sha256() from RFC 2104's inner and outer keys
-(no extension needed); there is no contact data and no external id. Everything streams:
+Item codes and derived variables are the columns, selected by the responses domain's one bulk
+reader (`app.responses.table`, which the analysis frame reads through too); participants appear
+as the study's HMAC pseudonym; there is no contact data and no external id. Everything streams:
 CSV straight from PostgreSQL's COPY ... TO STDOUT, Parquet one row group at a time, so a
 million rows pass through in flat memory.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,11 @@ from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser, Sealer
 from app.core.db import Database
-from app.core.errors import Invalid
 from app.instruments.codebook import Codebook
-from app.studies.service import StudyContext, pseudonymiser
+from app.responses import service as responses
+from app.responses import table
+from app.sites import service as sites
+from app.studies.service import StudyContext, date_shifter, export_dates, pseudonymiser
 
 PARQUET_BATCH = 10_000
 MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
@@ -42,43 +45,54 @@ class Export:
 
 
 def export(session: Session, db: Database, study: StudyContext, sealer: Sealer, *, format: str, layout: str,
-           raw_cells: bool = False) -> Export:
+           raw_cells: bool = False, dates: str | None = None) -> Export:
     """A study's de-identified export, ready to stream (for the API and the dashboard alike).
-    Everything that can be refused is refused here, before the first byte."""
+    Everything that can be refused is refused here, before the first byte. `dates`: exact, shifted
+    or year (None: the study's default)."""
     codebook = study.require_codebook()
-    query(codebook, layout)
+    table.query(codebook, layout)
+    responses.bring_derived_current(session, study)
     pseudonymise = pseudonymiser(session, study.study, sealer)
+    scope = scope_of(session, study, sealer, dates)
     if format == "csv":
-        body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells)
+        body = stream_csv(db, study.study.id, codebook, pseudonymise, layout, raw_cells=raw_cells, scope=scope)
     else:
-        body = stream_parquet(db, study.study.id, codebook, pseudonymise, layout)
+        body = stream_parquet(db, study.study.id, codebook, pseudonymise, layout, scope=scope)
     return Export(body, MEDIA[format], f"{study.study.key}-{layout}.{format}")
 
 
 @dataclass(frozen=True)
-class Column:
-    name: str
-    source: str  # "answers" or "derived"
-    code: str
-    type: str
-    wave: str | None = None  # wide layout: the wave this column holds
+class Scope:
+    """Which participants an export holds, whether it names their site, and how it writes dates:
+    `exact`; `shifted` by each participant's own number of days (`shift_pads`: the HMAC pads of the
+    study's date-shift key, see DateShifter), so intervals between a participant's dates stay exact;
+    or `year` only."""
+
+    site_id: uuid.UUID | None = None
+    site_column: bool = False
+    dates: str = "exact"
+    shift_pads: tuple[bytes, bytes] | None = None
+
+    def query(self, codebook: Codebook, layout: str, **options: Any) -> tuple[sql.Composable, list[table.Column]]:
+        return table.query(codebook, layout, one_site=self.site_id is not None, site_column=self.site_column,
+                           dates=self.dates, **options)
+
+    def params(self, study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
+        return table.params(study_id, pseudonymiser, site_id=self.site_id, shift_pads=self.shift_pads)
 
 
-def columns(codebook: Codebook, layout: str) -> list[Column]:
-    items = [Column(code, "answers", code, item.type) for code, item in codebook.items.items()]
-    derived = [Column(d.code, "derived", d.code, d.type) for d in codebook.derived]
-    if layout == "long":
-        return [*items, *derived]
-    out = []
-    for wave in codebook.wave_keys:
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in items
-                if wave in codebook.items[c.code].waves]
-        out += [Column(f"{c.code}_{wave}", c.source, c.code, c.type, wave) for c in derived]
-    names = [c.name for c in out]
-    if len(set(names)) != len(names):
-        raise Invalid("wide column names collide in this codebook; use the long layout", errors=[
-            {"loc": ["query", "layout"], "code": "layout", "message": "item and wave names collide"}])
-    return out
+def scope_of(session: Session, study: StudyContext, sealer: Sealer, dates: str | None) -> Scope:
+    """A study with sites gets a `site` column (the key); a site-scoped request, its site's rows only."""
+    chosen = dates or export_dates(study.study)
+    return Scope(site_id=study.site_id, site_column=bool(sites.keys_of(session, study.study.id)), dates=chosen,
+                 shift_pads=date_shifter(session, study.study, sealer).sql_pads() if chosen == "shifted" else None)
+
+
+DATES_NOTE = {
+    "shifted": "dates shifted by a per-participant number of days (between -180 and 180, never 0; the same in "
+               "every export), so intervals between a participant's dates are exact",
+    "year": "dates reduced to their year (HIPAA Safe Harbor style)",
+}
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -87,76 +101,22 @@ _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 def neutralise(value: Any, *, numbers_are_data: bool = False) -> Any:
     """OWASP's CSV injection defence: a text cell a spreadsheet would run as a formula gets a
-    leading `'` (the native export does the same in SQL, `_value`). `numbers_are_data`: a cell
+    leading `'` (the native export does the same in SQL, `table._value`). `numbers_are_data`: a cell
     that is a plain number (-3, +1.5) stays as it is, for the REDCap CSV, where every value is text."""
     if not isinstance(value, str) or not value.startswith(FORMULA_START):
         return value
     return value if numbers_are_data and _PLAIN_NUMBER.fullmatch(value) else "'" + value
 
 
-def _value(column: Column, alias: str = "r", *, inert: bool = False) -> sql.Composable:
-    field = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column.source))
-    if column.type == "multi_choice":
-        return sql.SQL("(SELECT string_agg(x, ';') FROM jsonb_array_elements_text({} -> {}) AS x)").format(
-            field, sql.Literal(column.code))
-    value = sql.SQL("{} ->> {}").format(field, sql.Literal(column.code))
-    if inert and column.type == "text":  # only free text can start with a formula; codes and numbers cannot
-        return sql.SQL("(SELECT CASE WHEN left(v, 1) IN ('=', '+', '-', '@', chr(9), chr(13)) THEN {} || v "
-                       "ELSE v END FROM (SELECT {} AS v) AS cell)").format(sql.Literal("'"), value)
-    return value
-
-
-def _pseudonym(alias: str = "p") -> sql.Composable:
-    return sql.SQL(
-        "left(encode(sha256(%(outer)s || sha256(%(inner)s || convert_to({}.external_id, 'UTF8'))), 'hex'), {})"
-    ).format(sql.Identifier(alias), sql.Literal(16))
-
-
-def query(codebook: Codebook, layout: str, *, inert: bool = False,
-          typed: bool = False) -> tuple[sql.Composable, list[Column]]:
-    """The export's SELECT; `inert`: free-text cells neutralised for spreadsheets (CSV); `typed`:
-    timestamps as timestamps (Parquet) rather than RFC 3339 text (CSV). Booleans are spelled
-    true/false everywhere in CSV, as the derived values are."""
-    cols = columns(codebook, layout)
-    wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
-    source = sql.SQL(
-        "FROM responses r JOIN participants p ON p.id = r.participant_id "
-        "WHERE r.study_id = %(study)s AND r.status = 'complete'"
-    )
-    if layout == "long":
-        select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), sql.SQL("r.wave"),
-            sql.SQL("r.completed_at") if typed else sql.SQL(
-                "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS completed_at"),
-            sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late"),
-            *[sql.SQL("{} AS {}").format(_value(c, inert=inert), sql.Identifier(c.name)) for c in cols],
-        ])
-        statement = sql.SQL("SELECT {} {} ORDER BY 1, {}").format(select, source, wave_order)
-        return statement, cols
-    # wide: one row per participant, one column per (item, wave) the codebook asks
-    select = sql.SQL(", ").join([
-        sql.SQL("{} AS participant").format(_pseudonym()),
-        *[sql.SQL("max({}) FILTER (WHERE r.wave = {}) AS {}").format(_value(c, inert=inert), sql.Literal(c.wave),
-                                                                      sql.Identifier(c.name)) for c in cols],
-    ])
-    statement = sql.SQL("SELECT {} {} GROUP BY p.id, p.external_id ORDER BY 1").format(select, source)
-    return statement, cols
-
-
-def _params(study_id: Any, pseudonymiser: Pseudonymiser) -> dict[str, Any]:
-    inner, outer = pseudonymiser.sql_pads()
-    return {"study": study_id, "inner": inner, "outer": outer}
-
-
 def stream_csv(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser, layout: str,
-               chunk: int = 1 << 16, *, raw_cells: bool = False) -> Iterator[bytes]:
-    statement, _ = query(codebook, layout, inert=not raw_cells)
+               chunk: int = 1 << 16, *, raw_cells: bool = False, scope: Scope = Scope()) -> Iterator[bytes]:
+    statement, _ = scope.query(codebook, layout, inert=not raw_cells)
     copy = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER)").format(statement)
     with db.sessions() as session:  # a session of its own: the request's is closed once streaming starts
         raw = session.connection().connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         buffer = bytearray()
-        with raw.cursor() as cur, cur.copy(copy, _params(study_id, pseudonymiser)) as stream:
+        with raw.cursor() as cur, cur.copy(copy, scope.params(study_id, pseudonymiser)) as stream:
             for data in stream:
                 buffer += data
                 if len(buffer) >= chunk:
@@ -191,15 +151,19 @@ class _Drain(io.RawIOBase):
         return out
 
 
-def _schema(cols: list[Column], layout: str) -> Any:
+def _schema(cols: list[table.Column], layout: str, scope: Scope = Scope()) -> Any:
     import pyarrow as pa
 
     category = pa.dictionary(pa.int32(), pa.string())
-    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "date": pa.date32(),
-             "single_choice": category}
+    year = scope.dates == "year"
+    arrow = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(),
+             "date": pa.int64() if year else pa.date32(), "single_choice": category}
     fields = [pa.field("participant", pa.string())]
+    if scope.site_column:
+        fields.append(pa.field("site", category))
     if layout == "long":
-        fields += [pa.field("wave", category), pa.field("completed_at", pa.timestamp("us", tz="UTC")),
+        fields += [pa.field("wave", category),
+                   pa.field("completed_at", pa.int64() if year else pa.timestamp("us", tz="UTC")),
                    pa.field("late", pa.bool_())]
     fields += [pa.field(c.name, arrow.get(c.type, pa.string())) for c in cols]
     return pa.schema(fields)
@@ -226,12 +190,12 @@ def _batch(rows: list[tuple[Any, ...]], schema: Any) -> Any:
 
 
 def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymiser: Pseudonymiser,
-                   layout: str) -> Iterator[bytes]:
+                   layout: str, *, scope: Scope = Scope()) -> Iterator[bytes]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    statement, cols = query(codebook, layout, typed=True)
-    schema = _schema(cols, layout)
+    statement, cols = scope.query(codebook, layout, typed=True)
+    schema = _schema(cols, layout, scope)
     sink = _Drain()
     writer = pq.ParquetWriter(pa.PythonFile(sink, mode="w"), schema, compression="zstd")
     with db.sessions() as session:
@@ -239,7 +203,7 @@ def stream_parquet(db: Database, study_id: Any, codebook: Codebook, pseudonymise
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(name="cohort_export") as cur:  # server-side cursor: rows arrive in batches
             cur.itersize = PARQUET_BATCH
-            cur.execute(statement, _params(study_id, pseudonymiser))
+            cur.execute(statement, scope.params(study_id, pseudonymiser))
             while rows := cur.fetchmany(PARQUET_BATCH):
                 writer.write_table(_batch(rows, schema))
                 del rows
@@ -258,12 +222,20 @@ class _InertWriter:
         self.writer.writerow([neutralise(v) for v in row])
 
 
-def dictionary_csv(codebook: Codebook) -> str:
-    """The codebook as a data dictionary: one row per item and derived variable."""
+def dictionary_csv(codebook: Codebook, scope: Scope = Scope()) -> str:
+    """The codebook as a data dictionary: one row per item and derived variable, and (for a study with
+    sites, or dates not exact) the export's own columns that say so."""
     out = io.StringIO()
     writer = _InertWriter(out)
     writer.writerow(["variable", "kind", "instrument", "type", "label", "options", "min", "max", "required",
                      "waves", "enable_when", "definition"])
+    note = DATES_NOTE.get(scope.dates, "")
+    if scope.site_column:
+        writer.writerow(["site", "export", "", "text", "Site", "", "", "", "", "", "",
+                         "the key of the participant's site"])
+    if note:
+        writer.writerow(["completed_at", "export", "", "integer" if scope.dates == "year" else "datetime",
+                         "Completed at", "", "", "", "", ";".join(codebook.wave_keys), "", note])
     for instrument in codebook.document["instruments"]:
         for item in instrument["items"]:
             condition = item.get("enable_when")
@@ -272,7 +244,8 @@ def dictionary_csv(codebook: Codebook) -> str:
                 " | ".join(f"{o['code']}={o['label']}" for o in item.get("options", [])),
                 item.get("min", ""), item.get("max", ""), str(item.get("required", False)).lower(),
                 ";".join(item["waves"]),
-                f"{condition['item']} {condition['operator']} {condition['value']}" if condition else "", "",
+                f"{condition['item']} {condition['operator']} {condition['value']}" if condition else "",
+                note if item["type"] == "date" else "",
             ])
     for d in codebook.document.get("derived", []):
         writer.writerow([d["code"], "derived", "", d["type"], "", "", "", "", "", ";".join(codebook.wave_keys), "",

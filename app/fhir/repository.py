@@ -15,12 +15,14 @@ from app.studies.models import Study
 
 
 def responses_with_ids(session: Session, study_id: uuid.UUID, external_id: str | None, *,
-                       updated_from: datetime | None = None,
-                       updated_to: datetime | None = None) -> Sequence[tuple[Response, str]]:
-    """A study's stored responses with their participant's external_id, by participant then wave."""
+                       updated_from: datetime | None = None, updated_to: datetime | None = None,
+                       site_id: uuid.UUID | None = None) -> Sequence[tuple[Response, str]]:
+    """A study's (or one site's) stored responses with their participant's external_id, by participant then wave."""
     query = (select(Response, Participant.external_id)
              .join(Participant, Participant.id == Response.participant_id)
              .where(Response.study_id == study_id).order_by(Participant.external_id, Response.wave))
+    if site_id is not None:
+        query = query.where(Participant.site_id == site_id)
     if external_id is not None:
         query = query.where(Participant.external_id == external_id)
     if updated_from is not None:
@@ -28,6 +30,10 @@ def responses_with_ids(session: Session, study_id: uuid.UUID, external_id: str |
     if updated_to is not None:
         query = query.where(Response.updated_at <= updated_to)
     return [(row, ext) for row, ext in session.execute(query)]
+
+
+def site_of_participant(session: Session, participant_id: uuid.UUID) -> uuid.UUID | None:
+    return session.scalar(select(Participant.site_id).where(Participant.id == participant_id))
 
 
 def response_with_id(session: Session, response_id: uuid.UUID) -> tuple[Response, str, str] | None:
@@ -40,10 +46,11 @@ def response_with_id(session: Session, response_id: uuid.UUID) -> tuple[Response
     return None if row is None else (row[0], row[1], row[2])
 
 
-def response_of(session: Session, study_id: uuid.UUID, external_id: str, wave: str) -> Response | None:
-    return session.scalar(
-        select(Response).join(Participant, Participant.id == Response.participant_id)
-        .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave))
+def response_of(session: Session, study_id: uuid.UUID, external_id: str, wave: str,
+                site_id: uuid.UUID | None = None) -> Response | None:
+    query = (select(Response).join(Participant, Participant.id == Response.participant_id)
+             .where(Participant.study_id == study_id, Participant.external_id == external_id, Response.wave == wave))
+    return session.scalar(query.where(Participant.site_id == site_id) if site_id is not None else query)
 
 
 def corrected_items(session: Session, response_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, set[str]]:

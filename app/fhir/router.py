@@ -601,7 +601,7 @@ def _store(request: Request, session: Session, resource: Any) -> JSONResponse:
     except ValueError:
         raise Invalid("authored is not a dateTime", errors=[
             {"loc": ["completed_at"], "code": "type", "message": f"{authored!r} is not a FHIR dateTime"}]) from None
-    existing = repository.response_of(session, ctx.study.id, external_id, wave)
+    existing = repository.response_of(session, ctx.study.id, external_id, wave, ctx.site_id)
     before = responses.states_of(codebook, existing).get(doc["key"]) if existing is not None else None
     headers = {}
     try:
@@ -688,6 +688,8 @@ def read_response(resource_id: str, request: Request, session: SessionDep) -> JS
         doc = _instrument_doc(ctx.require_codebook(), key)
         if doc is None or responses.states_of(ctx.require_codebook(), row).get(key, "not_started") == "not_started":
             raise NotFound(f"no QuestionnaireResponse {resource_id!r}")
+        if ctx.site_id is not None and repository.site_of_participant(session, row.participant_id) != ctx.site_id:
+            raise NotFound(f"no QuestionnaireResponse {resource_id!r}")  # another site's: as if it did not exist
         _readable(session, principal, row)
         return fhir(response_resource(request, ctx, row, external_id, doc, _amended(session, row, doc)))
     except DomainError as exc:
@@ -724,7 +726,7 @@ def search_responses(request: Request, session: SessionDep) -> JSONResponse:
         for ctx in contexts:
             codebook = ctx.require_codebook()
             docs = [wanted_doc] if wanted_doc is not None else codebook.document["instruments"]
-            rows = repository.responses_with_ids(session, ctx.study.id, subject)
+            rows = repository.responses_with_ids(session, ctx.study.id, subject, site_id=ctx.site_id)
             corrected = repository.corrected_items(session, [r.id for r, _ in rows])
             for row, external_id in rows:
                 if updated and not all(test(row.updated_at) for test in updated):

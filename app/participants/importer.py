@@ -18,7 +18,7 @@ from app.core.errors import Invalid, Malformed
 from app.participants.schemas import ImportError_, ParticipantIn
 from app.participants.service import ImportRow
 
-CSV_COLUMNS = ("external_id", "enrolled_at", "timezone", "language", "email", "phone", "name")
+CSV_COLUMNS = ("external_id", "enrolled_at", "timezone", "language", "email", "phone", "name", "site")
 REQUIRED_COLUMNS = ("external_id", "enrolled_at")
 CONTACT_FIELDS = ("email", "phone", "name")
 

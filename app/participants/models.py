@@ -24,6 +24,7 @@ class Participant(Base):
         CheckConstraint(_in("status", PARTICIPANT_STATUSES), name="status"),
         CheckConstraint("(status = 'withdrawn') = (withdrawn_at IS NOT NULL)", name="withdrawn_has_time"),
         Index("ix_participants_study_created", "study_id", "created_at", "id"),
+        Index("ix_participants_site", "site_id"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -35,9 +36,37 @@ class Participant(Base):
     enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     timezone: Mapped[str] = mapped_column(String(64), nullable=False)
     language: Mapped[str | None] = mapped_column(String(8), nullable=True)  # survey pages; else the study's
+    # The study's site the participant belongs to (none in a study without sites); a site-scoped
+    # token sees only its site's participants.
+    site_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sites.id", ondelete="RESTRICT"), nullable=True
+    )
     withdrawn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     withdraw_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = created_at()
+
+
+class SiteMove(Base):
+    """A participant moved from one site to another: who decided it is in the audit trail, why is here."""
+
+    __tablename__ = "participant_site_moves"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=False
+    )
+    participant_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("participants.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    from_site_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sites.id", ondelete="CASCADE"), nullable=True
+    )
+    to_site_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sites.id", ondelete="CASCADE"), nullable=True
+    )
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    moved_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    moved_at: Mapped[datetime] = created_at()
 
 
 class Contact(Base):

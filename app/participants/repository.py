@@ -97,6 +97,7 @@ def erase_contact(session: Session, participant_id: uuid.UUID) -> None:
 def page(
     session: Session, *, study_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None,
     status: str | None, wave: str | None, wave_status: str | None, now: datetime,
+    site_id: uuid.UUID | None = None,
 ) -> list[Participant]:
     query = (
         select(Participant)
@@ -108,6 +109,8 @@ def page(
         query = query.where(tuple_(Participant.created_at, Participant.id) > tuple_(*after))
     if status is not None:
         query = query.where(Participant.status == status)
+    if site_id is not None:
+        query = query.where(Participant.site_id == site_id)
     if wave is not None or wave_status is not None:
         matching = select(Schedule.id).where(Schedule.participant_id == Participant.id)
         if wave is not None:

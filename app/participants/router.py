@@ -12,17 +12,20 @@ from app.core.deps import SettingsDep
 from app.core.etag import ETAG_HEADER
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator
+from app.core.security import Coordinator, WholeStudy
 from app.core.timeutil import utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import importer, repository, service
 from app.participants.schemas import (
+    DateShiftOut,
     ImportResult,
     ParticipantIn,
     ParticipantOut,
     ParticipantStatus,
     ScheduleStatus,
+    SiteMoveIn,
 )
+from app.studies import service as studies
 from app.studies.deps import StudyFromPath
 
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["participants"], route_class=RoleRoute)
@@ -80,11 +83,13 @@ def list_participants(
     status: ParticipantStatus | None = None,
     wave: Annotated[str | None, Query(description="with wave_status: the status of this wave")] = None,
     wave_status: Annotated[ScheduleStatus | None, Query(description="participants with a wave in this status")] = None,
+    site: Annotated[str | None, Query(max_length=63, description="participants of this site")] = None,
     limit: LimitQuery = 100, cursor: CursorQuery = None,
 ) -> Page[ParticipantOut]:
     now = utcnow()
     rows = repository.page(session, study_id=study.study.id, limit=limit, after=decode_time_id(cursor),
-                           status=status, wave=wave, wave_status=wave_status, now=now)
+                           status=status, wave=wave, wave_status=wave_status, now=now,
+                           site_id=service.site_filter(session, study, site))
     page = page_of(rows, limit, time_id_key)
     views = service.views(session, page.items, settings_sealer(settings))
     return Page(items=[v.out(now) for v in views], next_cursor=page.next_cursor)
@@ -97,3 +102,21 @@ def get_participant(external_id: str, principal: Coordinator, study: StudyFromPa
     view = service.view(session, study, external_id, settings_sealer(settings))
     response.headers["ETag"] = service.etag(view)
     return view.out(utcnow())
+
+
+@router.post("/participants/{external_id}/move", response_model=ParticipantOut, dependencies=[WholeStudy],
+             summary="Move a participant to another site (whole-study coordinator; audited, with a reason)")
+def move_participant(external_id: str, body: SiteMoveIn, principal: Coordinator, study: StudyFromPath,
+                     session: SessionDep, settings: SettingsDep) -> ParticipantOut:
+    now = utcnow()
+    service.move(session, study, external_id, body, principal.token_id, now)
+    return service.view(session, study, external_id, settings_sealer(settings)).out(now)
+
+
+@router.get("/participants/{external_id}/date-shift", response_model=DateShiftOut,
+            summary="The participant's shift in date-shifted exports (coordinator: to undo it)")
+def date_shift(external_id: str, principal: Coordinator, study: StudyFromPath, session: SessionDep,
+               settings: SettingsDep) -> DateShiftOut:
+    participant = service.find(session, study, external_id)
+    shifter = studies.date_shifter(session, study.study, settings_sealer(settings))
+    return DateShiftOut(external_id=participant.external_id, days=shifter(participant.id))

@@ -33,6 +33,9 @@ class ParticipantIn(BaseModel):
     timezone: str | None = Field(default=None, max_length=64, description="IANA zone; the study's by default")
     language: Language | None = Field(default=None, description="language of the survey pages; the study's by default")
     contact: ContactIn | None = None
+    site: str | None = Field(default=None, max_length=63,
+                             description="key of the study's site the participant belongs to (a site-scoped "
+                                         "token's own site by default)")
 
 
 class ContactOut(BaseModel):
@@ -59,6 +62,7 @@ class ParticipantOut(BaseModel):
     language: Language | None = None
     withdrawn_at: datetime | None = None
     withdraw_reason: str | None = None
+    site: str | None = Field(default=None, description="the key of the participant's site, if any")
     contact: ContactOut | None = None
     schedule: list[ScheduleOut]
 
@@ -69,6 +73,19 @@ class WithdrawIn(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)
     erase_contact: bool = False
     withdrawn_at: Instant | None = Field(default=None, description="default: the time of the request")
+
+
+class SiteMoveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: str | None = Field(max_length=63, description="the key of the new site; null: no site")
+    reason: str = Field(min_length=1, max_length=2000, description="why, for the audit trail")
+
+
+class DateShiftOut(BaseModel):
+    external_id: str
+    days: int = Field(description="what `?dates=shifted` exports add to each of this participant's dates; "
+                                  "subtract it to undo")
 
 
 class ImportError_(BaseModel):

@@ -20,7 +20,7 @@ from app.core.etag import etag_of, require_current
 from app.idempotency import service as idempotency
 from app.instruments.codebook import Codebook
 from app.participants import repository
-from app.participants.models import Contact, Participant, Schedule
+from app.participants.models import Contact, Participant, Schedule, SiteMove
 from app.participants.schedule import PlannedWindow, WaveWindow, plan, status_at
 from app.participants.schemas import (
     ContactIn,
@@ -30,8 +30,11 @@ from app.participants.schemas import (
     ParticipantIn,
     ParticipantOut,
     ScheduleOut,
+    SiteMoveIn,
     WithdrawIn,
 )
+from app.sites import service as sites
+from app.sites.models import Site
 from app.studies.service import StudyContext
 from app.webhooks import service as webhooks
 
@@ -39,7 +42,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 
 PARTICIPANT_COLUMNS = (("id", "uuid"), ("study_id", "uuid"), ("external_id", "text"), ("status", "text"),
                        ("enrolled_at", "timestamptz"), ("timezone", "text"), ("language", "text"),
-                       ("created_at", "timestamptz"))
+                       ("created_at", "timestamptz"), ("site_id", "uuid"))
 SCHEDULE_COLUMNS = (("study_id", "uuid"), ("participant_id", "uuid"), ("wave", "text"), ("opens_at", "timestamptz"),
                     ("due_at", "timestamptz"), ("closes_at", "timestamptz"), ("status", "text"))
 CONTACT_COLUMNS = (("participant_id", "uuid"), ("sealed", "bytea"), ("updated_at", "timestamptz"))
@@ -91,13 +94,14 @@ class ParticipantView:
     participant: Participant
     schedules: list[Schedule]
     contact: dict[str, Any] | None
+    site: str | None = None
 
     def out(self, now: datetime) -> ParticipantOut:
         p = self.participant
         return ParticipantOut(
             id=p.id, external_id=p.external_id, status=p.status,
             enrolled_at=p.enrolled_at, timezone=p.timezone, language=p.language, withdrawn_at=p.withdrawn_at,
-            withdraw_reason=p.withdraw_reason,
+            withdraw_reason=p.withdraw_reason, site=self.site,
             contact=ContactOut(**self.contact) if self.contact is not None else None,
             schedule=[
                 ScheduleOut(
@@ -128,15 +132,29 @@ def _schedule_rows(participant: Participant, windows: tuple[PlannedWindow, ...],
     ]
 
 
+def _site_of(session: Session, ctx: StudyContext, key: str | None, loc: list[str | int]) -> Site | None:
+    """The site a new participant joins: the named one, or a site-scoped token's own. A site-scoped
+    token naming another site gets the answer an unknown site gets."""
+    if key is None:
+        return sites.get(session, ctx.site_id) if ctx.site_id is not None else None
+    site = sites.resolve(session, ctx.study.id, key, loc)
+    if ctx.site_id is not None and site.id != ctx.site_id:
+        raise Invalid(f"the study has no site {key!r}",
+                      errors=[{"loc": loc, "code": "unknown_site", "message": f"no site {key!r} in this study"}])
+    return site
+
+
 def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Sealer, now: datetime) -> ParticipantView:
     codebook = ctx.require_codebook()
-    zone = data.timezone or ctx.study.timezone
+    site = _site_of(session, ctx, data.site, ["site"])
+    zone = data.timezone or (site.timezone if site is not None else None) or ctx.study.timezone
     problems = _row_problems(data, zone=zone, now=now)
     if problems:
         raise Invalid(problems[0]["message"], errors=problems)
     participant = Participant(
         id=uuid.uuid4(), study_id=ctx.study.id, external_id=data.external_id, status="active",
         enrolled_at=data.enrolled_at, timezone=zone, language=data.language, created_at=now,
+        site_id=site.id if site is not None else None,
     )
     schedules = _schedule_rows(participant, plan(data.enrolled_at, zone, wave_windows(codebook)), now)
     participant.status = initial_status([s.status for s in schedules])
@@ -148,16 +166,35 @@ def enrol(session: Session, ctx: StudyContext, data: ParticipantIn, sealer: Seal
     session.flush()
     webhooks.emit(session, ctx.study.id, "participant.enrolled", {"enrolled_at": data.enrolled_at.isoformat()},
                   participant_id=participant.id)
-    return ParticipantView(participant, schedules, contact)
+    return ParticipantView(participant, schedules, contact, site.key if site is not None else None)
 
 
 def any_enrolled(session: Session, study_id: uuid.UUID) -> bool:
     return repository.any_enrolled(session, study_id)
 
 
+def visible(ctx: StudyContext, participant: Participant) -> bool:
+    """The one rule of participant visibility inside a study: a site-scoped request sees its site's only."""
+    return ctx.site_id is None or participant.site_id == ctx.site_id
+
+
+def site_filter(session: Session, ctx: StudyContext, key: str | None) -> uuid.UUID | None:
+    """The site a list is limited to: the request's own, or the one asked for (`?site=`). A site-scoped
+    request asking for another site gets an empty list, as for a site that does not exist."""
+    if key is None:
+        return ctx.site_id
+    site = sites.by_key(session, ctx.study.id, key)
+    if site is None or (ctx.site_id is not None and site.id != ctx.site_id):
+        return NO_SITE
+    return site.id
+
+
+NO_SITE = uuid.UUID(int=0)  # matches no participant
+
+
 def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: bool = False) -> Participant:
     participant = repository.by_external_id(session, ctx.study.id, external_id, for_update=for_update)
-    if participant is None:
+    if participant is None or not visible(ctx, participant):
         raise NotFound(f"no participant {external_id!r} in study {ctx.study.key!r}")
     return participant
 
@@ -167,8 +204,11 @@ def views(session: Session, participants: list[Participant], sealer: Sealer | No
     ids = [p.id for p in participants]
     schedules = repository.schedules_of(session, ids)
     sealed = repository.sealed_contacts(session, ids) if sealer is not None else {}
+    with_site = next((p for p in participants if p.site_id is not None), None)
+    site_keys = sites.keys_of(session, with_site.study_id) if with_site is not None else {}
     return [
-        ParticipantView(p, schedules[p.id], sealer.open(sealed[p.id]) if sealer and p.id in sealed else None)
+        ParticipantView(p, schedules[p.id], sealer.open(sealed[p.id]) if sealer and p.id in sealed else None,
+                        site_keys.get(p.site_id) if p.site_id is not None else None)
         for p in participants
     ]
 
@@ -181,6 +221,7 @@ def etag(view: ParticipantView) -> str:
     """The stored version of what a coordinator reads: the participant, its schedule and contact."""
     p = view.participant
     return etag_of("participant", p.id, p.status, p.enrolled_at, p.timezone, p.withdrawn_at, p.withdraw_reason,
+                   p.site_id,
                    [(s.wave, s.opens_at, s.due_at, s.closes_at, s.status, s.completed_at) for s in view.schedules],
                    view.contact)
 
@@ -223,6 +264,21 @@ def mark_withdrawn(session: Session, ctx: StudyContext, external_id: str, data: 
     return participant, newly
 
 
+def move(session: Session, ctx: StudyContext, external_id: str, data: SiteMoveIn, moved_by: uuid.UUID,
+         now: datetime) -> Participant:
+    """Move a participant to another site (or to none), with the reason kept beside the audited change."""
+    participant = find(session, ctx, external_id, for_update=True)
+    site = sites.resolve(session, ctx.study.id, data.site, ["site"]) if data.site is not None else None
+    to_site_id = site.id if site is not None else None
+    if to_site_id == participant.site_id:
+        return participant
+    session.add(SiteMove(study_id=ctx.study.id, participant_id=participant.id, from_site_id=participant.site_id,
+                         to_site_id=to_site_id, reason=data.reason, moved_by=moved_by, moved_at=now))
+    participant.site_id = to_site_id
+    session.flush()
+    return participant
+
+
 def reopen_after_deletion(session: Session, participant_id: uuid.UUID, withdrawn_at: datetime) -> None:
     """Responses deleted under the study's policy: no wave counts as completed any more."""
     repository.uncomplete_schedules(session, participant_id, withdrawn_at)
@@ -256,10 +312,16 @@ def import_rows(
                                        message=f"{r.data.external_id!r} already appears in row {prior}"))
     existing = repository.existing_external_ids(session, ctx.study.id, first_row)
     bad_rows = {e.row for e in errors}
-    good: list[tuple[ImportRow, str]] = []
+    good: list[tuple[ImportRow, str, Site | None]] = []
+    study_sites = {s.key: s for s in sites.of_study(session, ctx.study.id) if ctx.site_id in (None, s.id)}
+    own_site = next(iter(study_sites.values())) if ctx.site_id is not None else None
     for r in rows:
-        zone = r.data.timezone or ctx.study.timezone
+        site = study_sites.get(r.data.site) if r.data.site is not None else own_site
+        zone = r.data.timezone or (site.timezone if site is not None else None) or ctx.study.timezone
         problems = _row_problems(r.data, zone=zone, now=now)
+        if r.data.site is not None and site is None:
+            problems.append({"loc": ["site"], "code": "unknown_site",
+                             "message": f"no site {r.data.site!r} in this study"})
         if r.data.external_id in existing:
             problems.append({"loc": ["external_id"], "code": "duplicate",
                              "message": f"{r.data.external_id!r} is already enrolled in this study"})
@@ -268,7 +330,7 @@ def import_rows(
         if problems:
             bad_rows.add(r.row)
         elif r.row not in bad_rows:
-            good.append((r, zone))
+            good.append((r, zone, site))
     errors.sort(key=lambda e: e.row)
     if errors and not partial:
         return ImportResult(created=0, errors=errors)
@@ -283,14 +345,15 @@ def import_rows(
 
 
 def _copy_participants(
-    session: Session, ctx: StudyContext, good: list[tuple[ImportRow, str]], windows: tuple[WaveWindow, ...],
+    session: Session, ctx: StudyContext, good: list[tuple[ImportRow, str, Site | None]],
+    windows: tuple[WaveWindow, ...],
     sealer: Sealer, now: datetime,
 ) -> None:
     study_id = ctx.study.id
     participants: list[tuple[Any, ...]] = []
     schedules: list[tuple[Any, ...]] = []
     contacts: list[tuple[Any, ...]] = []
-    for r, zone in good:
+    for r, zone, site in good:
         pid = uuid.uuid4()
         statuses = []
         for w in plan(r.data.enrolled_at, zone, windows):
@@ -299,7 +362,7 @@ def _copy_participants(
             statuses.append(status)
             schedules.append((study_id, pid, w.wave, w.opens_at, w.due_at, w.closes_at, status))
         participants.append((pid, study_id, r.data.external_id, initial_status(statuses), r.data.enrolled_at, zone,
-                             r.data.language, now))
+                             r.data.language, now, site.id if site is not None else None))
         contact = _contact_payload(r.data.contact)
         if contact is not None:
             contacts.append((pid, sealer.seal(contact), now))

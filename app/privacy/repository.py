@@ -3,8 +3,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
+
+
+def sealed_count(session: Session, key: InstrumentedAttribute[Any], blob: InstrumentedAttribute[Any]) -> int:
+    return session.scalar(select(func.count(key)).where(blob.is_not(None))) or 0
 
 
 def sealed_batch(session: Session, key: InstrumentedAttribute[Any], blob: InstrumentedAttribute[Any],

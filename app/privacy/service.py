@@ -22,18 +22,25 @@ BATCH = 1000
 SEALED: tuple[tuple[str, Any, Any], ...] = (
     ("participant contacts", Contact.participant_id, Contact.sealed),
     ("study pseudonym keys", Study.id, Study.pseudonym_key),
+    ("study date-shift keys", Study.id, Study.date_shift_key),
     ("idempotent replies", IdempotencyRecord.id, IdempotencyRecord.sealed_body),
 )
 
 
+def sealed_count(session: Session, key: InstrumentedAttribute[Any], blob: InstrumentedAttribute[Any]) -> int:
+    """How many values of one kind are sealed (what a rotation will look at)."""
+    return repository.sealed_count(session, key, blob)
+
+
 def reseal_batch(session: Session, sealer: Sealer, key: InstrumentedAttribute[Any],
-                 blob: InstrumentedAttribute[Any], after: Any) -> tuple[int, Any]:
+                 blob: InstrumentedAttribute[Any], after: Any) -> tuple[int, int, Any]:
     """One batch (one unit of work): values sealed under an old key, sealed again under the
-    current one. Returns how many changed and where the next batch starts (None: done)."""
+    current one. Returns how many changed, how many were looked at, and where the next batch
+    starts (None: done)."""
     rows = repository.sealed_batch(session, key, blob, after, BATCH)
     done = 0
     for row_key, sealed in rows:
         if sealer.needs_rotation(sealed):
             repository.reseal(session, key, blob, row_key, sealer.seal(sealer.open(sealed)))
             done += 1
-    return done, (rows[-1][0] if rows else None)
+    return done, len(rows), (rows[-1][0] if rows else None)

@@ -31,10 +31,13 @@ from app.core.security import Principal, Role, hash_secret
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.exports.service import neutralise
+from app.participants import service as participants
+from app.participants.schemas import SiteMoveIn
 from app.redcap import logic, repository
 from app.redcap.project import RECORD_ID, Project, event_name, wave_of
 from app.responses import service as responses
 from app.responses.schemas import ResponseIn
+from app.sites import service as study_sites
 from app.studies import service as studies
 from app.studies.service import StudyContext
 from app.tokens import repository as tokens
@@ -121,12 +124,13 @@ def _principal(session: Session, secret: str) -> tuple[Principal, StudyContext]:
     row = tokens.principal_row(session, hash_secret(secret))  # also names the token as the audit actor
     if row is None:
         raise RedcapError("You do not have permissions to use the API", 403)
-    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id)
+    principal = Principal(token_id=row.id, role=row.role, study_id=row.study_id, site_id=row.site_id)
     if principal.study_id is None:
         raise RedcapError("this token is not bound to a study (a REDCap project)", 403)
     key = repository.study_key(session, principal.study_id)
     assert key is not None
-    return principal, studies.system_context(session, key)
+    # a token bound to a site is a REDCap user in that data access group: it sees that site's records only
+    return principal, studies.context(session, key, principal)
 
 
 def _allow(principal: Principal, *roles: Role) -> None:
@@ -190,6 +194,12 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
         if content in ("metadata", "arm", "event", "formEventMapping", "project", "project_settings",
                        "instrument") and writes:
             raise RedcapError(DESIGN, 403)
+        if content == "dag" and writes:
+            raise RedcapError("dag: data access groups are the study's sites; they are added through cohort's API "
+                              "(POST /api/v1/studies/{key}/sites), not through REDCap's")
+        if content == "dag":
+            return _rows(fmt, _dags(session, ctx), raw_cells=raw_cells) if fmt == "json" else PlainTextResponse(
+                _csv(_dags(session, ctx), EMPTY_WHEN_OFF["dag"], raw_cells=raw_cells), media_type="text/csv")
         if content in EMPTY_WHEN_OFF:
             if writes:
                 what = "repeating instruments or events" if content == "repeatingFormsEvents" else "data access groups"
@@ -238,6 +248,9 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
             _allow(principal, "coordinator", "analyst")
         elif content == "log":
             _allow(principal, "coordinator")
+            if principal.sited:
+                raise RedcapError("the log spans every data access group: a token bound to one may not export it",
+                                  403)
             return _rows(fmt, _log(session, ctx, form), raw_cells=raw_cells)
         elif content in ("participantList", "surveyLink"):
             _allow(principal, "coordinator")
@@ -248,7 +261,7 @@ def _handle(db: Database, settings: Settings, form: Form, fmt: str) -> Response:
         if principal.role == "analyst":  # analysts never see external ids: records are pseudonyms
             names = studies.pseudonymiser(session, ctx.study, settings_sealer(settings))
         study_id = ctx.study.id
-    return _export(db, study_id, project, form, fmt, names)
+    return _export(db, study_id, project, form, fmt, names, site_id=ctx.site_id)
 
 
 def _rows(fmt: str, rows: list[dict[str, Any]], *, single: bool = False, raw_cells: bool = False) -> Response:
@@ -275,7 +288,8 @@ def _line(cells: list[str], raw_cells: bool) -> str:
 # -- record export ---------------------------------------------------------------------------------
 
 
-def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str, names: Any) -> Response:
+def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str, names: Any, *,
+            site_id: Any = None) -> Response:
     record_type = (form.get("type") or "flat").lower()
     if record_type not in ("flat", "eav"):
         raise RedcapError("type must be flat or eav")
@@ -338,6 +352,8 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
             if extra:
                 row = {RECORD_ID: row[RECORD_ID], "redcap_event_name": row["redcap_event_name"],
                        **dict.fromkeys(extra, ""), **row}
+                if groups:
+                    row["redcap_data_access_group"] = r.site or ""
             yield row
 
     def rows() -> Iterator[dict[str, str]]:
@@ -345,8 +361,8 @@ def _export(db: Database, study_id: Any, project: Project, form: Form, fmt: str,
         while True:
             with transaction(db) as session:
                 batch = repository.responses_after(session, study_id, after, BATCH,
-                                                   records if names is None else None)
-                last = repository.last_of_page(session, study_id, after, BATCH)
+                                                   records if names is None else None, site_id)
+                last = repository.last_of_page(session, study_id, after, BATCH, site_id)
             by_record: dict[str, list[Any]] = {}
             for r in batch:
                 by_record.setdefault(r.external_id, []).append(r)
@@ -475,8 +491,13 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     return_content = (form.get("returnContent") or "count").lower()
     grouped: dict[tuple[str, str], dict[str, Any]] = {}
     problems: list[str] = []
+    dags: dict[str, str] = {}
     for n, row in enumerate(rows, start=1):
         record = str(row.get(RECORD_ID) or "").strip()
+        dag = str(row.pop("redcap_data_access_group", None) or "").strip()
+        if dag and record and dags.setdefault(record, dag) != dag:
+            problems.append(f"row {n} ({record}): redcap_data_access_group {dag!r} differs from "
+                            f"{dags[record]!r} given for the same record")
         event = str(row.get("redcap_event_name") or "").strip()
         wave = wave_of(event)
         if not record:
@@ -489,6 +510,8 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     now = utcnow()
     imported: list[str] = []
     for (record, wave), row in grouped.items():
+        if record in dags and set(row) <= {RECORD_ID, "redcap_event_name"}:
+            continue  # only a data access group for the record: nothing to store at this event
         answers, bad = project.answers_from(row)
         problems += [f"{record} ({event_name(wave)}): {p}" for p in bad]
         if bad:
@@ -499,7 +522,7 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
             continue
         # Forms complete one at a time (contract section 5): `<form>_complete = 2` completes that instrument;
         # the response completes when all its instruments are. 0 or 1 saves the form as started.
-        done = repository.completed_forms(session, ctx.study.id, record, wave) or set()
+        done = repository.completed_forms(session, ctx.study.id, record, wave, ctx.site_id) or set()
         reopened = [f for f, flag in flags.items() if flag != "2" and (f in done or "*" in done)]
         if reopened:
             problems += [f"{record} ({event_name(wave)}): {f}_complete: the form is complete; a coordinator "
@@ -512,7 +535,7 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
                                                           complete_instruments=completing, answers=answers),
                                  principal, now)
         except AlreadyComplete:
-            stored = repository.stored_answers(session, ctx.study.id, record, wave)
+            stored = repository.stored_answers(session, ctx.study.id, record, wave, ctx.site_id)
             if stored is None or any(stored.get(k) != v for k, v in answers.items()):
                 problems.append(f"{record} ({event_name(wave)}): the response is complete; a coordinator "
                                 "corrects it with PATCH /api/v1/studies/{key}/responses/{id}")
@@ -523,6 +546,8 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
             problems.append(f"{record} ({event_name(wave)}): {detail}")
             continue
         imported.append(record)
+    problems += _assign_dags(session, ctx, principal, dags, now)
+    imported += list(dags)
     if problems:  # all or nothing: the error rolls the import's transaction back
         raise RedcapError("; ".join(problems[:50]) + (f" (and {len(problems) - 50} more)" if len(problems) > 50
                                                        else ""))
@@ -534,7 +559,37 @@ def _import(session: Session, ctx: StudyContext, project: Project, principal: Pr
     return JSONResponse({"count": len(ids)}) if fmt == "json" else PlainTextResponse(f"count\n{len(ids)}\n")
 
 
+def _assign_dags(session: Session, ctx: StudyContext, principal: Principal, dags: dict[str, str],
+                 now: datetime) -> list[str]:
+    """`redcap_data_access_group` on import: the record moves to that site (audited, with the import as
+    its reason). A token bound to a site is a user in that DAG: it may name only its own."""
+    problems = []
+    sites = {s.key: s for s in study_sites.of_study(session, ctx.study.id)}
+    for record, dag in dags.items():
+        site = sites.get(dag)
+        if site is None or (ctx.site_id is not None and site.id != ctx.site_id):
+            problems.append(f"{record}: redcap_data_access_group {dag!r} is not a data access group of this "
+                            "project" + (" you may assign records to" if site is not None else ""))
+            continue
+        try:
+            participant = participants.find(session, ctx, record)
+        except DomainError:
+            problems.append(f"{record}: the record does not exist (records are enrolled through cohort's API)")
+            continue
+        if participant.site_id != site.id:
+            participants.move(session, ctx, record, SiteMoveIn(
+                site=dag, reason="REDCap record import (redcap_data_access_group)"), principal.token_id, now)
+    return problems
+
+
 # -- surveys and the log ----------------------------------------------------------------------------
+
+
+def _dags(session: Session, ctx: StudyContext) -> list[dict[str, Any]]:
+    """The study's sites as REDCap data access groups (a token bound to a site sees its own)."""
+    return [{"data_access_group_name": s.name, "unique_group_name": s.key,
+             "data_access_group_id": int(s.id.hex[:7], 16)}
+            for s in study_sites.of_study(session, ctx.study.id) if ctx.site_id in (None, s.id)]
 
 
 def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Project, form: Form, fmt: str,
@@ -549,7 +604,7 @@ def _survey(session: Session, settings: Settings, ctx: StudyContext, project: Pr
     if wave is None or wave not in project.codebook.wave_keys or wave not in project.form_waves[instrument]:
         raise RedcapError(f"event {event!r} is not an event of form {instrument!r}")
     found = repository.wave_windows(session, ctx.study.id, wave,
-                                    form.get("record") if content == "surveyLink" else None)
+                                    form.get("record") if content == "surveyLink" else None, ctx.site_id)
     if content == "surveyLink":
         if not found:
             raise RedcapError(f"record {form.get('record')!r} does not exist")

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.core.db import with_commit
 from app.participants.models import Participant, Schedule
 from app.reminders.models import ReminderSend
+from app.reminders.policy import SEND_FROM, SEND_UNTIL
 from app.studies.models import Wave
 
 
@@ -47,33 +48,96 @@ def mark_planned(session: Session, schedule_ids: list[uuid.UUID], at: datetime) 
         session.execute(update(Schedule).where(Schedule.id.in_(schedule_ids)).values(reminders_planned_at=at))
 
 
+# What becomes of each due send, decided in the claim query itself (the order of the checks is
+# the rule): the participant withdrew, or the wave is complete -> cancelled; the window closed,
+# a later message of the wave is due too, or no sending hours are left before it closes ->
+# skipped; outside sending hours -> deferred (pending, due at the next opening of them);
+# otherwise sent now. `rank` orders the kinds of a wave as `service.kind_rank` does.
+# Sending hours in the participant's zone (`c.local_now` is `:now` there), as `policy.in_sending_hours`
+# and `policy.into_sending_hours` have them (a test holds them to it).
+IN_HOURS = "CAST(c.local_now AS time) >= :send_from AND CAST(c.local_now AS time) < :send_until"
+NEXT_HOURS = ("(CAST(c.local_now AS date) + CASE WHEN CAST(c.local_now AS time) < :send_from THEN 0 ELSE 1 END "
+              "+ CAST(:send_from AS time)) AT TIME ZONE c.timezone")
+_RANK = """CASE WHEN {k} = 'invitation' THEN 0 WHEN {k} = 'final' THEN 10000
+    WHEN {k} ~ '^reminder_[0-9]+$' THEN substr({k}, 10)::int ELSE 5000 END"""
+
+_DUE = """
+WITH claimed AS (
+    SELECT r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts, p.timezone,
+           p.withdrawn_at, p.external_id, s.completed_at, s.closes_at,
+           CAST(:now AS timestamptz) AT TIME ZONE p.timezone AS local_now
+    FROM reminder_sends r
+    JOIN participants p ON p.id = r.participant_id
+    JOIN schedules s ON s.participant_id = r.participant_id AND s.wave = r.wave
+    WHERE r.status = 'pending' AND r.due_at <= :now {study}
+    ORDER BY r.due_at LIMIT :limit
+    FOR UPDATE OF r SKIP LOCKED
+), timed AS MATERIALIZED (
+    SELECT c.*, {in_hours} AS in_hours, {next_hours} AS next_hours,
+           c.withdrawn_at IS NULL AND c.completed_at IS NULL AND :now < c.closes_at AND EXISTS (
+               SELECT FROM reminder_sends l
+               WHERE l.participant_id = c.participant_id AND l.wave = c.wave AND l.status = 'pending'
+                 AND l.due_at <= :now AND (l.due_at, {rank_l}) > (c.due_at, {rank_c})) AS superseded
+    FROM claimed c
+)
+SELECT t.id, t.study_id, t.participant_id, t.external_id, t.wave, t.kind, t.attempts, t.timezone, t.closes_at,
+       CASE WHEN t.withdrawn_at IS NOT NULL OR t.completed_at IS NOT NULL THEN 'cancelled'
+            WHEN :now >= t.closes_at OR t.superseded THEN 'skipped'
+            WHEN t.in_hours THEN 'send'
+            WHEN t.next_hours >= t.closes_at THEN 'skipped'
+            ELSE 'deferred' END AS outcome,
+       CASE WHEN t.withdrawn_at IS NOT NULL THEN 'participant withdrew'
+            WHEN t.completed_at IS NOT NULL THEN 'wave completed'
+            WHEN :now >= t.closes_at THEN 'the window closed before it was sent'
+            WHEN t.superseded THEN 'a later message of this wave was due'
+            WHEN t.in_hours THEN NULL
+            WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
+            END AS reason,
+       t.next_hours
+FROM timed t
+"""
+_DUE_ALL, _DUE_STUDY = (text(_DUE.format(study=study, in_hours=IN_HOURS, next_hours=NEXT_HOURS,
+                                          rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind")))
+                        for study in ("", "AND r.study_id = :study"))
+
+
+_SENDING_HOURS = text(  # built from this module's constants only
+    f"SELECT {IN_HOURS}, {NEXT_HOURS} FROM (SELECT CAST(:now AS timestamptz) AT TIME ZONE CAST(:zone AS text) "  # noqa: S608
+    "AS local_now, CAST(:zone AS text) AS timezone) c")
+
+
+def sending_hours(session: Session, now: datetime, zone: str) -> tuple[bool, datetime]:
+    """The claim query's sending hours at `now` in `zone`: (within them, when they next open)."""
+    row = session.execute(_SENDING_HOURS, {"now": now, "zone": zone, "send_from": SEND_FROM,
+                                           "send_until": SEND_UNTIL}).one()
+    return bool(row[0]), row[1]
+
+
 def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int) -> Sequence[Any]:
-    """Pending sends due by `now`, with what deciding about them needs; FOR UPDATE SKIP LOCKED."""
-    query = (
-        select(ReminderSend.id, ReminderSend.study_id, ReminderSend.participant_id, ReminderSend.wave,
-               ReminderSend.kind, ReminderSend.due_at, ReminderSend.attempts, Participant.timezone,
-               Participant.withdrawn_at, Participant.external_id, Schedule.completed_at, Schedule.opens_at,
-               Schedule.closes_at)
-        .join(Participant, Participant.id == ReminderSend.participant_id)
-        .join(Schedule, and_(Schedule.participant_id == ReminderSend.participant_id,
-                             Schedule.wave == ReminderSend.wave))
-        .where(ReminderSend.status == "pending", ReminderSend.due_at <= now)
-        .order_by(ReminderSend.due_at)
-        .limit(limit)
-        .with_for_update(of=ReminderSend, skip_locked=True)
-    )
-    if study_id is not None:
-        query = query.where(ReminderSend.study_id == study_id)
-    return session.execute(query).all()
+    """Claim pending sends due by `now` (FOR UPDATE SKIP LOCKED) and decide about each in the same
+    query: its `outcome` (send, deferred, skipped, cancelled), the `reason` recorded for a send
+    that is not made, and `next_hours`, when a deferred one falls due again."""
+    params = {"now": now, "limit": limit, "send_from": SEND_FROM, "send_until": SEND_UNTIL}
+    if study_id is None:
+        return session.execute(_DUE_ALL, params).all()
+    return session.execute(_DUE_STUDY, {**params, "study": study_id}).all()
 
 
-def due_keys(session: Session, *, now: datetime, participant_ids: list[uuid.UUID]) -> Sequence[Any]:
-    """All pending sends due by `now` of these participants (to find the latest of each wave)."""
-    return session.execute(
-        select(ReminderSend.participant_id, ReminderSend.wave, ReminderSend.kind, ReminderSend.due_at)
-        .where(ReminderSend.status == "pending", ReminderSend.due_at <= now,
-               ReminderSend.participant_id.in_(participant_ids))
-    ).all()
+_RECORD = text("""
+    UPDATE reminder_sends AS r SET status = v.status, last_error = coalesce(v.reason, r.last_error),
+                                   due_at = coalesce(v.due_at, r.due_at),
+                                   updated_at = now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[]),
+                CAST(:dues AS timestamptz[])) AS v(id, status, reason, due_at)
+    WHERE r.id = v.id AND r.status = 'pending'""")
+
+
+def record_decisions(session: Session, decided: Sequence[tuple[uuid.UUID, str, str | None, datetime | None]]) -> None:
+    """Close (status, reason) or defer (pending, a new due time) sends: one statement, and one audit
+    trigger run, for the batch."""
+    if decided:
+        session.execute(_RECORD, {"ids": [d[0] for d in decided], "statuses": [d[1] for d in decided],
+                                  "reasons": [d[2] for d in decided], "dues": [d[3] for d in decided]})
 
 
 def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...] = ("pending",),
@@ -83,24 +147,6 @@ def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...]
         query = query.where(ReminderSend.claimed_by == owner)
     result = session.execute(query.values(updated_at=func.now(), **values))
     return bool(getattr(result, "rowcount", 0))
-
-
-def close_many(session: Session, ids: list[uuid.UUID], status: str, reason: str) -> None:
-    if ids:
-        session.execute(update(ReminderSend).where(ReminderSend.id.in_(ids), ReminderSend.status == "pending")
-                        .values(status=status, last_error=reason, updated_at=func.now()))
-
-
-_DEFER = text("""
-    UPDATE reminder_sends AS r SET due_at = v.due_at, updated_at = now()
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:dues AS timestamptz[])) AS v(id, due_at)
-    WHERE r.id = v.id AND r.status = 'pending'""")
-
-
-def defer_many(session: Session, moves: list[tuple[uuid.UUID, datetime]]) -> None:
-    """Move sends to the next sending hours: one statement (and one audit trigger run) for the batch."""
-    if moves:
-        session.execute(_DEFER, {"ids": [i for i, _ in moves], "dues": [d for _, d in moves]})
 
 
 _QUIET = text("SELECT set_config('cohort.audit_quiet', :table, true)")
@@ -197,15 +243,25 @@ def cancel_pending_with_commit(session: Session, participant_id: uuid.UUID, reas
     with_commit(session, _CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
 
 
-def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+def _of_site(participant_id: Any, site_id: uuid.UUID | None) -> list[Any]:
+    """Limits a query to one site's participants (none: the whole study)."""
+    if site_id is None:
+        return []
+    return [participant_id.in_(select(Participant.id).where(Participant.site_id == site_id))]
+
+
+def sent_counts(session: Session, study_id: uuid.UUID, as_of: datetime,
+                site_id: uuid.UUID | None = None) -> Sequence[Any]:
     return session.execute(
         select(ReminderSend.wave, ReminderSend.kind, func.count())
-        .where(ReminderSend.study_id == study_id, ReminderSend.status == "sent", ReminderSend.sent_at <= as_of)
+        .where(ReminderSend.study_id == study_id, ReminderSend.status == "sent", ReminderSend.sent_at <= as_of,
+               *_of_site(ReminderSend.participant_id, site_id))
         .group_by(ReminderSend.wave, ReminderSend.kind)
     ).all()
 
 
-def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) -> Sequence[Any]:
+def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime,
+                      site_id: uuid.UUID | None = None) -> Sequence[Any]:
     """For each wave completed by `as_of`: the kind of the last message sent before completion."""
     last = (
         select(ReminderSend.kind)
@@ -218,7 +274,7 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime) ->
     completions = (
         select(Schedule.wave, func.coalesce(last, "none").label("kind"))
         .where(Schedule.study_id == study_id, Schedule.completed_at.is_not(None),
-               Schedule.completed_at <= as_of)
+               Schedule.completed_at <= as_of, *_of_site(Schedule.participant_id, site_id))
         .subquery()
     )
     return session.execute(

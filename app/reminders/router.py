@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from app.core.db import DatabaseDep, SessionDep, on_commit
 from app.core.deps import SettingsDep
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator
+from app.core.security import Coordinator, WholeStudy
 from app.core.timeutil import Instant, utcnow
 from app.idempotency.service import IdempotencyDep
 from app.participants import service as participants
@@ -33,7 +33,7 @@ from app.studies.schemas import WaveOut
 router = APIRouter(prefix="/api/v1/studies/{key}", tags=["reminders"], route_class=RoleRoute)
 
 
-@router.post("/reminders:run", response_model=RunResult,
+@router.post("/reminders:run", dependencies=[WholeStudy], response_model=RunResult,
              summary="Run the reminder scan now, with an explicit clock",
              description="The same scan the periodic task runs, for replaying and testing a study "
                          "deterministically. Sends by SMTP synchronously.")
@@ -84,7 +84,7 @@ def participant_reminders(external_id: str, principal: Coordinator, study: Study
     return SendList(items=items)
 
 
-@router.put("/waves/{wave}/reminder-policy", response_model=WaveOut,
+@router.put("/waves/{wave}/reminder-policy", dependencies=[WholeStudy], response_model=WaveOut,
             summary="Change a wave's reminder policy (applies to every message not yet sent)")
 def put_policy(wave: Annotated[str, Path(max_length=63)], body: PolicyIn, principal: Coordinator,
                study: StudyFromPath, session: SessionDep) -> WaveOut:
@@ -100,7 +100,7 @@ def get_template(principal: Coordinator, study: StudyFromPath) -> TemplateOut:
                        variables=list(templates.VARIABLES), customised=custom is not None)
 
 
-@router.put("/reminder-template", response_model=TemplateOut,
+@router.put("/reminder-template", response_model=TemplateOut, dependencies=[WholeStudy],
             summary="Change the email template (Jinja2, sandboxed; applies to messages not yet sent)")
 def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> TemplateOut:
     service.set_template(session, study.study, body.subject, body.body)
@@ -112,5 +112,5 @@ def put_template(body: TemplateIn, principal: Coordinator, study: StudyFromPath,
 def get_funnel(principal: Coordinator, study: StudyFromPath, session: SessionDep,
                as_of: Annotated[Instant | None, Query()] = None) -> Funnel:
     when: datetime = as_of or utcnow()
-    rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when)
+    rows = service.funnel(session, study.study.id, list(study.require_codebook().wave_keys), when, study.site_id)
     return Funnel(as_of=when, waves=[FunnelWave(**r) for r in rows])

@@ -40,7 +40,7 @@ from app.reminders import repository, templates
 from app.reminders.links import LinkTarget, link_for, make_token
 from app.reminders.mailer import DeliveryError, Email, message_id
 from app.reminders.models import ReminderSend
-from app.reminders.policy import Policy, in_sending_hours, into_sending_hours, planned_sends, retry_at
+from app.reminders.policy import Policy, planned_sends, retry_at
 from app.reminders.schemas import PolicyIn
 from app.studies.models import Study, Wave
 from app.webhooks import service as webhooks
@@ -115,48 +115,25 @@ def plan(session: Session, now: datetime, *, study_id: uuid.UUID | None = None, 
 
 def claim(session: Session, now: datetime, *, owner: uuid.UUID, study_id: uuid.UUID | None = None,
           limit: int = BATCH, lease: timedelta = LEASE) -> tuple[list[Claim], ScanResult, int]:
-    """Decide about due sends; returns the ones to deliver now, the other outcomes, and rows seen."""
+    """Decide about due sends; returns the ones to deliver now, the other outcomes, and rows seen.
+
+    The claim query decides (see `repository.due`); here the decisions are recorded, set-based:
+    one statement closes or defers the rest, one leases the ones to send."""
     rows = repository.due(session, now=now, study_id=study_id, limit=limit)
     result = ScanResult()
-    if not rows:
-        return [], result, 0
-    latest: dict[tuple[uuid.UUID, str], tuple[datetime, int]] = {}
-    for key in repository.due_keys(session, now=now, participant_ids=list({r.participant_id for r in rows})):
-        rank = (key.due_at, kind_rank(key.kind))
-        pair = (key.participant_id, key.wave)
-        latest[pair] = max(latest.get(pair, rank), rank)
     claims: list[Claim] = []
-    closed: dict[str, list[uuid.UUID]] = defaultdict(list)  # final outcome -> rows, written in one UPDATE each
-    deferred: list[tuple[uuid.UUID, datetime]] = []
+    decided: list[tuple[uuid.UUID, str, str | None, datetime | None]] = []
     for r in rows:
-        zone = ZoneInfo(r.timezone)
-        if r.withdrawn_at is not None:
-            closed["cancelled:participant withdrew"].append(r.id)
-            result.cancelled += 1
-        elif r.completed_at is not None:
-            closed["cancelled:wave completed"].append(r.id)
-            result.cancelled += 1
-        elif now >= r.closes_at:
-            closed["skipped:the window closed before it was sent"].append(r.id)
-            result.skipped += 1
-        elif (r.due_at, kind_rank(r.kind)) < latest[(r.participant_id, r.wave)]:
-            closed["skipped:a later message of this wave was due"].append(r.id)
-            result.skipped += 1
-        elif not in_sending_hours(now, zone):
-            later = into_sending_hours(now, zone)
-            if later >= r.closes_at:
-                closed["skipped:no sending hours left in the window"].append(r.id)
-                result.skipped += 1
-            else:
-                deferred.append((r.id, later))
-                result.deferred += 1
-        else:
+        if r.outcome == "send":
             claims.append(Claim(r.id, r.study_id, r.participant_id, r.external_id, r.wave, r.kind,
                                 r.attempts + 1, r.timezone, r.closes_at))
-    for outcome, ids in closed.items():
-        status, reason = outcome.split(":", 1)
-        repository.close_many(session, ids, status, reason)
-    repository.defer_many(session, deferred)
+        elif r.outcome == "deferred":
+            decided.append((r.id, "pending", None, r.next_hours))
+            result.deferred += 1
+        else:
+            decided.append((r.id, r.outcome, r.reason, None))
+            setattr(result, r.outcome, getattr(result, r.outcome) + 1)
+    repository.record_decisions(session, decided)
     repository.lease_many(session, [c.send_id for c in claims], owner, utcnow() + lease)
     return claims, result, len(rows)
 
@@ -315,12 +292,13 @@ def participant_sends(session: Session, participant_id: uuid.UUID) -> list[Remin
     return repository.of_participant(session, participant_id)
 
 
-def funnel(session: Session, study_id: uuid.UUID, wave_keys: list[str], as_of: datetime) -> list[dict[str, Any]]:
+def funnel(session: Session, study_id: uuid.UUID, wave_keys: list[str], as_of: datetime,
+           site_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
     completed: dict[str, dict[str, int]] = defaultdict(dict)
-    for wave, kind, n in repository.preceding_contact(session, study_id, as_of):
+    for wave, kind, n in repository.preceding_contact(session, study_id, as_of, site_id):
         completed[wave][kind] = n
     sent: dict[str, dict[str, int]] = defaultdict(dict)
-    for wave, kind, n in repository.sent_counts(session, study_id, as_of):
+    for wave, kind, n in repository.sent_counts(session, study_id, as_of, site_id):
         sent[wave][kind] = n
     out = []
     for wave in wave_keys:

@@ -69,12 +69,14 @@ def insert_if_absent(session: Session, values: dict[str, Any]) -> tuple[bool, se
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,
-                     for_update: bool = False) -> tuple[Response, str] | None:
+                     for_update: bool = False, site_id: uuid.UUID | None = None) -> tuple[Response, str] | None:
     query = (
         select(Response, Participant.external_id)
         .join(Participant, Participant.id == Response.participant_id)
         .where(Response.study_id == study_id, Response.id == response_id)
     )
+    if site_id is not None:
+        query = query.where(Participant.site_id == site_id)
     if for_update:
         query = query.with_for_update(of=Response)
     row = session.execute(query).one_or_none()
@@ -104,7 +106,7 @@ def of_participant(session: Session, participant_id: uuid.UUID, *, waves: Sequen
 def page(
     session: Session, *, study_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None,
     external_id: str | None, wave: str | None, status: str | None,
-    pseudonym: tuple[str, bytes, bytes] | None = None,
+    pseudonym: tuple[str, bytes, bytes] | None = None, site_id: uuid.UUID | None = None,
 ) -> list[tuple[Response, str]]:
     """`pseudonym`: (pseudonym, inner pad, outer pad); the HMAC is computed in SQL (see Pseudonymiser.sql_pads)."""
     query = (
@@ -128,6 +130,8 @@ def page(
         query = query.where(Response.wave == wave)
     if status is not None:
         query = query.where(Response.status == status)
+    if site_id is not None:
+        query = query.where(Participant.site_id == site_id)
     return [(r, ext) for r, ext in session.execute(query).all()]
 
 
@@ -153,12 +157,13 @@ def participants_with_stale_derived(session: Session, study_id: uuid.UUID, signa
     ))
 
 
-def participants_by_external_id(session: Session, study_id: uuid.UUID,
-                                external_ids: set[str]) -> dict[str, Participant]:
+def participants_by_external_id(session: Session, study_id: uuid.UUID, external_ids: set[str],
+                                site_id: uuid.UUID | None = None) -> dict[str, Participant]:
     if not external_ids:
         return {}
-    rows = session.scalars(select(Participant).where(Participant.study_id == study_id,
-                                                     Participant.external_id.in_(sorted(external_ids))))
+    query = select(Participant).where(Participant.study_id == study_id,
+                                      Participant.external_id.in_(sorted(external_ids)))
+    rows = session.scalars(query.where(Participant.site_id == site_id) if site_id is not None else query)
     return {p.external_id: p for p in rows}
 
 

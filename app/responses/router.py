@@ -72,7 +72,8 @@ def list_responses(
     pseudonymise = _pseudonymiser(session, settings, study)
     by_pseudonym = (pseudonym, *pseudonymise.sql_pads()) if pseudonym is not None else None
     rows = repository.page(session, study_id=study.study.id, limit=limit, after=decode_time_id(cursor),
-                           external_id=external_id, wave=wave, status=status, pseudonym=by_pseudonym)
+                           external_id=external_id, wave=wave, status=status, pseudonym=by_pseudonym,
+                           site_id=study.site_id)
     page = page_of(rows, limit, lambda r: (r[0].received_at.isoformat(), str(r[0].id)))
     items = service.to_out(session, study, page.items, show_external_id=_sees_external_id(principal),
                            pseudonymise=pseudonymise)

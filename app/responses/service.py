@@ -220,7 +220,7 @@ def to_out(session: Session, ctx: StudyContext, rows: list[tuple[Response, str]]
 
 
 def get(session: Session, ctx: StudyContext, response_id: uuid.UUID) -> tuple[Response, str]:
-    row = repository.with_external_id(session, ctx.study.id, response_id)
+    row = repository.with_external_id(session, ctx.study.id, response_id, site_id=ctx.site_id)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     return row
@@ -235,7 +235,7 @@ def etag(response: Response) -> str:
 def correct(session: Session, ctx: StudyContext, response_id: uuid.UUID, data: CorrectionIn,
             principal: Principal, now: datetime, *, if_match: str | None = None) -> tuple[Response, str]:
     codebook = ctx.require_codebook()
-    row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True)
+    row = repository.with_external_id(session, ctx.study.id, response_id, for_update=True, site_id=ctx.site_id)
     if row is None:
         raise NotFound(f"no response {response_id} in study {ctx.study.key!r}")
     response, external_id = row
@@ -295,6 +295,17 @@ def recompute_stale_derived(session: Session, ctx: StudyContext, *, batch: int =
     return updated
 
 
+def bring_derived_current(session: Session, ctx: StudyContext) -> int:
+    """Before a bulk read (an export, an analysis frame): every stored derived value of the
+    study computed under the definitions in force, so the bulk reader (`table`) reads them as
+    stored and no reader recomputes on its own. Usually nothing is left: the periodic task
+    recomputes within a minute of a codebook revision."""
+    total = 0
+    while done := recompute_stale_derived(session, ctx):
+        total += done
+    return total
+
+
 def request_recompute(session: Session, study_id: uuid.UUID, now: datetime) -> None:
     """Due work for the periodic task: this study's stored derived values are out of date."""
     repository.request_recompute(session, study_id, now)
@@ -329,7 +340,8 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     participant, an answer already stored for that wave, completion in the future.
     """
     codebook = ctx.require_codebook()
-    people = repository.participants_by_external_id(session, ctx.study.id, {i.external_id for i in items})
+    people = repository.participants_by_external_id(session, ctx.study.id, {i.external_id for i in items},
+                                                    ctx.site_id)
     stored = repository.existing_waves(session, [p.id for p in people.values()])
     errors: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()

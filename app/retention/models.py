@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, SmallInteger, String
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, SmallInteger, String, Text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -32,6 +32,31 @@ class RetentionCount(Base):
     late: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     wd_ok: Mapped[bool] = mapped_column(Boolean, primary_key=True)
     shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # spreads concurrent writers over rows
+    n: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RetentionGroupCount(Base):
+    """The same rollup for the participants who have a complete baseline, by its `primary_group`.
+
+    The others (no baseline yet, or no answer) are the overall count less every group's, so they
+    take no row. A trigger on `responses` moves a participant's schedules when their group changes
+    (migration `retention_by_primary_group_rollup`).
+    """
+
+    __tablename__ = "retention_group_counts"
+    __table_args__ = (CheckConstraint("cls IN ('completed', 'withdrawn', 'pending')", name="cls"),)
+
+    study_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    grp: Mapped[str] = mapped_column(Text, primary_key=True)
+    wave: Mapped[str] = mapped_column(String(63), primary_key=True)
+    opens_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    closes_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    cls: Mapped[str] = mapped_column(String(10), primary_key=True)
+    in_window: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    late: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    wd_ok: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 

@@ -21,7 +21,7 @@ AsOf = Annotated[Instant | None, Query(description="RFC 3339 instant; default no
 
 @router.get("/retention", response_model=Retention, summary="Retention per wave as of an instant")
 def get_retention(principal: Reader, study: StudyFromPath, session: SessionDep, as_of: AsOf = None,
-                  by: Annotated[Literal["primary_group"] | None, Query()] = None) -> Retention:
+                  by: Annotated[Literal["primary_group", "site"] | None, Query()] = None) -> Retention:
     return service.retention_report(session, study, as_of or utcnow(), by)
 
 
@@ -33,7 +33,7 @@ def get_followup(principal: Coordinator, study: StudyFromPath, session: SessionD
                  cursor: CursorQuery = None) -> FollowupPage:
     offset = int((decode_cursor(cursor, 1) or [0])[0])
     rows = service.followup(session, study.study.id, wave=wave, status=status, now=utcnow(), limit=limit,
-                            offset=offset)
+                            offset=offset, site_id=study.site_id)
     next_cursor = encode_cursor(offset + limit) if len(rows) > limit else None
     items = [FollowupItem(external_id=r.external_id, participant_status=r.status, wave=r.wave,
                           wave_status=r.wave_status, opens_at=r.opens_at, closes_at=r.closes_at,
@@ -45,6 +45,6 @@ def get_followup(principal: Coordinator, study: StudyFromPath, session: SessionD
 @router.get("/outcomes", response_model=Outcomes,
             summary="Abstinence per wave by baseline online attendance or primary group (95 % Wilson CI)")
 def get_outcomes(principal: Reader, study: StudyFromPath, session: SessionDep,
-                 by: Annotated[Literal["online_30d", "primary_group"], Query()] = "online_30d",
+                 by: Annotated[Literal["online_30d", "primary_group", "site"], Query()] = "online_30d",
                  as_of: AsOf = None) -> Outcomes:
     return service.outcomes_report(session, study, as_of or utcnow(), by)

@@ -26,8 +26,9 @@ class GroupRetention(BaseModel):
 class Retention(BaseModel):
     as_of: datetime
     waves: list[WaveRetention]
-    by: Literal["primary_group"] | None = None
-    groups: list[GroupRetention] | None = Field(default=None, description="per baseline primary_group, with ?by=")
+    by: Literal["primary_group", "site"] | None = None
+    groups: list[GroupRetention] | None = Field(
+        default=None, description="per baseline primary_group or per site key (`none`: no site), with ?by=")
 
 
 class FollowupItem(BaseModel):
@@ -60,5 +61,5 @@ class OutcomeRow(BaseModel):
 
 class Outcomes(BaseModel):
     as_of: datetime
-    by: Literal["online_30d", "primary_group"]
+    by: Literal["online_30d", "primary_group", "site"]
     items: list[OutcomeRow]

@@ -21,21 +21,25 @@ UNKNOWN_GROUP = repository.UNKNOWN_GROUP
 
 
 def retention(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime,
-              by: str | None = None, *, rollup: bool = True) -> dict[str | None, list[dict[str, Any]]]:
-    return repository.retention(session, study_id, waves, as_of, by, rollup=rollup)
+              by: str | None = None, *, rollup: bool = True,
+              site_id: uuid.UUID | None = None) -> dict[str | None, list[dict[str, Any]]]:
+    return repository.retention(session, study_id, waves, as_of, by, rollup=rollup, site_id=site_id)
 
 
-def open_windows(session: Session, study_id: uuid.UUID, now: datetime) -> dict[str, int]:
-    return repository.open_windows(session, study_id, now)
+def open_windows(session: Session, study_id: uuid.UUID, now: datetime,
+                 site_id: uuid.UUID | None = None) -> dict[str, int]:
+    return repository.open_windows(session, study_id, now, site_id)
 
 
 def followup(session: Session, study_id: uuid.UUID, *, wave: str, status: str | None, now: datetime,
-             limit: int, offset: int) -> list[Any]:
-    return repository.followup(session, study_id, wave=wave, status=status, now=now, limit=limit, offset=offset)
+             limit: int, offset: int, site_id: uuid.UUID | None = None) -> list[Any]:
+    return repository.followup(session, study_id, wave=wave, status=status, now=now, limit=limit, offset=offset,
+                               site_id=site_id)
 
 
-def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str) -> list[tuple[str, int]]:
-    return repository.enrolment_by_month(session, study_id, zone)
+def enrolment_by_month(session: Session, study_id: uuid.UUID, zone: str,
+                       site_id: uuid.UUID | None = None) -> list[tuple[str, int]]:
+    return repository.enrolment_by_month(session, study_id, zone, site_id)
 
 
 def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
@@ -47,9 +51,10 @@ def wilson(successes: int, n: int) -> tuple[float | None, float | None]:
     return float(low), float(high)
 
 
-def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, by: str) -> list[dict[str, Any]]:
+def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: datetime, by: str,
+             site_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
     """Abstinence (derived abstinent_30d) per wave and baseline group, with 95 % Wilson intervals."""
-    rows = repository.outcome_counts(session, study_id, waves[0], as_of, by)
+    rows = repository.outcome_counts(session, study_id, waves[0], as_of, by, site_id)
     order = {w: i for i, w in enumerate(waves)}
     out = []
     for row in sorted(rows, key=lambda r: (order.get(r.wave, math.inf), str(r.grp))):
@@ -60,18 +65,19 @@ def outcomes(session: Session, study_id: uuid.UUID, waves: list[str], as_of: dat
 
 
 def retention_report(session: Session, study: StudyContext, when: datetime,
-                     by: Literal["primary_group"] | None = None) -> Retention:
-    """Retention per wave as of `when` (overall, and per group with `by`): the API's and the dashboard's."""
+                     by: Literal["primary_group", "site"] | None = None) -> Retention:
+    """Retention per wave as of `when` (overall, and per group with `by`): the API's and the dashboard's.
+    A site-scoped request counts its site's participants only."""
     waves = list(study.require_codebook().wave_keys)
-    body = Retention(as_of=when, waves=retention(session, study.study.id, waves, when)[None])
+    overall, groups = repository.overall_and_groups(session, study.study.id, waves, when, by, site_id=study.site_id)
+    body = Retention(as_of=when, waves=overall)
     if by is not None:
-        grouped = retention(session, study.study.id, waves, when, by=by)
         body.by = by
-        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in grouped.items()]
+        body.groups = [GroupRetention(group=str(g), waves=rows) for g, rows in groups.items()]
     return body
 
 
 def outcomes_report(session: Session, study: StudyContext, when: datetime,
-                    by: Literal["online_30d", "primary_group"]) -> Outcomes:
-    rows = outcomes(session, study.study.id, list(study.require_codebook().wave_keys), when, by)
+                    by: Literal["online_30d", "primary_group", "site"]) -> Outcomes:
+    rows = outcomes(session, study.study.id, list(study.require_codebook().wave_keys), when, by, study.site_id)
     return Outcomes(as_of=when, by=by, items=[OutcomeRow(**r) for r in rows])

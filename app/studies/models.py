@@ -26,6 +26,9 @@ class Study(Base):
     # Random per-study key of the pseudonyms in exports and analyses, sealed with the service key
     # (so rotating COHORT_SECRET_KEY does not change anyone's pseudonym).
     pseudonym_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Random per-study key the date shifts of de-identified exports derive from, sealed the same way;
+    # made on the first shifted export.
+    date_shift_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = created_at()
 
 

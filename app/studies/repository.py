@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Select, bindparam, select, true, tuple_, update
 from sqlalchemy.orm import Session
@@ -89,11 +89,12 @@ def page(
     return list(session.scalars(query))
 
 
-def set_pseudonym_key(session: Session, study_id: uuid.UUID, sealed: bytes) -> bytes:
-    """Store a key unless another request stored one first; return the one in force."""
-    session.execute(update(Study).where(Study.id == study_id, Study.pseudonym_key.is_(None))
-                    .values(pseudonym_key=sealed))
-    stored = session.scalars(select(Study.pseudonym_key).where(Study.id == study_id)).one()
+def set_key(session: Session, study_id: uuid.UUID, name: Literal["pseudonym_key", "date_shift_key"],
+            sealed: bytes) -> bytes:
+    """Store one of the study's sealed keys unless another request stored it first; return the one in force."""
+    column = getattr(Study, name)
+    session.execute(update(Study).where(Study.id == study_id, column.is_(None)).values({name: sealed}))
+    stored: bytes | None = session.scalars(select(column).where(Study.id == study_id)).one()
     assert stored is not None
     return stored
 

@@ -11,7 +11,7 @@ from app.core.deps import SettingsDep
 from app.core.errors import NotFound
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of, time_id_key
 from app.core.routing import RoleRoute
-from app.core.security import AnyRole, Coordinator, Reader
+from app.core.security import AnyRole, Coordinator, Reader, WholeStudy
 from app.idempotency.service import IdempotencyDep
 from app.studies import repository, service
 from app.studies.deps import StudyFromPath
@@ -43,7 +43,8 @@ def get_study(principal: Reader, study: StudyFromPath) -> StudyOut:
     return service.to_out(study)
 
 
-@router.patch("/{key}", response_model=StudyOut, summary="Rename a study or set its withdrawal policy")
+@router.patch("/{key}", dependencies=[WholeStudy],
+              response_model=StudyOut, summary="Rename a study or set its withdrawal policy")
 def update_study(body: StudyUpdate, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> StudyOut:
     return service.to_out(service.update(session, study, body))
 
@@ -63,7 +64,8 @@ def get_instruments(principal: AnyRole, study: StudyFromPath) -> InstrumentList:
     return InstrumentList.model_validate({"items": codebook.document["instruments"]})
 
 
-@router.get("/{key}/simulation", summary="True coefficients of a simulated cohort (cohort simulate)")
+@router.get("/{key}/simulation", dependencies=[WholeStudy],
+            summary="True coefficients of a simulated cohort (cohort simulate)")
 def get_simulation(principal: Reader, study: StudyFromPath) -> dict[str, Any]:
     simulations = (study.study.settings or {}).get("simulations")
     if not simulations:

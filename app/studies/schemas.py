@@ -24,6 +24,7 @@ class StudyCreate(BaseModel):
 
 
 WithdrawalPolicy = Literal["keep_responses", "delete_responses"]
+ExportDates = Literal["exact", "shifted", "year"]
 Language = Literal["en", "es"]
 
 
@@ -39,6 +40,9 @@ class StudyUpdate(BaseModel):
     contact: str | None = Field(
         default=None, max_length=300,
         description="the coordinator's contact line shown on every survey page (e.g. a name and an address)")
+    export_dates: ExportDates | None = Field(
+        default=None, description="how de-identified exports write dates unless `?dates=` says otherwise: "
+                                  "`exact`, `shifted` (per participant, intervals kept) or `year` (years only)")
 
 
 class CodebookRef(BaseModel):
@@ -59,6 +63,7 @@ class StudyOut(BaseModel):
     withdrawal_policy: WithdrawalPolicy = "keep_responses"
     language: Language = "en"
     contact: str | None = None
+    export_dates: ExportDates = "exact"
     created_at: datetime
 
 

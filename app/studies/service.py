@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from app.core.crypto import Pseudonymiser, Sealer, new_pseudonym_key
+from app.core.crypto import DateShifter, Pseudonymiser, Sealer, new_pseudonym_key
 from app.core.db import add_unique, confirmed, confirming
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.security import Principal
@@ -19,7 +19,7 @@ from app.instruments.codebook import Codebook, load_codebook, parse_codebook, te
 from app.instruments.models import CodebookRevision
 from app.studies import repository
 from app.studies.models import Study, Wave
-from app.studies.schemas import CodebookRef, Language, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
+from app.studies.schemas import CodebookRef, ExportDates, Language, StudyCreate, StudyOut, StudyUpdate, WithdrawalPolicy
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class StudyContext:
     study: Study
     codebook: Codebook | None
     revision: int | None
+    # The site the request is limited to (a site-scoped token), else None: every participant
+    # lookup and list filters on it, so another site's participants do not exist for it.
+    site_id: uuid.UUID | None = None
 
     def require_codebook(self) -> Codebook:
         if self.codebook is None:
@@ -82,7 +85,7 @@ def study_key_of(session: Session, study_id: uuid.UUID) -> str:
 def context(session: Session, key: str, principal: Principal) -> StudyContext:
     ctx = system_context(session, key)
     principal.require_study(ctx.study.id)
-    return ctx
+    return replace(ctx, site_id=principal.site_id) if principal.site_id is not None else ctx
 
 
 def replace_codebook(session: Session, ctx: StudyContext, document: Any, has_participants: bool) -> StudyContext:
@@ -147,13 +150,29 @@ def install_codebook(session: Session, study: Study, codebook: Codebook) -> int:
     return revision
 
 
+def _study_key(session: Session, study: Study, sealer: Sealer, name: Literal["pseudonym_key", "date_shift_key"],
+               ) -> bytes:
+    """One of the study's random keys, made on first use, once, and kept sealed."""
+    sealed: bytes | None = getattr(study, name)
+    if sealed is None:
+        sealed = repository.set_key(session, study.id, name, sealer.seal(
+            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
+    return base64.b64decode(sealer.open(sealed)["key"])
+
+
 def pseudonymiser(session: Session, study: Study, sealer: Sealer) -> Pseudonymiser:
     """The study's pseudonym function; a study created before keys existed gets one now, once."""
-    sealed = study.pseudonym_key
-    if sealed is None:
-        sealed = repository.set_pseudonym_key(session, study.id, sealer.seal(
-            {"key": base64.b64encode(new_pseudonym_key()).decode()}))
-    return Pseudonymiser(base64.b64decode(sealer.open(sealed)["key"]))
+    return Pseudonymiser(_study_key(session, study, sealer, "pseudonym_key"))
+
+
+def date_shifter(session: Session, study: Study, sealer: Sealer) -> DateShifter:
+    """The study's date-shift function (its own key, apart from the pseudonyms')."""
+    return DateShifter(_study_key(session, study, sealer, "date_shift_key"))
+
+
+def export_dates(study: Study) -> ExportDates:
+    dates: ExportDates = (study.settings or {}).get("export_dates", "exact")
+    return dates
 
 
 def remember_simulation(session: Session, ctx: StudyContext, truth: dict[str, Any]) -> None:
@@ -181,6 +200,8 @@ def update(session: Session, ctx: StudyContext, data: StudyUpdate) -> StudyConte
         study.settings = {**(study.settings or {}), "language": data.language}
     if data.contact is not None:
         study.settings = {**(study.settings or {}), "contact": data.contact.strip() or None}
+    if data.export_dates is not None:
+        study.settings = {**(study.settings or {}), "export_dates": data.export_dates}
     session.flush()
     return StudyContext(study, ctx.codebook, ctx.revision)
 
@@ -199,5 +220,6 @@ def to_out(ctx: StudyContext) -> StudyOut:
         waves=list(cb.wave_keys) if cb is not None else [],
         withdrawal_policy=withdrawal_policy(ctx.study),
         language=survey_language(ctx.study), contact=(ctx.study.settings or {}).get("contact"),
+        export_dates=export_dates(ctx.study),
         created_at=ctx.study.created_at,
     )

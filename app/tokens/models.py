@@ -14,6 +14,7 @@ class ApiToken(Base):
     __tablename__ = "api_tokens"
     __table_args__ = (
         CheckConstraint("role IN ('admin', 'coordinator', 'collector', 'analyst')", name="role"),
+        CheckConstraint("site_id IS NULL OR study_id IS NOT NULL", name="site_in_study"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
@@ -22,6 +23,10 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(200), nullable=False)
     study_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    # A token limited to one site of its study sees only that site's participants.
+    site_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sites.id", ondelete="CASCADE"), nullable=True
     )
     created_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
     created_at: Mapped[datetime] = created_at()

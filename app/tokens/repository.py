@@ -8,6 +8,7 @@ from sqlalchemy import Connection, String, Table, bindparam, exists, func, selec
 from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
+from app.sites.models import Site
 from app.studies.models import Study
 from app.tokens.models import ApiToken
 
@@ -34,11 +35,13 @@ def active_admin_exists(session: Session) -> bool:
 
 def page(
     session: Session, *, limit: int, after: tuple[datetime, uuid.UUID] | None, only: uuid.UUID | None = None
-) -> list[tuple[ApiToken, str | None]]:
-    """Tokens in creation order; `only`: those of one study (what a scoped admin may see)."""
+) -> list[tuple[ApiToken, str | None, str | None]]:
+    """Tokens in creation order, with their study's and site's keys; `only`: those of one study
+    (what a scoped admin may see)."""
     query = (
-        select(ApiToken, Study.key)
+        select(ApiToken, Study.key, Site.key)
         .outerjoin(Study, Study.id == ApiToken.study_id)
+        .outerjoin(Site, Site.id == ApiToken.site_id)
         .order_by(ApiToken.created_at, ApiToken.id)
         .limit(limit + 1)
     )
@@ -46,13 +49,13 @@ def page(
         query = query.where(tuple_(ApiToken.created_at, ApiToken.id) > tuple_(*after))
     if only is not None:
         query = query.where(ApiToken.study_id == only)
-    return [(token, key) for token, key in session.execute(query).all()]
+    return [(token, key, site) for token, key, site in session.execute(query).all()]
 
 
 _tokens = cast(Table, ApiToken.__table__)
 # Built once: the hot path of every authenticated request. It also names the token as the
 # transaction's actor for the audit triggers, in the same round trip.
-PRINCIPAL = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id,
+PRINCIPAL = select(_tokens.c.id, _tokens.c.role, _tokens.c.study_id, _tokens.c.site_id,
                    func.set_config("cohort.actor", cast_(_tokens.c.id, String), True)).where(
     _tokens.c.secret_hash == bindparam("digest"), _tokens.c.revoked_at.is_(None))
 

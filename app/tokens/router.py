@@ -20,7 +20,7 @@ router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], route_class=RoleRou
 def create_token(body: TokenCreate, principal: AdminOnly, session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
     idem.check(body)
     created = service.create(session, role=body.role, label=body.label, study_key=body.study_key,
-                             created_by=principal, redcap=body.format == "redcap")
+                             site_key=body.site_key, created_by=principal, redcap=body.format == "redcap")
     return idem.remember(201, created)
 
 
@@ -29,7 +29,7 @@ def list_tokens(principal: AdminOnly, session: SessionDep, limit: LimitQuery = 1
                 cursor: CursorQuery = None) -> Page[TokenOut]:
     rows = repository.page(session, limit=limit, after=decode_time_id(cursor), only=principal.study_id)
     page = page_of(rows, limit, lambda r: time_id_key(r[0]))
-    return Page(items=[service.to_out(t, k) for t, k in page.items], next_cursor=page.next_cursor)
+    return Page(items=[service.to_out(t, k, site) for t, k, site in page.items], next_cursor=page.next_cursor)
 
 
 @router.delete("/{token_id}", status_code=204, summary="Revoke a token")

@@ -11,14 +11,15 @@ from app.core.db import SessionDep
 from app.core.deps import SettingsDep
 from app.core.pagination import CursorQuery, LimitQuery, Page
 from app.core.routing import RoleRoute
-from app.core.security import Coordinator
+from app.core.security import Coordinator, WholeStudy
 from app.core.timeutil import utcnow
 from app.idempotency.service import IdempotencyDep
 from app.studies.deps import StudyFromPath
 from app.webhooks import service
 from app.webhooks.schemas import DeliveryOut, WebhookCreated, WebhookIn, WebhookOut
 
-router = APIRouter(prefix="/api/v1/studies/{key}/webhooks", tags=["webhooks"], route_class=RoleRoute)
+router = APIRouter(prefix="/api/v1/studies/{key}/webhooks", tags=["webhooks"], route_class=RoleRoute,
+                   dependencies=[WholeStudy])
 
 SIGNING = (
     "Each event is POSTed as JSON `{type, timestamp, data}` (ids and the participant's study pseudonym, never "

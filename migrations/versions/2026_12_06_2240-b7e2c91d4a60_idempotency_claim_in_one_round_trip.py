@@ -1,8 +1,8 @@
 """idempotency: take a key's lock and read its stored reply in one round trip
 
 Revision ID: b7e2c91d4a60
-Revises: 9a3e6c4b7d21
-Create Date: 2026-12-06 22:20:00.000000+00:00
+Revises: 3e915ba3cde0
+Create Date: 2026-12-06 22:40:00.000000+00:00
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = 'b7e2c91d4a60'
-down_revision: str | None = '9a3e6c4b7d21'
+down_revision: str | None = '3e915ba3cde0'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
