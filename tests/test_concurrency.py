@@ -85,3 +85,57 @@ def test_a_201_is_only_sent_for_committed_answers(live_server: LiveServer) -> No
             assert seen.scalar_one() == answers
             conn.rollback()
     engine.dispose()
+
+
+async def test_a_correction_waits_for_a_withdrawal_of_the_same_participant(live_server: LiveServer) -> None:
+    """A correction takes the participant's lock before the response's, as a withdrawal does, so
+    the two run one after the other and the retention rollup by group stays exact (each trigger
+    sees what the other wrote)."""
+    import threading
+
+    from app.core.db import Database
+    from app.core.timeutil import utcnow
+    from app.retention import repository as retention
+
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=60) as client:
+        collector = await prepare(client)
+        answers = valid_answers("baseline", random.Random(2), primary_group="smart")
+        r = await client.post("/api/v1/studies/pal/responses", headers=auth(collector),
+                              json={"external_id": "K1", "wave": "baseline", "answers": answers})
+        assert r.status_code == 201, r.text
+        response_id = r.json()["id"]
+
+        engine = create_engine(live_server.db_url)
+        holder = engine.connect()
+        # what a withdrawal holds while it writes: the participant's row, FOR NO KEY UPDATE
+        holder.execute(text("SELECT id FROM participants WHERE external_id = 'K1' FOR NO KEY UPDATE"))
+        done = threading.Event()
+
+        async def correct() -> httpx.Response:
+            got = await client.patch(f"/api/v1/studies/pal/responses/{response_id}", headers=auth(ADMIN_TOKEN),
+                                     json={"answers": {"primary_group": "wfs"}, "reason": "misread"})
+            done.set()
+            return got
+
+        task = asyncio.create_task(correct())
+        await asyncio.sleep(1.5)
+        assert not done.is_set(), "the correction did not wait for the participant's lock"
+        holder.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() WHERE external_id = 'K1'"))
+        holder.commit()
+        holder.close()
+        corrected = await task
+        assert corrected.status_code == 200, corrected.text
+        engine.dispose()
+
+    db = Database.from_settings(live_server.settings)
+    try:
+        with db.sessions() as session:
+            study_id = session.execute(text("SELECT id FROM studies WHERE key = 'pal'")).scalar_one()
+            waves = ["baseline", "month6", "month12"]
+            now = utcnow()
+            rollup = retention.overall_and_groups(session, study_id, waves, now, "primary_group")
+            plain = retention.overall_and_groups(session, study_id, waves, now, "primary_group", rollup=False)
+            assert rollup == plain
+            assert "wfs" in rollup[1] and "smart" not in rollup[1]
+    finally:
+        db.dispose()

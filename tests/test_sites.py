@@ -267,6 +267,8 @@ async def test_redcap_import_assigns_data_access_groups_as_redcap_does(admin: ht
         if site:
             body["site_key"] = site
         tokens[site] = (await admin.post("/api/v1/tokens", json=body)).json()["token"]
+    collector = (await admin.post("/api/v1/tokens", json={"role": "collector", "label": "rc collector",
+                                                          "study_key": study, "format": "redcap"})).json()["token"]
 
     async def post(token: str, rows: list[dict[str, str]]) -> httpx.Response:
         return await admin.post("/redcap/api/", data={"token": token, "content": "record", "format": "json",
@@ -282,6 +284,13 @@ async def test_redcap_import_assigns_data_access_groups_as_redcap_does(admin: ht
     r = await post(tokens[None], [{"record_id": "NORTH-1", "redcap_event_name": "baseline_arm_1",
                                    "redcap_data_access_group": "west"}])
     assert r.status_code == 400 and "not a data access group" in r.text
+    unknown, elsewhere = r.text, (await post(tokens["north"], [{
+        "record_id": "NORTH-1", "redcap_event_name": "baseline_arm_1", "redcap_data_access_group": "south"}])).text
+    assert unknown.replace("west", "?") == elsewhere.replace("south", "?")  # no way to tell a site exists
+    # moving takes what POST .../move takes: a collector's import cannot move a record
+    r = await post(collector, [{"record_id": "NORTH-1", "redcap_event_name": "baseline_arm_1",
+                                "redcap_data_access_group": "south"}])
+    assert r.status_code == 400 and "coordinator" in r.text
     assert (await admin.get(f"/api/v1/studies/{study}/participants/NORTH-1")).json()["site"] == "north"
     # a user in no DAG assigns: the record moves, audited with the import as its reason; no response is made
     r = await post(tokens[None], [{"record_id": "NORTH-1", "redcap_event_name": "month6_arm_1",

@@ -37,11 +37,15 @@ ARROW_TYPES = {"integer": pa.float64(), "number": pa.float64(), "boolean": pa.bo
 PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype("python")}
 
 
+# the frame's layout (columns, types, formats): a release that changes it never reuses older snapshots
+FRAME_FORMAT = 2
+
+
 def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
                      as_of: datetime | None) -> str:
     """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the snapshot."""
     count, digest = repository.complete_digest(session, study_id, as_of)
-    raw = f"{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
+    raw = f"{FRAME_FORMAT}:{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 

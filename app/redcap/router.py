@@ -565,16 +565,22 @@ def _assign_dags(session: Session, ctx: StudyContext, principal: Principal, dags
     its reason). A token bound to a site is a user in that DAG: it may name only its own."""
     problems = []
     sites = {s.key: s for s in study_sites.of_study(session, ctx.study.id)}
+    may_move = ctx.site_id is None and principal.may("coordinator")  # as POST .../participants/{id}/move
     for record, dag in dags.items():
         site = sites.get(dag)
         if site is None or (ctx.site_id is not None and site.id != ctx.site_id):
+            # one message for an unknown group and another site's, so site keys cannot be probed
             problems.append(f"{record}: redcap_data_access_group {dag!r} is not a data access group of this "
-                            "project" + (" you may assign records to" if site is not None else ""))
+                            "project you may assign records to")
             continue
         try:
             participant = participants.find(session, ctx, record)
         except DomainError:
             problems.append(f"{record}: the record does not exist (records are enrolled through cohort's API)")
+            continue
+        if participant.site_id != site.id and not may_move:
+            problems.append(f"{record}: moving a record to another data access group takes a coordinator's "
+                            "token for the whole project")
             continue
         if participant.site_id != site.id:
             participants.move(session, ctx, record, SiteMoveIn(

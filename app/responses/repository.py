@@ -78,6 +78,12 @@ def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UU
     if site_id is not None:
         query = query.where(Participant.site_id == site_id)
     if for_update:
+        # the participant first, as every writer of a participant's rows takes it (submit, withdrawal):
+        # a correction and a withdrawal of one participant then run one after the other, so the
+        # retention triggers of each see what the other wrote
+        session.execute(select(Participant.id).join(Response, Response.participant_id == Participant.id)
+                        .where(Response.study_id == study_id, Response.id == response_id)
+                        .with_for_update(of=Participant, key_share=True))  # FOR NO KEY UPDATE
         query = query.with_for_update(of=Response)
     row = session.execute(query).one_or_none()
     return None if row is None else (row[0], row[1])
