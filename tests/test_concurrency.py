@@ -120,7 +120,8 @@ async def test_a_correction_waits_for_a_withdrawal_of_the_same_participant(live_
         task = asyncio.create_task(correct())
         await asyncio.sleep(1.5)
         assert not done.is_set(), "the correction did not wait for the participant's lock"
-        holder.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() WHERE external_id = 'K1'"))
+        holder.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() "
+                            "WHERE external_id = 'K1'"))
         holder.commit()
         holder.close()
         corrected = await task
