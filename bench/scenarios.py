@@ -441,6 +441,10 @@ def _abstinence_fit(url: str, analyst: str, deadline: float) -> tuple[float, dic
     return time.perf_counter() - started, state
 
 
+def _between(job: dict[str, Any], start: str, end: str) -> float:
+    return (datetime.fromisoformat(job[end]) - datetime.fromisoformat(job[start])).total_seconds()
+
+
 def _statsmodels_gee(y: Any, x: Any, groups: Any) -> tuple[Any, Any]:
     import statsmodels.api as sm
     from statsmodels.genmod.cov_struct import Exchangeable
@@ -505,6 +509,10 @@ def refit(dbs: Databases, scale: Scale, broker: str | None) -> dict[int, Any]:
         fit_seconds, _ = timed(partial(model.fit, maxiter=100))
         out[n] = {"participants": n, "observations": len(long),
                   "api_seconds": api_seconds, "api_seconds_new_data": new_data_seconds,
+                  # where the API's time goes: queued (request to the worker's claim), then in the worker
+                  "queued_seconds": _between(state, "created_at", "started_at"),
+                  "worker_seconds": _between(state, "started_at", "finished_at"),
+                  "worker_seconds_new_data": _between(fresh, "started_at", "finished_at"),
                   "statsmodels_seconds": statsmodels_seconds, "statsmodels_fit_only_seconds": fit_seconds,
                   "ratio_api_to_statsmodels": api_seconds / statsmodels_seconds,
                   "ratio_new_data_to_statsmodels": new_data_seconds / statsmodels_seconds}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import uuid
 from datetime import datetime
 
 import numpy as np
@@ -24,9 +23,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from sqlalchemy.orm import Session
 
-from app.analysis import repository
 from app.core.crypto import Pseudonymiser
-from app.instruments.codebook import Codebook
 from app.responses import service as responses
 from app.responses import table
 from app.studies.service import StudyContext
@@ -35,18 +32,6 @@ from app.studies.service import StudyContext
 ARROW_TYPES = {"integer": pa.float64(), "number": pa.float64(), "boolean": pa.bool_()}
 # strings in Python storage: a fit iterates participants and codes, which Arrow-backed strings make slow
 PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype("python")}
-
-
-# the frame's layout (columns, types, formats): a release that changes it never reuses older snapshots
-FRAME_FORMAT = 2
-
-
-def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
-                     as_of: datetime | None) -> str:
-    """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the snapshot."""
-    count, digest = repository.complete_digest(session, study_id, as_of)
-    raw = f"{FRAME_FORMAT}:{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
-    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def load(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *,

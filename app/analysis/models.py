@@ -72,7 +72,7 @@ class Snapshot(Base):
     participants: Mapped[int] = mapped_column(Integer, nullable=False)
     parquet: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = created_at()
-    # the data fingerprint (`frame.data_fingerprint`) it was read at: a fit on unchanged data reuses it
+    # the data fingerprint (`service.data_fingerprint`) it was read at: a fit on unchanged data reuses it
     data_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (Index("ix_analysis_snapshots_study_data_key", "study_id", "data_key"),)

@@ -31,6 +31,7 @@ from app.core.crypto import settings_sealer
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
+from app.instruments.codebook import Codebook
 from app.responses import service as responses
 from app.studies.service import StudyContext, pseudonymiser, system_context
 from app.webhooks import service as webhooks
@@ -180,18 +181,29 @@ def resolve_request(session: Session, ctx: StudyContext, *, model: str | None, v
 # -- jobs --------------------------------------------------------------------------------------
 
 
+# the frame's layout (columns, types, formats): a release that changes it never reuses older snapshots
+FRAME_FORMAT = 2
+
+
+def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
+                     as_of: datetime | None) -> str:
+    """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the frame (no pandas
+    here: the API process answers a request for a fit without importing the frame's libraries)."""
+    count, digest = repository.complete_digest(session, study_id, as_of)
+    raw = f"{FRAME_FORMAT}:{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
 def _fingerprint(data: str, spec: dict[str, Any]) -> str:
     return hashlib.sha256((data + json.dumps(spec, sort_keys=True)).encode()).hexdigest()
 
 
 def request(session: Session, ctx: StudyContext, *, model: str | None, variant: str | None,
             spec: dict[str, Any] | None, as_of: datetime | None, requested_by: uuid.UUID) -> tuple[Analysis, bool]:
-    from app.analysis import frame as frames
-
     _kept_plan(session, ctx)  # the version a result cites is a stored one
     resolved = resolve_request(session, ctx, model=model, variant=variant, spec=spec)
     codebook = ctx.require_codebook()
-    fingerprint = _fingerprint(frames.data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of),
+    fingerprint = _fingerprint(data_fingerprint(session, ctx.study.id, codebook, ctx.revision, as_of),
                                resolved)
     variant_key = resolved["variant"] or ""
     existing = repository.reusable(session, ctx.study.id, resolved["key"], variant_key, fingerprint)
@@ -278,13 +290,13 @@ def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     spec = job.spec
     if spec is None:
         spec = resolve_request(session, ctx, model=job.model, variant=_legacy_variant(job.variant), spec=None)
-    data_key = frames.data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
+    data_key = data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
     kept = repository.snapshot_at(session, job.study_id, data_key)
     if kept is not None:
         return Prepared(frames.from_parquet(kept.parquet), spec, data_key, kept.sha256)
     pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
     frame = frames.load(session, ctx, pseudonymise, as_of=job.as_of)
-    after = frames.data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
+    after = data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
     return Prepared(frame, spec, data_key if after == data_key else None, None)
 
 
