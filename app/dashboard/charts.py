@@ -92,7 +92,8 @@ def intervals(label: str, items: Sequence[Interval], *, log_scale: bool = False,
     shown = [i for i in items if i.estimate is not None and i.low is not None and i.high is not None
              and (not log_scale or min(i.estimate, i.low, i.high) > 0)]
     row_h, right, top = 28, 80, 12
-    left = min(360, 16 + 8 * max((len(i.row) for i in items), default=10))  # room for the longest label
+    # room for the longest label: about 9 units a character at LABEL size in a proportional font
+    left = min(400, 20 + 9 * max((len(i.row) for i in items), default=10))
     height = top + row_h * max(len(items), 1) + 48
     values = [v for i in shown for v in (i.low, i.high, i.estimate) if v is not None]
     if reference is not None:
