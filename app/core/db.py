@@ -274,13 +274,7 @@ def commit_here(session: Session) -> None:
     request wrapper a second hop (the wrapper then finds nothing left to commit). Anything raised
     before this point still rolls the whole transaction back.
     """
-    try:
-        _commit(session)
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    _finish(session, failed=False)
 
 
 def _finish(session: Session, failed: bool) -> None:
