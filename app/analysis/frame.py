@@ -3,8 +3,8 @@
 Read through the responses domain's one bulk reader (`app.responses.table`, the same SELECT the
 exports run), streamed out of PostgreSQL with COPY and parsed by Arrow's CSV reader into typed
 columns: no value passes through a Python object on the way. Derived values computed under
-older definitions are brought up to date first, so the frame, an export and a single response
-read agree. Participants appear as study-salted pseudonyms, never as external ids.
+older definitions are brought up to date before it is read (as before an export), so the frame,
+an export and a single response read agree. Participants appear as study-salted pseudonyms, never as external ids.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from psycopg import sql
 from sqlalchemy.orm import Session
 
 from app.core.crypto import Pseudonymiser
-from app.responses import service as responses
 from app.responses import table
 from app.studies.service import StudyContext
 
@@ -36,8 +35,8 @@ PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype(), pa.s
 
 def load(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *,
          as_of: datetime | None = None) -> pd.DataFrame:
-    """The frame of a study's complete responses (completed by `as_of`, when given)."""
-    responses.bring_derived_current(session, ctx)
+    """The frame of a study's complete responses (completed by `as_of`, when given), derived values
+    as stored: the caller brings them up to date first (`responses.service.bring_derived_current`)."""
     codebook = ctx.require_codebook()
     statement, cols = table.query(codebook, "long", with_late=False, until=as_of is not None,
                                   ordered=False)

@@ -273,11 +273,6 @@ def _context(session: Session, job: Claim) -> StudyContext:
     return system_context(session, key)
 
 
-def bring_current(session: Session, job: Claim) -> None:
-    """The study's stored derived values, up to date before the frame is read (its own transaction)."""
-    responses.bring_derived_current(session, _context(session, job))
-
-
 def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     """The analysis frame and the spec to fit (a job queued before plans gets the current plan's).
     Data that has not changed since a kept snapshot is read from that snapshot. A new frame is
@@ -286,6 +281,7 @@ def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     from app.analysis import frame as frames
 
     ctx = _context(session, job)
+    responses.bring_derived_current(session, ctx)  # before the fingerprint, which names the definitions
     codebook = ctx.require_codebook()
     spec = job.spec
     if spec is None:

@@ -1,7 +1,7 @@
 """Celery entry points of the analysis domain, and the transactions they own.
 
-`run` is what a worker does with one job: claim it, bring derived values up to date, read the
-frame (from the snapshot kept for unchanged data, or from the database) and store its snapshot,
+`run` is what a worker does with one job: claim it, read the frame (derived values
+brought up to date first; from the snapshot kept for unchanged data, or from the database) and store its snapshot,
 fit (outside any transaction: a fit can take seconds), record the outcome; each step commits
 on its own, so a crash mid-fit leaves the job `running` for the sweep to queue again.
 """
@@ -33,8 +33,6 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
         return "not queued"
     outcome: dict[str, Any]
     try:
-        with transaction(db) as session:
-            service.bring_current(session, job)
         with transaction(db) as session:
             prepared = service.prepare(session, settings, job)
         sha = prepared.sha
