@@ -7,7 +7,7 @@ import io
 import math
 import random
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,17 +16,19 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 from scipy import stats as scipy_stats
+from sqlalchemy import Connection, text
 from statsmodels.genmod.cov_struct import Exchangeable
 from statsmodels.genmod.generalized_estimating_equations import GEE
 
 from app.analysis import tasks
+from app.analysis.frame import read as read_frame
 from app.analysis.simulate import default_start, generate, write
 from app.core.crypto import settings_sealer
 from app.core.db import Database, transaction
 from app.core.settings import Settings
 from app.studies.service import pseudonymiser, system_context
 from tests.conftest import ADMIN_TOKEN
-from tests.factories import auth, create_study, create_token, pal_codebook
+from tests.factories import auth, create_study, create_token, pal_codebook, valid_answers
 
 pytestmark = pytest.mark.anyio
 
@@ -295,34 +297,117 @@ async def test_identical_requests_on_unchanged_data_reuse_the_result(
     assert [a["id"] for a in listing] == [first["id"], second["id"]]
 
 
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[list[Any] | None]:
+    """Each database read of an analysis frame: None for a whole read, else the responses read."""
+    from app.analysis import frame as frames
+
+    reads: list[list[Any] | None] = []
+    read = frames.read
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(kwargs.get("only"))
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(frames, "read", counted)
+    return reads
+
+
+def whole_frame(database: Database, settings: Settings) -> pd.DataFrame:
+    """The frame read whole from the database (not counted by `count_reads`)."""
+    with transaction(database) as session:
+        ctx = system_context(session, "pal")
+        return read_frame(session, ctx, pseudonymiser(session, ctx.study, settings_sealer(settings))).frame
+
+
 async def test_a_fit_on_unchanged_data_reads_the_kept_snapshot(
     app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
     cohort: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from app.analysis import frame as frames
-
     first = await fit(app_client, analyst, database, settings, {"model": "online_attendance"})
     assert first["status"] == "succeeded", first["error"]
-    read_from_database: list[int] = []
-    load = frames.load
-
-    def counted(*args: Any, **kwargs: Any) -> pd.DataFrame:
-        read_from_database.append(1)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(frames, "load", counted)
+    reads = count_reads(monkeypatch)
     second = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
     assert second["status"] == "succeeded", second["error"]
-    assert read_from_database == []  # the data had not changed: the kept snapshot was the frame
+    assert reads == []  # the data had not changed: the kept snapshot was the frame
     assert second["data"]["snapshot_sha256"] == first["data"]["snapshot_sha256"]
     listed = (await admin.get(f"{BASE}/responses", params={"wave": "baseline", "limit": 1})).json()["items"][0]
     r = await admin.patch(f"{BASE}/responses/{listed['id']}", json={"answers": {"age": 78}, "reason": "typo"})
     assert r.status_code == 200
     third = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
-    assert read_from_database == [1]  # changed data is read again
+    assert len(reads) == 1 and reads[0] is not None  # only what changed is read again
+    assert str(listed["id"]) in {str(i) for i in reads[0]}
     assert third["data"]["snapshot_sha256"] != first["data"]["snapshot_sha256"]
     frame = await exported_frame(app_client, analyst, third)
     assert (frame["age"] == 78).sum() >= 1
+
+
+async def test_after_new_data_the_frame_equals_a_whole_read(
+    app_client: httpx.AsyncClient, admin: httpx.AsyncClient, analyst: str, database: Database, settings: Settings,
+    cohort: dict[str, Any], monkeypatch: pytest.MonkeyPatch, connection: Connection,
+) -> None:
+    """A refit after new data reads only the rows whose versions moved and keeps the rest from the
+    last frame; whatever changed (a correction whose carried values move into later waves, a new
+    participant, answers deleted on withdrawal, a writer that bypasses the service, a codebook
+    revision), the frame is the one a whole read gives, hash for hash."""
+    from app.analysis import frame as frames
+
+    first = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+    assert first["status"] == "succeeded", first["error"]
+    reads = count_reads(monkeypatch)
+    rows = (await admin.get(f"{BASE}/responses", params={"limit": 500})).json()["items"]
+    waves: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        waves.setdefault(row["external_id"], {})[row["wave"]] = row
+    person, stored = next((p, w) for p, w in waves.items() if {"baseline", "month6", "month12"} <= set(w)
+                          and all(r["status"] == "complete" for r in w.values()))
+    before = {w: r["derived"]["aud_severity"] for w, r in stored.items()}
+    flipped = not stored["baseline"]["answers"]["aud_1"]
+
+    async def refit_equals_whole_read(expect_whole: bool = False) -> dict[str, Any]:
+        job = await fit(app_client, analyst, database, settings, {"model": "abstinence"})
+        assert job["status"] == "succeeded", job["error"]
+        assert (reads[-1] is None) == expect_whole
+        assert job["data"]["snapshot_sha256"] == frames.snapshot_sha256(whole_frame(database, settings))
+        return job
+
+    # a baseline correction: aud_severity is carried from baseline, so the later waves change too
+    r = await admin.patch(f"{BASE}/responses/{stored['baseline']['id']}",
+                          json={"answers": {"aud_1": flipped}, "reason": "re-read the form"})
+    assert r.status_code == 200, r.text
+    job = await refit_equals_whole_read()
+    assert {str(i) for i in reads[-1] or []} == {r["id"] for r in stored.values()}
+    now = (await admin.get(f"{BASE}/responses", params={"external_id": person})).json()["items"]
+    after = {row["wave"]: row["derived"]["aud_severity"] for row in now}
+    assert after["month6"] == after["month12"] == after["baseline"] != before["baseline"]
+    frame = await exported_frame(app_client, analyst, job)
+    assert sorted(frame.loc[frame["aud_severity"] == after["baseline"], "wave"]).count("month12") >= 1
+
+    # a new participant with a complete baseline
+    enrolled = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    assert (await admin.post(f"{BASE}/participants", json={"external_id": "LATE1",
+                                                           "enrolled_at": enrolled})).status_code == 201
+    answers = valid_answers("baseline", random.Random(3))
+    r = await admin.post(f"{BASE}/responses", json={"external_id": "LATE1", "wave": "baseline", "answers": answers})
+    assert r.status_code == 201, r.text
+    await refit_equals_whole_read()
+    assert [str(i) for i in reads[-1] or []] == [r.json()["id"]]
+
+    # answers deleted on withdrawal, and a writer that bypasses the service (and its updated_at)
+    assert (await admin.patch(BASE, json={"withdrawal_policy": "delete_responses"})).status_code == 200
+    r = await admin.post(f"{BASE}/participants/{person}/withdraw", json={"reason": "withdrew consent"})
+    assert r.status_code == 200, r.text
+    connection.execute(text("UPDATE responses SET answers = jsonb_set(answers, '{age}', '99') "
+                            "WHERE id = (SELECT id FROM responses WHERE wave = 'month6' AND status = 'complete' "
+                            "ORDER BY id LIMIT 1)"))
+    await refit_equals_whole_read()
+    assert len(reads[-1] or []) == 1
+
+    # a codebook revision changes the frame's basis: a whole read
+    document = pal_codebook()
+    document["version"] = 3
+    next(d for d in document["derived"] if d["code"] == "weekly_attendance")["definition"] = "meetings_30d >= 9"
+    assert (await admin.put(f"{BASE}/codebook", json=document)).status_code == 200
+    await refit_equals_whole_read(expect_whole=True)
 
 
 async def test_the_frame_and_the_export_read_the_same_derived_values(

@@ -74,6 +74,11 @@ class Snapshot(Base):
     created_at: Mapped[datetime] = created_at()
     # the data fingerprint (`service.data_fingerprint`) it was read at: a fit on unchanged data reuses it
     data_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # what the frame was read under (`service.frame_basis`: layout, codebook, as_of) and each row's
+    # response id and version (Parquet): a read on the same basis after new data fetches only the rows
+    # that changed and takes the rest from here
+    basis: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    row_keys: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
     __table_args__ = (Index("ix_analysis_snapshots_study_data_key", "study_id", "data_key"),)
 

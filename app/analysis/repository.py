@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func, select, tuple_, update
+from sqlalchemy import func, literal_column, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.analysis.models import Analysis, AnalysisPlan, Snapshot
+from app.responses import table
 from app.responses.models import Response
 from app.studies.models import Study
 
@@ -72,19 +73,15 @@ def study_key(session: Session, study_id: uuid.UUID) -> str | None:
 
 
 def save_snapshot(session: Session, *, sha256: str, study_id: uuid.UUID, rows: int, participants: int,
-                  parquet: bytes, now: datetime, data_key: str | None) -> None:
+                  parquet: bytes, now: datetime, data_key: str | None, basis: str | None = None,
+                  row_keys: bytes | None = None) -> None:
+    """Keep a frame; the same frame kept again takes the newer fingerprint, basis and row versions."""
     statement = insert(Snapshot).values(
         sha256=sha256, study_id=study_id, rows=rows, participants=participants, parquet=parquet, created_at=now,
-        data_key=data_key)
-    session.execute(statement.on_conflict_do_update(index_elements=[Snapshot.sha256],
-                                                    set_={"data_key": statement.excluded.data_key}))
-
-
-def snapshot_at(session: Session, study_id: uuid.UUID, data_key: str) -> Snapshot | None:
-    """The snapshot read when the study's data had this fingerprint, if one was kept."""
-    found: Snapshot | None = session.scalars(select(Snapshot).where(
-        Snapshot.study_id == study_id, Snapshot.data_key == data_key).limit(1)).first()
-    return found
+        data_key=data_key, basis=basis, row_keys=row_keys)
+    session.execute(statement.on_conflict_do_update(index_elements=[Snapshot.sha256], set_={
+        "data_key": statement.excluded.data_key, "basis": statement.excluded.basis,
+        "row_keys": statement.excluded.row_keys}))
 
 
 def snapshot(session: Session, sha256: str) -> Snapshot | None:
@@ -142,13 +139,33 @@ def keep_first_plan(session: Session, study_id: uuid.UUID, document: dict[str, A
 
 
 def complete_digest(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> tuple[int, int]:
-    """How many complete responses, and a hash over their ids, versions and derived signatures."""
-    query = select(
-        func.count(),
-        func.coalesce(func.sum(func.hashtextextended(
-            cast(Response.id, Text) + cast(Response.updated_at, Text) + Response.derived_signature, 0)), 0),
-    ).where(Response.study_id == study_id, Response.status == "complete")
+    """How many complete responses, and the sum of their row versions (`table.ROW_VERSION`: a
+    frame's keys sum to the same, so a worker holding them knows the fingerprint without asking)."""
+    r = Response.__table__.alias("r")  # ROW_VERSION names the row `r`
+    where = [r.c.study_id == study_id, r.c.status == "complete"]
     if as_of is not None:
-        query = query.where(Response.completed_at <= as_of)
-    count, digest = session.execute(query).one()
-    return int(count), int(digest)
+        where.append(r.c.completed_at <= as_of)
+    row: Any = session.execute(select(func.count(), func.coalesce(func.sum(literal_column(table.ROW_VERSION)), 0))
+                          .select_from(r).where(*where)).one()
+    return int(row[0]), int(row[1])
+
+
+def snapshot_key_at(session: Session, study_id: uuid.UUID, data_key: str) -> str | None:
+    """The sha256 of the snapshot read when the study's data had this fingerprint, if one was kept."""
+    found: str | None = session.scalar(select(Snapshot.sha256).where(
+        Snapshot.study_id == study_id, Snapshot.data_key == data_key).limit(1))
+    return found
+
+
+def newest_keyed_snapshot(session: Session, study_id: uuid.UUID, basis: str) -> str | None:
+    """The newest snapshot of the study read on this basis that kept its rows' versions."""
+    found: str | None = session.scalar(select(Snapshot.sha256).where(
+        Snapshot.study_id == study_id, Snapshot.basis == basis, Snapshot.row_keys.is_not(None))
+        .order_by(Snapshot.created_at.desc()).limit(1))
+    return found
+
+
+def snapshot_contents(session: Session, sha256: str) -> tuple[bytes, bytes | None] | None:
+    """A snapshot's frame and row versions (Parquet)."""
+    row = session.execute(select(Snapshot.parquet, Snapshot.row_keys).where(Snapshot.sha256 == sha256)).one_or_none()
+    return None if row is None else (row[0], row[1])

@@ -40,6 +40,8 @@ from app.webhooks.schemas import EventType
 if TYPE_CHECKING:
     import pandas as pd
 
+    from app.analysis import frame as frames
+
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
@@ -181,8 +183,9 @@ def resolve_request(session: Session, ctx: StudyContext, *, model: str | None, v
 # -- jobs --------------------------------------------------------------------------------------
 
 
-# the frame's layout (columns, types, formats): a release that changes it never reuses older snapshots
-FRAME_FORMAT = 2
+# the frame's layout (columns, types, formats) and how its data is fingerprinted: a release that
+# changes either never reuses older snapshots
+FRAME_FORMAT = 3
 
 
 def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, revision: int | None,
@@ -190,7 +193,18 @@ def data_fingerprint(session: Session, study_id: uuid.UUID, codebook: Codebook, 
     """A cheap fingerprint of everything a fit reads: if it is unchanged, so is the frame (no pandas
     here: the API process answers a request for a fit without importing the frame's libraries)."""
     count, digest = repository.complete_digest(session, study_id, as_of)
-    raw = f"{FRAME_FORMAT}:{count}:{digest}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
+    return _data_key(count, digest, codebook, revision, as_of)
+
+
+def _data_key(count: int, digest: int, codebook: Codebook, revision: int | None, as_of: datetime | None) -> str:
+    raw = f"{FRAME_FORMAT}:{count}:{digest}:{frame_basis(codebook, revision, as_of)}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def frame_basis(codebook: Codebook, revision: int | None, as_of: datetime | None) -> str:
+    """What a frame's columns and rows depend on besides the stored responses: the frame's layout,
+    the codebook and the as_of cut. Frames on one basis differ only in rows."""
+    raw = f"{FRAME_FORMAT}:{revision}:{codebook.sha256}:{as_of.isoformat() if as_of else '-'}"
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -257,13 +271,21 @@ def _legacy_variant(variant: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a fit reads: the frame, the spec, the data fingerprint the frame is known to hold (None:
-    the data changed while it was read) and the frame's snapshot (None: not stored yet)."""
+    """What a fit reads: the frame with its row keys, the spec, the data fingerprint taken before the
+    frame was read (`store_snapshot` labels the frame with it only if the data still has it), the
+    frame's basis and its snapshot (None: not stored yet)."""
 
-    frame: pd.DataFrame
+    keyed: frames.Keyed
     spec: dict[str, Any]
     data_key: str | None
+    basis: str
     sha: str | None
+    codebook: Codebook
+    revision: int | None
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.keyed.frame
 
 
 def _context(session: Session, job: Claim) -> StudyContext:
@@ -275,9 +297,13 @@ def _context(session: Session, job: Claim) -> StudyContext:
 
 def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     """The analysis frame and the spec to fit (a job queued before plans gets the current plan's).
-    Data that has not changed since a kept snapshot is read from that snapshot. A new frame is
-    labelled with the data fingerprint only if the fingerprint is the same before and after the
-    read (a response stored meanwhile leaves it unlabelled, so it is never reused for other data)."""
+
+    Data that has not changed since a kept snapshot is that snapshot. Otherwise the newest kept
+    frame on the same basis is brought up to date: only the responses whose row versions moved are
+    read from the database (all of them when most did, or when there is no such frame). A new
+    frame is labelled with the data fingerprint when it is stored, only if the data had that
+    fingerprint both before and after the read (a response stored meanwhile leaves it
+    unlabelled, so it is never reused for other data)."""
     from app.analysis import frame as frames
 
     ctx = _context(session, job)
@@ -286,27 +312,56 @@ def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     spec = job.spec
     if spec is None:
         spec = resolve_request(session, ctx, model=job.model, variant=_legacy_variant(job.variant), spec=None)
-    data_key = data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
-    kept = repository.snapshot_at(session, job.study_id, data_key)
-    if kept is not None:
-        return Prepared(frames.from_parquet(kept.parquet), spec, data_key, kept.sha256)
+    basis = frame_basis(codebook, ctx.revision, job.as_of)
+    now = frames.versions(session, job.study_id, job.as_of)
+    data_key = _data_key(len(now), sum(now["row_version"].tolist()), codebook, ctx.revision, job.as_of)
+    kept = repository.snapshot_key_at(session, job.study_id, data_key)
+    if kept is not None and (keyed := _kept_frame(session, kept)) is not None:
+        return Prepared(keyed, spec, data_key, basis, kept, codebook, ctx.revision)
+    base_sha = repository.newest_keyed_snapshot(session, job.study_id, basis)
+    base = _kept_frame(session, base_sha) if base_sha is not None else None
     pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-    frame = frames.load(session, ctx, pseudonymise, as_of=job.as_of)
-    after = data_fingerprint(session, job.study_id, codebook, ctx.revision, job.as_of)
-    return Prepared(frame, spec, data_key if after == data_key else None, None)
+    keyed = frames.refresh(session, ctx, pseudonymise, as_of=job.as_of, now=now, base=base)
+    return Prepared(keyed, spec, data_key, basis, None, codebook, ctx.revision)
 
 
-def store_snapshot(session: Session, study_id: uuid.UUID, frame: pd.DataFrame, data_key: str | None) -> str:
+def _kept_frame(session: Session, sha: str) -> frames.Keyed | None:
+    """A kept snapshot's frame and row keys: from this process's recent frames, else its Parquet
+    (None: it kept no row keys, as snapshots before row versions did not)."""
     from app.analysis import frame as frames
 
+    recent = frames.recall(sha)
+    if recent is not None:
+        return recent
+    contents = repository.snapshot_contents(session, sha)
+    if contents is None or contents[1] is None:
+        return None
+    keyed = frames.Keyed(frames.from_parquet(contents[0]), frames.as_keys(frames.from_parquet(contents[1])))
+    frames.remember(sha, keyed)
+    return frames.recall(sha)
+
+
+def store_snapshot(session: Session, job: Claim, prepared: Prepared) -> str:
+    """Keep the frame a fit used with its row keys, labelled with the data fingerprint if the data
+    still has the one it had before the read (versions never repeat, so the same fingerprint now
+    means nothing changed in between); remember it in this process. Returns its sha256."""
+    from app.analysis import frame as frames
+
+    frame = prepared.frame
     sha = frames.snapshot_sha256(frame)
-    repository.save_snapshot(session, sha256=sha, study_id=study_id, rows=len(frame),
+    data_key = prepared.data_key
+    if data_key is not None and data_key != data_fingerprint(session, job.study_id, prepared.codebook,
+                                                             prepared.revision, job.as_of):
+        data_key = None
+    repository.save_snapshot(session, sha256=sha, study_id=job.study_id, rows=len(frame),
                              participants=int(frame["participant"].nunique()), parquet=frames.to_parquet(frame),
-                             now=utcnow(), data_key=data_key)
+                             now=utcnow(), data_key=data_key, basis=prepared.basis,
+                             row_keys=frames.to_parquet(prepared.keyed.keys))
+    frames.remember(sha, prepared.keyed)
     return sha
 
 
-def fit(job: Claim, spec: dict[str, Any], frame: pd.DataFrame, sha: str) -> dict[str, Any]:
+def fit(job: Claim, spec: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
     """The fit itself (pure: no database); raises ModelError with a message for the PI."""
     from app.analysis.fit import run
 
@@ -314,13 +369,18 @@ def fit(job: Claim, spec: dict[str, Any], frame: pd.DataFrame, sha: str) -> dict
     if frame.empty:
         raise ModelError("there are no complete responses to analyse yet")
     return {
-        "snapshot_sha256": sha,
         "data": {"n_participants": int(frame["participant"].nunique()), "n_observations": len(frame),
-                 "snapshot_sha256": sha, "as_of": taken_at.isoformat()},
+                 "as_of": taken_at.isoformat()},
         "software": software(),
         "results": run(spec, frame),
         "spec": spec, "plan_version": spec.get("plan_version"),
     }
+
+
+def cite(outcome: dict[str, Any], sha: str) -> None:
+    """A fit's outcome names the snapshot it was fitted on."""
+    outcome["snapshot_sha256"] = sha
+    outcome["data"]["snapshot_sha256"] = sha
 
 
 def finish(session: Session, analysis_id: uuid.UUID, values: dict[str, Any]) -> None:

@@ -1,15 +1,17 @@
 """Celery entry points of the analysis domain, and the transactions they own.
 
 `run` is what a worker does with one job: claim it, read the frame (derived values
-brought up to date first; from the snapshot kept for unchanged data, or from the database) and store its snapshot,
-fit (outside any transaction: a fit can take seconds), record the outcome; each step commits
-on its own, so a crash mid-fit leaves the job `running` for the sweep to queue again.
+brought up to date first; the snapshot kept for unchanged data, or the last frame with the rows
+that changed read again), fit it (outside any transaction: a fit can take seconds) while its
+snapshot is stored beside, record the outcome; each step commits on its own, so a crash mid-fit
+leaves the job `running` for the sweep to queue again.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -35,11 +37,12 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
     try:
         with transaction(db) as session:
             prepared = service.prepare(session, settings, job)
-        sha = prepared.sha
-        if sha is None:
-            with transaction(db) as session:
-                sha = service.store_snapshot(session, job.study_id, prepared.frame, prepared.data_key)
-        outcome = {"status": "succeeded", **service.fit(job, prepared.spec, prepared.frame, sha)}
+        keeping = _keep.submit(_keep_snapshot, db, job, prepared)
+        try:
+            outcome = {"status": "succeeded", **service.fit(job, prepared.spec, prepared.frame)}
+        finally:
+            sha = keeping.result()  # the result cites the snapshot: it is stored before the result is
+        service.cite(outcome, sha)
     except ModelError as exc:
         outcome = {"status": "failed", "error": str(exc)}
     except Exception as exc:
@@ -48,6 +51,18 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
     with transaction(db) as session:
         service.finish(session, job_id, outcome)
     return str(outcome["status"])
+
+
+# A new frame's snapshot (its hash, Parquet, a row of up to megabytes) is made and stored while the
+# model is fitted: hashing, Arrow and the database work mostly outside the GIL, so it overlaps the fit.
+_keep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-snapshot")
+
+
+def _keep_snapshot(db: Database, job: service.Claim, prepared: service.Prepared) -> str:
+    if prepared.sha is not None:
+        return prepared.sha
+    with transaction(db) as session:
+        return service.store_snapshot(session, job, prepared)
 
 
 def sweep(db: Database, lease: timedelta) -> dict[str, int]:

@@ -82,12 +82,17 @@ def _pseudonym(alias: str = "p") -> sql.Composable:
     ).format(sql.Identifier(alias), sql.Literal(16))
 
 
+# A stored row's version: changes with every UPDATE of the row (its transaction id), whatever the
+# writer touched (answers, derived values carried from another wave, status). An analysis frame
+# keeps each row's version, so a later read fetches only the rows whose version moved.
+ROW_VERSION = "hashtextextended(r.id::text || ':' || r.xmin::text, 0)"
+
 TEXT_TIME = "to_char(r.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
 
 
 def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool = False, with_late: bool = True,
           until: bool = False, ordered: bool = True, one_site: bool = False, site_column: bool = False,
-          dates: str = "exact") -> tuple[sql.Composable, list[Column]]:
+          dates: str = "exact", keyed: bool = False, only: bool = False) -> tuple[sql.Composable, list[Column]]:
     """The SELECT of a study's complete responses. `inert`: free-text cells neutralised for
     spreadsheets (CSV); `typed`: timestamps as timestamps (Parquet) rather than RFC 3339 text
     (whole seconds); `with_late`: the long layout's `late`
@@ -95,8 +100,10 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool =
     and wave (a reader that sorts on its own saves the database a sort of wide rows); `one_site`: only
     the participants of the `site` parameter's site; `site_column`: a `site` column (the site's key);
     `dates`: `exact`, `shifted` (each participant's dates and timestamps moved by its own number of
-    days, from the `shift_inner`/`shift_outer` parameters) or `year` (years only). Booleans are
-    spelled true/false everywhere in text, as the derived values are."""
+    days, from the `shift_inner`/`shift_outer` parameters) or `year` (years only); `keyed` (long
+    layout): first the `response_id` and `row_version` columns (`ROW_VERSION`); `only`: just the
+    responses whose ids are in the `ids` parameter. Booleans are spelled true/false everywhere in
+    text, as the derived values are."""
     cols = columns(codebook, layout)
     wave_order = sql.SQL("array_position({}::text[], r.wave)").format(sql.Literal(list(codebook.wave_keys)))
     source: sql.Composable = sql.SQL(
@@ -107,12 +114,15 @@ def query(codebook: Codebook, layout: str, *, inert: bool = False, typed: bool =
         source = sql.SQL("{} AND r.completed_at <= %(until)s").format(source)
     if one_site:
         source = sql.SQL("{} AND p.site_id = %(site)s").format(source)
+    if only:
+        source = sql.SQL("{} AND r.id = ANY(%(ids)s)").format(source)
     site = [sql.SQL("(SELECT s.key FROM sites s WHERE s.id = p.site_id) AS site")] if site_column else []
     if layout == "long":
         completed = _completed_at(typed, dates)
         late = [sql.SQL("r.late") if typed else sql.SQL("CASE WHEN r.late THEN 'true' ELSE 'false' END AS late")]
+        keys = [sql.SQL("r.id AS response_id, {} AS row_version").format(sql.SQL(ROW_VERSION))] if keyed else []
         select = sql.SQL(", ").join([
-            sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"),
+            *keys, sql.SQL("{} AS participant").format(_pseudonym()), *site, sql.SQL("r.wave"),
             sql.SQL("{} AS completed_at").format(completed),
             *(late if with_late else []),
             *[sql.SQL("{} AS {}").format(_value(c, inert=inert, dates=dates), sql.Identifier(c.name))
@@ -139,9 +149,17 @@ def _completed_at(typed: bool, dates: str) -> sql.Composable:
     return sql.SQL(shifted if typed else TEXT_TIME.replace("r.completed_at", shifted))
 
 
+def versions_query(until: bool = False) -> sql.Composable:
+    """Every complete response's id and version (`ROW_VERSION`), as `query` keys them."""
+    return sql.SQL("SELECT r.id AS response_id, {} AS row_version FROM responses r "
+                   "WHERE r.study_id = %(study)s AND r.status = 'complete'{}").format(
+        sql.SQL(ROW_VERSION), sql.SQL(" AND r.completed_at <= %(until)s" if until else ""))
+
+
 def params(study_id: Any, pseudonymiser: Pseudonymiser, until: datetime | None = None, *,
-           site_id: uuid.UUID | None = None, shift_pads: tuple[bytes, bytes] | None = None) -> dict[str, Any]:
+           site_id: uuid.UUID | None = None, shift_pads: tuple[bytes, bytes] | None = None,
+           ids: list[uuid.UUID] | None = None) -> dict[str, Any]:
     inner, outer = pseudonymiser.sql_pads()
     shift_inner, shift_outer = shift_pads or (b"", b"")
     return {"study": study_id, "inner": inner, "outer": outer, "until": until, "site": site_id,
-            "shift_inner": shift_inner, "shift_outer": shift_outer}
+            "shift_inner": shift_inner, "shift_outer": shift_outer, "ids": ids}
