@@ -67,8 +67,12 @@ def _copy(session: Session, statement: sql.Composable, params: dict[str, object]
 
 def versions(session: Session, study_id: uuid.UUID, as_of: datetime | None) -> pd.DataFrame:
     """Every complete response's id and row version now (`table.versions_query`)."""
-    data = _copy(session, table.versions_query(until=as_of is not None), {"study": study_id, "until": as_of})
-    read = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(
+    raw = session.connection().connection.dbapi_connection
+    assert isinstance(raw, psycopg.Connection)
+    with raw.cursor() as cur:
+        row = cur.execute(table.versions_query(until=as_of is not None), {"study": study_id, "until": as_of}).fetchone()
+    assert row is not None
+    read = pa_csv.read_csv(io.BytesIO(row[0].encode()), convert_options=pa_csv.ConvertOptions(
         column_types={"response_id": pa.string(), "row_version": pa.int64()}))
     return as_keys(read.to_pandas(types_mapper=PANDAS_TYPES.get))
 
@@ -152,7 +156,8 @@ def snapshot_sha256(frame: pd.DataFrame) -> str:
     """Content hash of the frame: columns, types and every value, independent of memory layout."""
     digest = hashlib.sha256()
     digest.update(json.dumps([(c, str(t)) for c, t in frame.dtypes.items()]).encode())
-    hashed = pd.util.hash_pandas_object(frame, index=False, categorize=False).to_numpy(dtype=np.uint64)
+    # categorize: each distinct value hashed once (codes repeat across rows)
+    hashed = pd.util.hash_pandas_object(frame, index=False, categorize=True).to_numpy(dtype=np.uint64)
     digest.update(hashed.tobytes())
     return digest.hexdigest()
 

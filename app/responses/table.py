@@ -150,8 +150,10 @@ def _completed_at(typed: bool, dates: str) -> sql.Composable:
 
 
 def versions_query(until: bool = False) -> sql.Composable:
-    """Every complete response's id and version (`ROW_VERSION`), as `query` keys them."""
-    return sql.SQL("SELECT r.id AS response_id, {} AS row_version FROM responses r "
+    """Every complete response's id and version (`ROW_VERSION`), as `query` keys them: one text
+    value of `id,version` lines under a `response_id,row_version` header (one message, not a row each)."""
+    return sql.SQL("SELECT 'response_id,row_version' || chr(10) || coalesce(string_agg(r.id::text || ',' || "
+                   "({})::text, chr(10)), '') FROM responses r "
                    "WHERE r.study_id = %(study)s AND r.status = 'complete'{}").format(
         sql.SQL(ROW_VERSION), sql.SQL(" AND r.completed_at <= %(until)s" if until else ""))
 
