@@ -146,6 +146,9 @@ def test_reminder_send_updates_are_audited_as_the_generic_trigger_would(connecti
     person = connection.execute(text(
         "INSERT INTO participants (study_id, external_id, status, enrolled_at, timezone) "
         "VALUES (:s, 'L1', 'active', now(), 'UTC') RETURNING id"), {"s": study}).scalar_one()
+    connection.execute(text(
+        "INSERT INTO schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status) "
+        "VALUES (:s, :p, 'baseline', now(), now(), now() + interval '9 days', 'scheduled')"), {"s": study, "p": person})
     sends = connection.execute(text(
         "INSERT INTO reminder_sends (study_id, participant_id, wave, kind, due_at, status, attempts) "
         "SELECT :s, :p, 'baseline', k, now(), 'pending', 0 FROM unnest(ARRAY['invitation', 'reminder_1']) k "

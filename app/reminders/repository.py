@@ -22,8 +22,7 @@ def unplanned_windows(session: Session, *, horizon: datetime, study_id: uuid.UUI
     """Windows opening before `horizon` whose sends are not rows yet (locked, skipping busy ones)."""
     query = (
         select(Schedule.id, Schedule.study_id, Schedule.participant_id, Schedule.wave, Schedule.opens_at,
-               Schedule.closes_at, Participant.enrolled_at, Participant.timezone, Participant.withdrawn_at,
-               Wave.reminder_policy)
+               Schedule.closes_at, Participant.enrolled_at, Wave.reminder_policy)
         .join(Participant, Participant.id == Schedule.participant_id)
         .join(Wave, and_(Wave.study_id == Schedule.study_id, Wave.key == Schedule.wave))
         .where(Schedule.reminders_planned_at.is_(None), Schedule.completed_at.is_(None),
@@ -35,6 +34,20 @@ def unplanned_windows(session: Session, *, horizon: datetime, study_id: uuid.UUI
     if study_id is not None:
         query = query.where(Schedule.study_id == study_id)
     return session.execute(query).all()
+
+
+_LOCK_PARTICIPANTS = text("SELECT id, withdrawn_at, timezone FROM participants WHERE id = ANY(:ids) "
+                          "ORDER BY id FOR SHARE SKIP LOCKED")
+
+
+def lock_participants(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """Lock the participants whose sends are about to be planned (FOR SHARE, skipping those a writer
+    holds): the send rows' trigger takes these locks anyway, and taking them here first means the
+    planner, which already holds the schedules, never waits for a writer that waits for it. Their
+    withdrawal and zone as of now, by id; a participant not returned is planned by a later scan."""
+    if not ids:
+        return {}
+    return {r.id: r for r in session.execute(_LOCK_PARTICIPANTS, {"ids": ids})}
 
 
 def add_sends(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -49,10 +62,12 @@ def mark_planned(session: Session, schedule_ids: list[uuid.UUID], at: datetime) 
 
 
 # What becomes of each due send, decided in the claim query itself (the order of the checks is
-# the rule): the participant withdrew, or the wave is complete -> cancelled; the window closed,
-# a later message of the wave is due too, or no sending hours are left before it closes ->
-# skipped; outside sending hours -> deferred (pending, due at the next opening of them);
-# otherwise sent now. `rank` orders the kinds of a wave as `service.kind_rank` does.
+# the rule): the window closed, a later message of the wave is due too, or no sending hours are
+# left before it closes -> skipped; outside sending hours -> deferred (pending, due at the next
+# opening of them); otherwise sent now. A withdrawal or a completed wave has already cancelled
+# the send in the database (the triggers of migration 9b3e5d7f1a24), so the query reads the send
+# rows alone: their copies of the window's close and the participant's zone. `rank` orders the
+# kinds of a wave as `service.kind_rank` does.
 # Sending hours in the participant's zone (`c.local_now` is `:now` there), as `policy.in_sending_hours`
 # and `policy.into_sending_hours` have them (a test holds them to it).
 IN_HOURS = "CAST(c.local_now AS time) >= :send_from AND CAST(c.local_now AS time) < :send_until"
@@ -63,38 +78,37 @@ _RANK = """CASE WHEN {k} = 'invitation' THEN 0 WHEN {k} = 'final' THEN 10000
 
 _DUE = """
 WITH claimed AS (
-    SELECT r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts, p.timezone,
-           p.withdrawn_at, p.external_id, s.completed_at, s.closes_at,
-           CAST(:now AS timestamptz) AT TIME ZONE p.timezone AS local_now
+    SELECT r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts, r.timezone, r.closes_at,
+           CAST(:now AS timestamptz) AT TIME ZONE r.timezone AS local_now
     FROM reminder_sends r
-    JOIN participants p ON p.id = r.participant_id
-    JOIN schedules s ON s.participant_id = r.participant_id AND s.wave = r.wave
     WHERE r.status = 'pending' AND r.due_at <= :now {study}
     ORDER BY r.due_at LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
 ), timed AS MATERIALIZED (
     SELECT c.*, {in_hours} AS in_hours, {next_hours} AS next_hours,
-           c.withdrawn_at IS NULL AND c.completed_at IS NULL AND :now < c.closes_at AND EXISTS (
+           :now < c.closes_at AND EXISTS (
                SELECT FROM reminder_sends l
                WHERE l.participant_id = c.participant_id AND l.wave = c.wave AND l.status = 'pending'
                  AND l.due_at <= :now AND (l.due_at, {rank_l}) > (c.due_at, {rank_c})) AS superseded
     FROM claimed c
+), decided AS (
+    SELECT t.*,
+           CASE WHEN :now >= t.closes_at OR t.superseded THEN 'skipped'
+                WHEN t.in_hours THEN 'send'
+                WHEN t.next_hours >= t.closes_at THEN 'skipped'
+                ELSE 'deferred' END AS outcome,
+           CASE WHEN :now >= t.closes_at THEN 'the window closed before it was sent'
+                WHEN t.superseded THEN 'a later message of this wave was due'
+                WHEN t.in_hours THEN NULL
+                WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
+                END AS reason
+    FROM timed t
 )
-SELECT t.id, t.study_id, t.participant_id, t.external_id, t.wave, t.kind, t.attempts, t.timezone, t.closes_at,
-       CASE WHEN t.withdrawn_at IS NOT NULL OR t.completed_at IS NOT NULL THEN 'cancelled'
-            WHEN :now >= t.closes_at OR t.superseded THEN 'skipped'
-            WHEN t.in_hours THEN 'send'
-            WHEN t.next_hours >= t.closes_at THEN 'skipped'
-            ELSE 'deferred' END AS outcome,
-       CASE WHEN t.withdrawn_at IS NOT NULL THEN 'participant withdrew'
-            WHEN t.completed_at IS NOT NULL THEN 'wave completed'
-            WHEN :now >= t.closes_at THEN 'the window closed before it was sent'
-            WHEN t.superseded THEN 'a later message of this wave was due'
-            WHEN t.in_hours THEN NULL
-            WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
-            END AS reason,
-       t.next_hours
-FROM timed t
+SELECT d.id, d.study_id, d.participant_id, d.wave, d.kind, d.attempts, d.timezone, d.closes_at, d.outcome,
+       d.reason, d.next_hours,
+       CASE WHEN d.outcome = 'send' THEN (SELECT p.external_id FROM participants p WHERE p.id = d.participant_id)
+            END AS external_id
+FROM decided d
 """
 _DUE_ALL, _DUE_STUDY = (text(_DUE.format(study=study, in_hours=IN_HOURS, next_hours=NEXT_HOURS,
                                           rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind")))
