@@ -78,8 +78,8 @@ _RANK = """CASE WHEN {k} = 'invitation' THEN 0 WHEN {k} = 'final' THEN 10000
 
 _DUE = """
 WITH claimed AS (
-    SELECT r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts, r.timezone, r.closes_at,
-           CAST(:now AS timestamptz) AT TIME ZONE r.timezone AS local_now
+    SELECT r.ctid AS row_ctid, r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts,
+           r.timezone, r.closes_at, CAST(:now AS timestamptz) AT TIME ZONE r.timezone AS local_now
     FROM reminder_sends r
     WHERE r.status = 'pending' AND r.due_at <= :now {study}
     ORDER BY r.due_at LIMIT :limit
@@ -103,16 +103,36 @@ WITH claimed AS (
                 WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
                 END AS reason
     FROM timed t
-)
-SELECT d.id, d.study_id, d.participant_id, d.wave, d.kind, d.attempts, d.timezone, d.closes_at, d.outcome,
-       d.reason, d.next_hours,
-       CASE WHEN d.outcome = 'send' THEN (SELECT p.external_id FROM participants p WHERE p.id = d.participant_id)
-            END AS external_id
-FROM decided d
+){record}
+SELECT d.id, d.outcome, d.reason, CASE WHEN d.outcome = 'deferred' THEN d.next_hours END AS next_hours,
+       {for_sending}
+FROM decided d {recorded}
 """
-_DUE_ALL, _DUE_STUDY = (text(_DUE.format(study=study, in_hours=IN_HOURS, next_hours=NEXT_HOURS,
-                                          rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind")))
-                        for study in ("", "AND r.study_id = :study"))
+# Recording in the same statement: every close and deferral of the batch, found by the position
+# the claim locked (no index probe). A send that another transaction changed between this
+# statement's snapshot and its lock is found at its new position, which this statement cannot
+# see: it is neither recorded nor returned, stays pending, and a later scan decides it.
+_RECORD = """, recorded AS (
+    UPDATE reminder_sends r
+    SET status = CASE WHEN d.outcome = 'deferred' THEN 'pending' ELSE d.outcome END,
+        last_error = coalesce(d.reason, r.last_error),
+        due_at = CASE WHEN d.outcome = 'deferred' THEN d.next_hours ELSE r.due_at END, updated_at = now()
+    FROM decided d WHERE r.ctid = d.row_ctid AND r.id = d.id AND r.status = 'pending' AND d.outcome <> 'send'
+    RETURNING r.id
+)"""
+# what a message needs, read (and sent back) only for the ones sent now
+_FOR_SENDING = ",\n       ".join(f"CASE WHEN d.outcome = 'send' THEN {value} END AS {name}" for name, value in (
+    ("study_id", "d.study_id"), ("participant_id", "d.participant_id"), ("wave", "d.wave"), ("kind", "d.kind"),
+    ("attempts", "d.attempts"), ("timezone", "d.timezone"), ("closes_at", "d.closes_at"),
+    ("external_id", "(SELECT p.external_id FROM participants p WHERE p.id = d.participant_id)")))
+_DUE_QUERIES = {
+    (record, study is not None): text(_DUE.format(
+        study=study or "", in_hours=IN_HOURS, next_hours=NEXT_HOURS, for_sending=_FOR_SENDING,
+        rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind"),
+        record=_RECORD if record else "",
+        recorded="WHERE d.outcome = 'send' OR d.id IN (SELECT id FROM recorded)" if record else ""))
+    for record in (False, True) for study in (None, "AND r.study_id = :study")
+}
 
 
 _SENDING_HOURS = text(  # built from this module's constants only
@@ -127,31 +147,17 @@ def sending_hours(session: Session, now: datetime, zone: str) -> tuple[bool, dat
     return bool(row[0]), row[1]
 
 
-def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int) -> Sequence[Any]:
+def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int,
+        record: bool = False) -> Sequence[Any]:
     """Claim pending sends due by `now` (FOR UPDATE SKIP LOCKED) and decide about each in the same
-    query: its `outcome` (send, deferred, skipped, cancelled), the `reason` recorded for a send
-    that is not made, and `next_hours`, when a deferred one falls due again."""
+    query: its `outcome` (send, deferred, skipped), the `reason` recorded for a send that is not
+    made, `next_hours` (when a deferred one falls due again) and, for the ones to send, what the
+    message needs. With `record`, the same statement also records every outcome but `send` (one
+    statement, and one audit trigger run, for the batch)."""
     params = {"now": now, "limit": limit, "send_from": SEND_FROM, "send_until": SEND_UNTIL}
-    if study_id is None:
-        return session.execute(_DUE_ALL, params).all()
-    return session.execute(_DUE_STUDY, {**params, "study": study_id}).all()
-
-
-_RECORD = text("""
-    UPDATE reminder_sends AS r SET status = v.status, last_error = coalesce(v.reason, r.last_error),
-                                   due_at = coalesce(v.due_at, r.due_at),
-                                   updated_at = now()
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[]),
-                CAST(:dues AS timestamptz[])) AS v(id, status, reason, due_at)
-    WHERE r.id = v.id AND r.status = 'pending'""")
-
-
-def record_decisions(session: Session, decided: Sequence[tuple[uuid.UUID, str, str | None, datetime | None]]) -> None:
-    """Close (status, reason) or defer (pending, a new due time) sends: one statement, and one audit
-    trigger run, for the batch."""
-    if decided:
-        session.execute(_RECORD, {"ids": [d[0] for d in decided], "statuses": [d[1] for d in decided],
-                                  "reasons": [d[2] for d in decided], "dues": [d[3] for d in decided]})
+    if study_id is not None:
+        params["study"] = study_id
+    return session.execute(_DUE_QUERIES[record, study_id is not None], params).all()
 
 
 def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...] = ("pending",),

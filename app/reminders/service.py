@@ -122,23 +122,17 @@ def claim(session: Session, now: datetime, *, owner: uuid.UUID, study_id: uuid.U
           limit: int = BATCH, lease: timedelta = LEASE) -> tuple[list[Claim], ScanResult, int]:
     """Decide about due sends; returns the ones to deliver now, the other outcomes, and rows seen.
 
-    The claim query decides (see `repository.due`); here the decisions are recorded, set-based:
-    one statement closes or defers the rest, one leases the ones to send."""
-    rows = repository.due(session, now=now, study_id=study_id, limit=limit)
+    One statement claims, decides (see `repository.due`) and records the closes and deferrals;
+    one more leases the ones to send."""
+    rows = repository.due(session, now=now, study_id=study_id, limit=limit, record=True)
     result = ScanResult()
     claims: list[Claim] = []
-    decided: list[tuple[uuid.UUID, str, str | None, datetime | None]] = []
     for r in rows:
         if r.outcome == "send":
             claims.append(Claim(r.id, r.study_id, r.participant_id, r.external_id, r.wave, r.kind,
                                 r.attempts + 1, r.timezone, r.closes_at))
-        elif r.outcome == "deferred":
-            decided.append((r.id, "pending", None, r.next_hours))
-            result.deferred += 1
         else:
-            decided.append((r.id, r.outcome, r.reason, None))
             setattr(result, r.outcome, getattr(result, r.outcome) + 1)
-    repository.record_decisions(session, decided)
     repository.lease_many(session, [c.send_id for c in claims], owner, utcnow() + lease)
     return claims, result, len(rows)
 

@@ -28,7 +28,9 @@ CREATE FUNCTION cohort_audit_update_lean() RETURNS trigger LANGUAGE plpgsql AS $
 DECLARE
     changed_columns text;
 BEGIN
-    IF current_setting('cohort.audit_quiet', true) = TG_TABLE_NAME THEN
+    -- quiet bookkeeping (a lease), or a statement that changed no row (a cancellation with
+    -- nothing left to cancel): nothing to record
+    IF current_setting('cohort.audit_quiet', true) = TG_TABLE_NAME OR NOT EXISTS (SELECT FROM new_rows) THEN
         RETURN NULL;
     END IF;
     SELECT string_agg(format('CASE WHEN o.%1$I IS DISTINCT FROM n.%1$I THEN %1$L END', a.attname),
