@@ -4,10 +4,16 @@ and the participant's zone are current. The database keeps it, whoever writes.""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.engine import URL
+
+from app.core.db import make_engine, make_sessionmaker
+from app.reminders import service
 
 
 def _participant(connection: Connection) -> tuple[Any, Any]:
@@ -80,3 +86,71 @@ def test_completion_and_withdrawal_cancel_pending_sends_whoever_writes_them(conn
     assert (row.status, row.last_error) == ("cancelled", "participant withdrew")
     _send(connection, study, person, "month6", "manual_2")
     assert _rows(connection, person)[("month6", "manual_2")].status == "cancelled"
+
+
+def _committed_window(engine: Engine, external_id: str) -> Any:
+    with engine.begin() as c:
+        study = c.execute(text("SELECT id FROM studies WHERE key = 'race'")).scalar()
+        if study is None:
+            study = c.execute(text("INSERT INTO studies (key, name, timezone, settings) "
+                                   "VALUES ('race', 'Race', 'UTC', '{}') RETURNING id")).scalar_one()
+            c.execute(text("INSERT INTO waves (study_id, key, label, position, offset_days, window_open_days, "
+                           "window_close_days, reminder_policy) VALUES (:s, 'baseline', 'Baseline', 0, 0, 0, 13, "
+                           "'{}')"), {"s": study})
+        person = c.execute(text(
+            "INSERT INTO participants (study_id, external_id, status, enrolled_at, timezone) "
+            "VALUES (:s, :e, 'active', now() - interval '1 hour', 'UTC') RETURNING id"),
+            {"s": study, "e": external_id}).scalar_one()
+        c.execute(text("INSERT INTO schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status) "
+                       "VALUES (:s, :p, 'baseline', now() - interval '1 hour', now(), now() + interval '13 days', "
+                       "'scheduled')"), {"s": study, "p": person})
+    return person
+
+
+def _withdraw(engine: Engine, person: Any) -> threading.Thread:
+    def run() -> None:
+        with engine.begin() as c:
+            c.execute(text("SET LOCAL lock_timeout = '20s'"))
+            c.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() WHERE id = :p"),
+                      {"p": person})
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_withdrawal_racing_the_planner_leaves_nothing_pending(fresh_db: URL) -> None:
+    """The planner and a withdrawal of the same participant, in either order, in transactions
+    that overlap: no send of a withdrawn participant is left pending (the claim would send it)."""
+    engine = make_engine(fresh_db)
+    sessions = make_sessionmaker(engine)
+    now = datetime.now(UTC)
+    try:
+        first = _committed_window(engine, "R1")
+        with sessions() as planner:  # planning first: the withdrawal waits for it, then cancels its sends
+            assert service.plan(planner, now) == 1
+            withdrawal = _withdraw(engine, first)
+            withdrawal.join(1.0)
+            assert withdrawal.is_alive()  # held by the planner's lock on the participant
+            planner.commit()
+        withdrawal.join(20)
+        assert not withdrawal.is_alive()
+
+        second = _committed_window(engine, "R2")
+        with engine.connect() as writer:  # the withdrawal first: the planner passes the participant by
+            writer.execute(text("UPDATE participants SET status = 'withdrawn', withdrawn_at = now() WHERE id = :p"),
+                           {"p": second})
+            with sessions() as planner:
+                assert service.plan(planner, now) == 0
+                planner.commit()
+            writer.commit()
+        with sessions() as planner:
+            assert service.plan(planner, now) == 1  # planned now, as withdrawn: no sends
+            planner.commit()
+
+        with engine.connect() as c:
+            rows = c.execute(text("SELECT p.external_id, r.status, r.last_error FROM reminder_sends r "
+                                  "JOIN participants p ON p.id = r.participant_id")).all()
+        assert [r.external_id for r in rows] == ["R1"]
+        assert [(r.status, r.last_error) for r in rows] == [("cancelled", "participant withdrew")]
+    finally:
+        engine.dispose()
