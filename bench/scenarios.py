@@ -312,9 +312,10 @@ def _populate(db: URL, participants: int, with_responses: bool, enrolled_days_ag
             FROM participants p JOIN waves w ON w.study_id = p.study_id WHERE p.study_id = %s""", (study,))
         conn.execute("""
             INSERT INTO reminder_sends (id, study_id, participant_id, wave, kind, due_at, status, attempts,
-                                        created_at, updated_at)
-            SELECT gen_random_uuid(), study_id, participant_id, wave, 'invitation', opens_at + interval '9 hours',
-                   'pending', 0, now(), now() FROM schedules WHERE study_id = %s""", (study,))
+                                        created_at, updated_at, closes_at, timezone)
+            SELECT gen_random_uuid(), s.study_id, s.participant_id, s.wave, 'invitation',
+                   s.opens_at + interval '9 hours', 'pending', 0, now(), now(), s.closes_at, p.timezone
+            FROM schedules s JOIN participants p ON p.id = s.participant_id WHERE s.study_id = %s""", (study,))
         if with_responses:
             for wave, keep in (("baseline", 100), ("month6", 81), ("month12", 83)):
                 conn.execute("""

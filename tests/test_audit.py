@@ -135,3 +135,35 @@ def test_every_audited_table_has_its_triggers(connection: Connection) -> None:
     for table, *_ in AUDITED:
         assert {(table, "audit_insert"), (table, "audit_update"), (table, "audit_delete")} <= found, table
     assert ("audit_log", "audit_log_append_only") in found and ("audit_log", "audit_log_no_truncate") in found
+
+
+def test_reminder_send_updates_are_audited_as_the_generic_trigger_would(connection: Connection) -> None:
+    """reminder_sends has its own, leaner update trigger (a claim records 1,000 decisions at once):
+    its entries are the generic ones, `changed` in key order, unchanged rows left out."""
+    connection.execute(text("SELECT set_config('cohort.actor', 'tester', true)"))
+    study = connection.execute(text("INSERT INTO studies (key, name, timezone, settings) "
+                                    "VALUES ('lean', 'Lean', 'UTC', '{}') RETURNING id")).scalar_one()
+    person = connection.execute(text(
+        "INSERT INTO participants (study_id, external_id, status, enrolled_at, timezone) "
+        "VALUES (:s, 'L1', 'active', now(), 'UTC') RETURNING id"), {"s": study}).scalar_one()
+    connection.execute(text(
+        "INSERT INTO schedules (study_id, participant_id, wave, opens_at, due_at, closes_at, status) "
+        "VALUES (:s, :p, 'baseline', now(), now(), now() + interval '9 days', 'scheduled')"), {"s": study, "p": person})
+    sends = connection.execute(text(
+        "INSERT INTO reminder_sends (study_id, participant_id, wave, kind, due_at, status, attempts) "
+        "SELECT :s, :p, 'baseline', k, now(), 'pending', 0 FROM unnest(ARRAY['invitation', 'reminder_1']) k "
+        "RETURNING id"), {"s": study, "p": person}).scalars().all()
+    first = connection.execute(text("SELECT max(id) FROM audit_log")).scalar_one()
+    connection.execute(text("UPDATE reminder_sends SET status = 'skipped', last_error = 'why', attempts = 2, "
+                            "sent_at = now() WHERE id = :id"), {"id": sends[0]})
+    connection.execute(text("UPDATE reminder_sends SET status = status WHERE participant_id = :p"), {"p": person})
+    entries = connection.execute(text(
+        "SELECT a.actor, a.row_id, a.action, a.study_id, a.changed, cohort_changed(a.before, a.after) AS generic, "
+        "a.after = to_jsonb(r) AS after_is_row, a.before ->> 'status' AS was FROM audit_log a "
+        "JOIN reminder_sends r ON r.id::text = a.row_id WHERE a.id > :first AND a.table_name = 'reminder_sends'"),
+        {"first": first}).all()
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry.actor, entry.row_id, entry.action, entry.study_id) == ("tester", str(sends[0]), "UPDATE", study)
+    assert entry.changed == entry.generic == ["attempts", "last_error", "sent_at", "status"]
+    assert entry.after_is_row and entry.was == "pending"

@@ -276,9 +276,10 @@ async def test_the_audit_trail_records_each_sends_outcome_not_its_leases(api: ht
 async def test_one_claim_decides_every_outcome_in_its_order(api: httpx.AsyncClient, connection: Any,
                                                             database: Database) -> None:
     """A batch holding every case is decided in the rule's order and recorded with its reason:
-    withdrawn or completed (the safety net behind the eager cancellations) -> cancelled; window
-    closed, or a later message of the wave due -> skipped; outside sending hours -> deferred to
-    the next morning there; otherwise leased to be sent."""
+    window closed, or a later message of the wave due -> skipped; outside sending hours ->
+    deferred to the next morning there; otherwise leased to be sent. Withdrawn or completed never
+    reach the claim: the database cancels their pending sends, even when the change is made
+    behind the service's back."""
     from sqlalchemy import text
 
     from app.core.db import transaction
@@ -301,6 +302,10 @@ async def test_one_claim_decides_every_outcome_in_its_order(api: httpx.AsyncClie
     connection.execute(text("UPDATE schedules SET completed_at = now() - interval '1 day' FROM participants p "
                             "WHERE p.id = schedules.participant_id AND p.external_id = 'DONE' "
                             "AND schedules.wave = 'baseline'"))
+    closed = dict(connection.execute(text(
+        "SELECT p.external_id, r.status FROM reminder_sends r JOIN participants p ON p.id = r.participant_id "
+        "WHERE p.external_id IN ('GONE', 'DONE') AND r.kind = 'invitation'")).all())
+    assert closed == {"GONE": "cancelled", "DONE": "cancelled"}  # at once, before any claim
     with transaction(database) as session:
         claims, result, seen = service.claim(session, now, owner=uuid.uuid4())
     got = {(r.external_id, r.kind): (r.status, r.last_error, r.due_at) for r in connection.execute(text(
@@ -322,5 +327,5 @@ async def test_one_claim_decides_every_outcome_in_its_order(api: httpx.AsyncClie
     assert not in_sending_hours(now, tokyo)  # 01:00 there: deferred to the morning, as the policy says
     assert night.status == "pending" and night.due_at == into_sending_hours(now, tokyo)
     assert {(c.external_id, c.kind) for c in claims} == {("SEND", "invitation"), ("LATER", "reminder_1")}
-    assert (result.cancelled, result.skipped, result.deferred) == (2, 5, 1)
+    assert (result.cancelled, result.skipped, result.deferred) == (0, 5, 1)
     assert seen == len(claims) + result.cancelled + result.skipped + result.deferred

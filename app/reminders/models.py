@@ -3,7 +3,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    FetchedValue,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -47,5 +58,12 @@ class ReminderSend(Base):
     claimed_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Copies of the window's close and the participant's zone, so the claim reads this row alone.
+    # The database fills them when the row is written and keeps them (see the migration
+    # 9b3e5d7f1a24), as it keeps the invariant the claim relies on: a pending send's participant
+    # has not withdrawn and its window is not complete.
+    closes_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False,
+                                                server_default=FetchedValue())
+    timezone: Mapped[str] = mapped_column(String(64), nullable=False, server_default=FetchedValue())
     created_at: Mapped[datetime] = timestamp()
     updated_at: Mapped[datetime] = timestamp()

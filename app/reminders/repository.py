@@ -22,8 +22,7 @@ def unplanned_windows(session: Session, *, horizon: datetime, study_id: uuid.UUI
     """Windows opening before `horizon` whose sends are not rows yet (locked, skipping busy ones)."""
     query = (
         select(Schedule.id, Schedule.study_id, Schedule.participant_id, Schedule.wave, Schedule.opens_at,
-               Schedule.closes_at, Participant.enrolled_at, Participant.timezone, Participant.withdrawn_at,
-               Wave.reminder_policy)
+               Schedule.closes_at, Participant.enrolled_at, Wave.reminder_policy)
         .join(Participant, Participant.id == Schedule.participant_id)
         .join(Wave, and_(Wave.study_id == Schedule.study_id, Wave.key == Schedule.wave))
         .where(Schedule.reminders_planned_at.is_(None), Schedule.completed_at.is_(None),
@@ -35,6 +34,20 @@ def unplanned_windows(session: Session, *, horizon: datetime, study_id: uuid.UUI
     if study_id is not None:
         query = query.where(Schedule.study_id == study_id)
     return session.execute(query).all()
+
+
+_LOCK_PARTICIPANTS = text("SELECT id, withdrawn_at, timezone FROM participants WHERE id = ANY(:ids) "
+                          "ORDER BY id FOR SHARE SKIP LOCKED")
+
+
+def lock_participants(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """Lock the participants whose sends are about to be planned (FOR SHARE, skipping those a writer
+    holds): the send rows' trigger takes these locks anyway, and taking them here first means the
+    planner, which already holds the schedules, never waits for a writer that waits for it. Their
+    withdrawal and zone as of now, by id; a participant not returned is planned by a later scan."""
+    if not ids:
+        return {}
+    return {r.id: r for r in session.execute(_LOCK_PARTICIPANTS, {"ids": ids})}
 
 
 def add_sends(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -49,10 +62,12 @@ def mark_planned(session: Session, schedule_ids: list[uuid.UUID], at: datetime) 
 
 
 # What becomes of each due send, decided in the claim query itself (the order of the checks is
-# the rule): the participant withdrew, or the wave is complete -> cancelled; the window closed,
-# a later message of the wave is due too, or no sending hours are left before it closes ->
-# skipped; outside sending hours -> deferred (pending, due at the next opening of them);
-# otherwise sent now. `rank` orders the kinds of a wave as `service.kind_rank` does.
+# the rule): the window closed, a later message of the wave is due too, or no sending hours are
+# left before it closes -> skipped; outside sending hours -> deferred (pending, due at the next
+# opening of them); otherwise sent now. A withdrawal or a completed wave has already cancelled
+# the send in the database (the triggers of migration 9b3e5d7f1a24), so the query reads the send
+# rows alone: their copies of the window's close and the participant's zone. `rank` orders the
+# kinds of a wave as `service.kind_rank` does.
 # Sending hours in the participant's zone (`c.local_now` is `:now` there), as `policy.in_sending_hours`
 # and `policy.into_sending_hours` have them (a test holds them to it).
 IN_HOURS = "CAST(c.local_now AS time) >= :send_from AND CAST(c.local_now AS time) < :send_until"
@@ -63,42 +78,61 @@ _RANK = """CASE WHEN {k} = 'invitation' THEN 0 WHEN {k} = 'final' THEN 10000
 
 _DUE = """
 WITH claimed AS (
-    SELECT r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts, p.timezone,
-           p.withdrawn_at, p.external_id, s.completed_at, s.closes_at,
-           CAST(:now AS timestamptz) AT TIME ZONE p.timezone AS local_now
+    SELECT r.ctid AS row_ctid, r.id, r.study_id, r.participant_id, r.wave, r.kind, r.due_at, r.attempts,
+           r.timezone, r.closes_at, CAST(:now AS timestamptz) AT TIME ZONE r.timezone AS local_now
     FROM reminder_sends r
-    JOIN participants p ON p.id = r.participant_id
-    JOIN schedules s ON s.participant_id = r.participant_id AND s.wave = r.wave
     WHERE r.status = 'pending' AND r.due_at <= :now {study}
     ORDER BY r.due_at LIMIT :limit
     FOR UPDATE OF r SKIP LOCKED
 ), timed AS MATERIALIZED (
     SELECT c.*, {in_hours} AS in_hours, {next_hours} AS next_hours,
-           c.withdrawn_at IS NULL AND c.completed_at IS NULL AND :now < c.closes_at AND EXISTS (
+           :now < c.closes_at AND EXISTS (
                SELECT FROM reminder_sends l
                WHERE l.participant_id = c.participant_id AND l.wave = c.wave AND l.status = 'pending'
                  AND l.due_at <= :now AND (l.due_at, {rank_l}) > (c.due_at, {rank_c})) AS superseded
     FROM claimed c
-)
-SELECT t.id, t.study_id, t.participant_id, t.external_id, t.wave, t.kind, t.attempts, t.timezone, t.closes_at,
-       CASE WHEN t.withdrawn_at IS NOT NULL OR t.completed_at IS NOT NULL THEN 'cancelled'
-            WHEN :now >= t.closes_at OR t.superseded THEN 'skipped'
-            WHEN t.in_hours THEN 'send'
-            WHEN t.next_hours >= t.closes_at THEN 'skipped'
-            ELSE 'deferred' END AS outcome,
-       CASE WHEN t.withdrawn_at IS NOT NULL THEN 'participant withdrew'
-            WHEN t.completed_at IS NOT NULL THEN 'wave completed'
-            WHEN :now >= t.closes_at THEN 'the window closed before it was sent'
-            WHEN t.superseded THEN 'a later message of this wave was due'
-            WHEN t.in_hours THEN NULL
-            WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
-            END AS reason,
-       t.next_hours
-FROM timed t
+), decided AS (
+    SELECT t.*,
+           CASE WHEN :now >= t.closes_at OR t.superseded THEN 'skipped'
+                WHEN t.in_hours THEN 'send'
+                WHEN t.next_hours >= t.closes_at THEN 'skipped'
+                ELSE 'deferred' END AS outcome,
+           CASE WHEN :now >= t.closes_at THEN 'the window closed before it was sent'
+                WHEN t.superseded THEN 'a later message of this wave was due'
+                WHEN t.in_hours THEN NULL
+                WHEN t.next_hours >= t.closes_at THEN 'no sending hours left in the window'
+                END AS reason
+    FROM timed t
+){record}
+SELECT d.id, d.outcome, d.reason, CASE WHEN d.outcome = 'deferred' THEN d.next_hours END AS next_hours,
+       {for_sending}
+FROM decided d {recorded}
 """
-_DUE_ALL, _DUE_STUDY = (text(_DUE.format(study=study, in_hours=IN_HOURS, next_hours=NEXT_HOURS,
-                                          rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind")))
-                        for study in ("", "AND r.study_id = :study"))
+# Recording in the same statement: every close and deferral of the batch, found by the position
+# the claim locked (no index probe). A send that another transaction changed between this
+# statement's snapshot and its lock is found at its new position, which this statement cannot
+# see: it is neither recorded nor returned, stays pending, and a later scan decides it.
+_RECORD = """, recorded AS (
+    UPDATE reminder_sends r
+    SET status = CASE WHEN d.outcome = 'deferred' THEN 'pending' ELSE d.outcome END,
+        last_error = coalesce(d.reason, r.last_error),
+        due_at = CASE WHEN d.outcome = 'deferred' THEN d.next_hours ELSE r.due_at END, updated_at = now()
+    FROM decided d WHERE r.ctid = d.row_ctid AND r.id = d.id AND r.status = 'pending' AND d.outcome <> 'send'
+    RETURNING r.id
+)"""
+# what a message needs, read (and sent back) only for the ones sent now
+_FOR_SENDING = ",\n       ".join(f"CASE WHEN d.outcome = 'send' THEN {value} END AS {name}" for name, value in (
+    ("study_id", "d.study_id"), ("participant_id", "d.participant_id"), ("wave", "d.wave"), ("kind", "d.kind"),
+    ("attempts", "d.attempts"), ("timezone", "d.timezone"), ("closes_at", "d.closes_at"),
+    ("external_id", "(SELECT p.external_id FROM participants p WHERE p.id = d.participant_id)")))
+_DUE_QUERIES = {
+    (record, study is not None): text(_DUE.format(
+        study=study or "", in_hours=IN_HOURS, next_hours=NEXT_HOURS, for_sending=_FOR_SENDING,
+        rank_l=_RANK.format(k="l.kind"), rank_c=_RANK.format(k="c.kind"),
+        record=_RECORD if record else "",
+        recorded="WHERE d.outcome = 'send' OR d.id IN (SELECT id FROM recorded)" if record else ""))
+    for record in (False, True) for study in (None, "AND r.study_id = :study")
+}
 
 
 _SENDING_HOURS = text(  # built from this module's constants only
@@ -113,31 +147,17 @@ def sending_hours(session: Session, now: datetime, zone: str) -> tuple[bool, dat
     return bool(row[0]), row[1]
 
 
-def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int) -> Sequence[Any]:
+def due(session: Session, *, now: datetime, study_id: uuid.UUID | None, limit: int,
+        record: bool = False) -> Sequence[Any]:
     """Claim pending sends due by `now` (FOR UPDATE SKIP LOCKED) and decide about each in the same
-    query: its `outcome` (send, deferred, skipped, cancelled), the `reason` recorded for a send
-    that is not made, and `next_hours`, when a deferred one falls due again."""
+    query: its `outcome` (send, deferred, skipped), the `reason` recorded for a send that is not
+    made, `next_hours` (when a deferred one falls due again) and, for the ones to send, what the
+    message needs. With `record`, the same statement also records every outcome but `send` (one
+    statement, and one audit trigger run, for the batch)."""
     params = {"now": now, "limit": limit, "send_from": SEND_FROM, "send_until": SEND_UNTIL}
-    if study_id is None:
-        return session.execute(_DUE_ALL, params).all()
-    return session.execute(_DUE_STUDY, {**params, "study": study_id}).all()
-
-
-_RECORD = text("""
-    UPDATE reminder_sends AS r SET status = v.status, last_error = coalesce(v.reason, r.last_error),
-                                   due_at = coalesce(v.due_at, r.due_at),
-                                   updated_at = now()
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:reasons AS text[]),
-                CAST(:dues AS timestamptz[])) AS v(id, status, reason, due_at)
-    WHERE r.id = v.id AND r.status = 'pending'""")
-
-
-def record_decisions(session: Session, decided: Sequence[tuple[uuid.UUID, str, str | None, datetime | None]]) -> None:
-    """Close (status, reason) or defer (pending, a new due time) sends: one statement, and one audit
-    trigger run, for the batch."""
-    if decided:
-        session.execute(_RECORD, {"ids": [d[0] for d in decided], "statuses": [d[1] for d in decided],
-                                  "reasons": [d[2] for d in decided], "dues": [d[3] for d in decided]})
+    if study_id is not None:
+        params["study"] = study_id
+    return session.execute(_DUE_QUERIES[record, study_id is not None], params).all()
 
 
 def set_outcome(session: Session, send_id: uuid.UUID, *, expect: tuple[str, ...] = ("pending",),

@@ -4,9 +4,11 @@ One scan, whether the Celery beat tick (real clock) or `reminders:run?now=` (exp
 
 1. release the leases of claims whose worker died (they go back to `pending`);
 2. plan: windows opening within a day get one row per send in `reminder_sends`;
-3. claim due rows with FOR UPDATE SKIP LOCKED and decide each one: cancel (withdrawn or
-   completed), skip (window closed, or a later send of the same wave is also due), defer
-   (outside 09:00-20:00 local) or send (status `sending`, with a lease); commit;
+3. claim due rows with FOR UPDATE SKIP LOCKED and decide each one: skip (window closed, or a
+   later send of the same wave is also due), defer (outside 09:00-20:00 local) or send (status
+   `sending`, with a lease); commit. Withdrawn participants and completed waves have no pending
+   sends to claim: the database cancels them when either happens, and cancels a send that would
+   become pending again (a released lease, a retry) for either reason;
 4. deliver each claimed message outside any transaction, then record sent / retry / failed.
 
 A row is claimed by one scanner only and is unique per (participant, wave, kind), so two
@@ -94,14 +96,17 @@ def kind_rank(kind: str) -> int:
 
 def plan(session: Session, now: datetime, *, study_id: uuid.UUID | None = None, limit: int = 2000) -> int:
     """Turn windows opening within a day of `now` into send rows; returns the windows planned."""
-    windows = repository.unplanned_windows(session, horizon=now + PLAN_HORIZON, study_id=study_id, limit=limit)
+    found = repository.unplanned_windows(session, horizon=now + PLAN_HORIZON, study_id=study_id, limit=limit)
+    people = repository.lock_participants(session, list({w.participant_id for w in found}))
+    windows = [w for w in found if w.participant_id in people]
     rows: list[dict[str, Any]] = []
     for w in windows:
-        if w.withdrawn_at is not None:
+        person = people[w.participant_id]
+        if person.withdrawn_at is not None:
             continue
         policy = Policy.from_dict(w.reminder_policy or {})
         for kind, due_at in planned_sends(policy, opens_at=w.opens_at, closes_at=w.closes_at,
-                                          enrolled_at=w.enrolled_at, zone_name=w.timezone):
+                                          enrolled_at=w.enrolled_at, zone_name=person.timezone):
             rows.append({"id": uuid.uuid4(), "study_id": w.study_id, "participant_id": w.participant_id,
                          "wave": w.wave, "kind": kind, "due_at": due_at, "status": "pending"})
     for start in range(0, len(rows), 1000):
@@ -117,23 +122,17 @@ def claim(session: Session, now: datetime, *, owner: uuid.UUID, study_id: uuid.U
           limit: int = BATCH, lease: timedelta = LEASE) -> tuple[list[Claim], ScanResult, int]:
     """Decide about due sends; returns the ones to deliver now, the other outcomes, and rows seen.
 
-    The claim query decides (see `repository.due`); here the decisions are recorded, set-based:
-    one statement closes or defers the rest, one leases the ones to send."""
-    rows = repository.due(session, now=now, study_id=study_id, limit=limit)
+    One statement claims, decides (see `repository.due`) and records the closes and deferrals;
+    one more leases the ones to send."""
+    rows = repository.due(session, now=now, study_id=study_id, limit=limit, record=True)
     result = ScanResult()
     claims: list[Claim] = []
-    decided: list[tuple[uuid.UUID, str, str | None, datetime | None]] = []
     for r in rows:
         if r.outcome == "send":
             claims.append(Claim(r.id, r.study_id, r.participant_id, r.external_id, r.wave, r.kind,
                                 r.attempts + 1, r.timezone, r.closes_at))
-        elif r.outcome == "deferred":
-            decided.append((r.id, "pending", None, r.next_hours))
-            result.deferred += 1
         else:
-            decided.append((r.id, r.outcome, r.reason, None))
             setattr(result, r.outcome, getattr(result, r.outcome) + 1)
-    repository.record_decisions(session, decided)
     repository.lease_many(session, [c.send_id for c in claims], owner, utcnow() + lease)
     return claims, result, len(rows)
 
@@ -239,6 +238,7 @@ def send_now(session: Session, study_id: uuid.UUID, participant_id: uuid.UUID, w
                        kind=f"manual_{now.astimezone(UTC):%Y%m%dT%H%M%S}", due_at=now, status="pending", attempts=0)
     session.add(row)
     session.flush()
+    session.refresh(row)  # the database cancels it if a withdrawal or completion committed meanwhile
     return row
 
 
