@@ -1,7 +1,7 @@
 """the audit of reminder_sends updates compares columns instead of JSON documents
 
 Revision ID: 4f6d2a9c8e17
-Revises: b7e2c91d4a60
+Revises: 5d1e7a3c9b42
 Create Date: 2026-12-07 00:35:00.000000+00:00
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = '4f6d2a9c8e17'
-down_revision: str | None = 'b7e2c91d4a60'
+down_revision: str | None = '5d1e7a3c9b42'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

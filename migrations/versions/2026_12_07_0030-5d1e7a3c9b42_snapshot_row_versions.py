@@ -2,7 +2,7 @@
 
 Revision ID: 5d1e7a3c9b42
 Revises: b7e2c91d4a60
-Create Date: 2026-12-07 01:00:00.000000+00:00
+Create Date: 2026-12-07 00:30:00.000000+00:00
 """
 from __future__ import annotations
 
