@@ -117,15 +117,23 @@ def submit(
         done = {**already, **{i: already.get(i, finished_at.isoformat()) for i in completing}}
         return ("complete" if all(i in done for i in asked) else "partial"), done
 
-    # The usual case is a first submission: insert straight away, and let the unique
-    # (participant, wave) constraint say whether a stored response must be merged instead.
+    # Read after the participant's lock, so it stays true until commit: every writer of a
+    # participant's responses takes that lock first (a bulk import that does not collides on
+    # the unique (participant, wave) at commit instead, a 409).
+    stored = repository.stored_of_participant(session, participant.id)
     status, done = outcome({})
     completed_at = finished_at if status == "complete" else None
-    as_new = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
     response: Response | None = None
     stored_waves: set[str] | None = None
-    if not as_new:
-        carried = _carried_values(session, codebook, participant.id, data.wave)
+    if data.wave not in stored:
+        # The usual case, a first submission. The row is written with the commit: its rollup
+        # trigger locks the study's by-group counts, which every completion of the study
+        # queues for, so they are held for the commit only (see app.core.db.with_commit).
+        errors = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
+        if errors:
+            raise _invalid(errors)
+        carried = (carried_values(codebook, data.wave, {w: derived for w, (_, derived) in stored.items()})
+                   if carried_from(codebook, data.wave) else {})
         values = dict(
             id=uuid.uuid4(), study_id=ctx.study.id, participant_id=participant.id, wave=data.wave,
             status=status, answers=data.answers,
@@ -134,15 +142,13 @@ def submit(
             late=_is_late(codebook, participant, data.wave, completed_at or now), completed_instruments=done,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
-        inserted, others = repository.insert_if_absent(session, values)
-        if inserted:
-            response = Response(**values)
-            stored_waves = others
+        repository.insert_with_commit(session, values)
+        response = Response(**values)
+        stored_waves = set(stored)
     created = response is not None
     if response is None:
         existing = repository.for_update(session, participant.id, data.wave)
-        if existing is None:
-            raise _invalid(as_new)
+        assert existing is not None, "the participant's lock keeps a stored response in place"
         if existing.status == "complete":
             raise AlreadyComplete(f"the {data.wave} response of {data.external_id!r} is already complete; "
                                   "a coordinator corrects it with PATCH")
