@@ -225,7 +225,7 @@ async def test_a_response_stored_meanwhile_by_a_writer_without_the_lock_is_a_409
     await create_study(admin, ADMIN_TOKEN, key="lean")
     await enrol(admin, "lean", "P1")
     assert (await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 1))).status_code == 201
-    monkeypatch.setattr(repository, "stored_of_participant", lambda session, participant_id: {})  # not seen
+    monkeypatch.setattr(repository, "stored_of_rows", lambda rows: {})  # the stored baseline goes unseen
     r = await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 2),
                          headers={"Idempotency-Key": "raced"})
     assert r.status_code == 409, r.text

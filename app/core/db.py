@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -21,7 +21,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, 
 from sqlalchemy.engine import URL, Compiled, Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
-from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.sql.expression import ClauseElement, Executable, UpdateBase
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict
@@ -140,7 +140,7 @@ def with_commit(session: Session, statement: UpdateBase, params: Mapping[str, An
 class _DriverStatement:
     """A module-level statement compiled once for the driver (the statements are constants)."""
 
-    statement: UpdateBase
+    statement: Executable
     compiled: Compiled
     sql: str
     processors: Mapping[str, Callable[[Any], Any]]
@@ -153,11 +153,11 @@ class _DriverStatement:
 _driver_sql: dict[tuple[int, str], _DriverStatement] = {}
 
 
-def _compiled(statement: UpdateBase, dialect: Dialect) -> _DriverStatement:
+def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
     key = (id(statement), dialect.name)
     cached = _driver_sql.get(key)
     if cached is None or cached.statement is not statement:
-        compiled = statement.compile(dialect=dialect)
+        compiled = cast(ClauseElement, statement).compile(dialect=dialect)  # every Executable here is one
         cached = _driver_sql[key] = _DriverStatement(statement, compiled, str(compiled),
                                                      dict(getattr(compiled, "_bind_processors", {})))
     return cached
@@ -191,6 +191,33 @@ def _run_last(session: Session, pipelined: bool) -> None:
         # error (a lost connection or a deadlock is a 503 to retry, nothing was committed).
         raise DBAPIError.instance(sql, None, exc, psycopg.Error,
                                   ismulti=False, dialect=connection.dialect) from exc
+
+
+def fetch_together(session: Session,
+                   reads: Sequence[tuple[Executable, Mapping[str, Any]]]) -> list[list[tuple[Any, ...]]]:
+    """The rows of each read, all sent in one round trip (the transaction's BEGIN with them).
+
+    For a request whose reads are all known before the first answer: each read still runs after the
+    one before it (and, in READ COMMITTED, sees what was committed by the time it starts, so a read
+    after a lock sees the lock holder's writes). The statements are module-level constants (compiled
+    once); rows are the driver's tuples, typed as the driver loads them (no ORM). A read that fails
+    fails the rest, as SQLAlchemy would raise it.
+    """
+    connection = session.connection()
+    if not isinstance(session.get_bind(), Engine):  # a session joined to an outer transaction (the tests)
+        return [[tuple(row) for row in connection.execute(statement, dict(params))] for statement, params in reads]
+    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    sql = ""
+    try:
+        with raw.pipeline():
+            cursors = []
+            for statement, params in reads:
+                driver = _compiled(statement, connection.dialect)
+                sql = driver.sql
+                cursors.append(raw.execute(sql, driver.params(params)))
+        return [cursor.fetchall() for cursor in cursors]
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect) from exc
 
 
 @dataclass(frozen=True)

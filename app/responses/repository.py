@@ -22,10 +22,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from app.core.db import with_commit
 from app.participants.models import Participant
 from app.responses.models import DerivedRecompute, Response, ResponseCorrection
+from app.studies.models import Study
 
 
 def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
@@ -51,10 +53,25 @@ _STORED_OF = select(_responses.c.wave, _responses.c.status, _responses.c.derived
 _INSERT = insert(_responses)
 
 
+_STORED_BY_EXTERNAL_ID = select(_responses.c.wave, _responses.c.status, _responses.c.derived).where(
+    _responses.c.participant_id == select(Participant.id).where(
+        Participant.study_id == select(Study.id).where(Study.key == bindparam("key")).scalar_subquery(),
+        Participant.external_id == bindparam("external_id")).scalar_subquery())
+
+
 def stored_of_participant(session: Session, participant_id: uuid.UUID) -> dict[str, tuple[str, dict[str, Any]]]:
     """The participant's stored responses: wave -> (status, derived values)."""
-    return {wave: (status, derived)
-            for wave, status, derived in session.connection().execute(_STORED_OF, {"p": participant_id})}
+    return stored_of_rows(list(session.connection().execute(_STORED_OF, {"p": participant_id})))
+
+
+def stored_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
+    """`stored_of_participant` by the participant's study key and external id, as a read to send with
+    others (app.core.db.fetch_together) before the participant is known; `stored_of_rows` reads its rows."""
+    return _STORED_BY_EXTERNAL_ID, {"key": study_key, "external_id": external_id}
+
+
+def stored_of_rows(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {wave: (status, derived) for wave, status, derived in rows}
 
 
 def insert_with_commit(session: Session, values: dict[str, Any]) -> None:

@@ -51,9 +51,13 @@ async def submit(body: ResponseIn, principal: Collector, key: StudyKeyInScope, s
 
 
 def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency) -> JSONResponse:
-    study = studies.context(session, key, principal)
-    idem.check(body)
-    result, created = service.submit(session, study, body, principal, utcnow())
+    now = utcnow()
+    done = service.submit_reading_first(session, key, body, principal, idem, now)
+    if done is None:
+        study = studies.context(session, key, principal)
+        idem.check(body)
+        done = service.submit(session, study, body, principal, now)
+    result, created = done
     reply = idem.remember(201 if created else 200, result)
     try:
         commit_here(session)
