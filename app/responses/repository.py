@@ -74,6 +74,16 @@ def stored_of_rows(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, dict[s
     return {wave: (status, derived) for wave, status, derived in rows}
 
 
+_INSERT_IF_ABSENT = (insert(_responses)
+                     .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
+                     .returning(_responses.c.id))
+
+
+def insert_if_absent(session: Session, values: dict[str, Any]) -> bool:
+    """A new response, at once; False when the unique (participant, wave) already holds one."""
+    return session.connection().execute(_INSERT_IF_ABSENT, values).first() is not None
+
+
 def insert_with_commit(session: Session, values: dict[str, Any]) -> None:
     """A new response, written with the commit (nothing in the request reads it back): its rollup
     trigger locks rows that every completion of the study takes (see app.core.db.with_commit).

@@ -138,13 +138,18 @@ def submit_reading_first(session: Session, key: str, data: ResponseIn, principal
     codebook = ctx.require_codebook()
     _require_wave_and_time(codebook, data, now)
     participant = participants.found(ctx, data.external_id, rows[-2])
-    return _store(session, ctx, codebook, participant, repository.stored_of_rows(rows[-1]), data, principal, now)
+    return _store(session, ctx, codebook, participant, repository.stored_of_rows(rows[-1]), data, principal, now,
+                  insert_at_commit=True)
 
 
 def _store(session: Session, ctx: StudyContext, codebook: Codebook, participant: Participant,
            stored: Mapping[str, tuple[str, dict[str, Any]]], data: ResponseIn, principal: Principal,
-           now: datetime) -> tuple[ResponseCreated, bool]:
-    """`submit` once the participant is locked and their stored responses read."""
+           now: datetime, *, insert_at_commit: bool = False) -> tuple[ResponseCreated, bool]:
+    """`submit` once the participant is locked and their stored responses read.
+
+    `insert_at_commit`: a new response is written with the commit, for a request that reads nothing
+    of it back (the API's POST); otherwise at once, so the caller's later reads in the transaction
+    see it (the FHIR and REDCap adapters, the survey pages)."""
     if participant.status == "withdrawn":
         raise Conflict(f"participant {data.external_id!r} has withdrawn; responses are no longer accepted")
     problems = check_complete_instruments(codebook, data.wave, data.complete_instruments)
@@ -164,9 +169,9 @@ def _store(session: Session, ctx: StudyContext, codebook: Codebook, participant:
     response: Response | None = None
     stored_waves: set[str] | None = None
     if data.wave not in stored:
-        # The usual case, a first submission. The row is written with the commit: its rollup
-        # trigger locks the study's by-group counts, which every completion of the study
-        # queues for, so they are held for the commit only (see app.core.db.with_commit).
+        # The usual case, a first submission. Written with the commit where it can be: its rollup
+        # trigger locks the study's by-group counts, which every completion of the study queues
+        # for, so they are then held for the commit only (see app.core.db.with_commit).
         errors = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
         if errors:
             raise _invalid(errors)
@@ -180,13 +185,16 @@ def _store(session: Session, ctx: StudyContext, codebook: Codebook, participant:
             late=_is_late(codebook, participant, data.wave, completed_at or now), completed_instruments=done,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
-        repository.insert_with_commit(session, values)
-        response = Response(**values)
-        stored_waves = set(stored)
+        if insert_at_commit:
+            repository.insert_with_commit(session, values)
+        if insert_at_commit or repository.insert_if_absent(session, values):
+            response = Response(**values)
+            stored_waves = set(stored)
+        # else a writer that does not take the participant's lock (a bulk import) stored it meanwhile: merged below
     created = response is not None
     if response is None:
         existing = repository.for_update(session, participant.id, data.wave)
-        assert existing is not None, "the participant's lock keeps a stored response in place"
+        assert existing is not None, "a stored response stays in place under the participant's lock"
         if existing.status == "complete":
             raise AlreadyComplete(f"the {data.wave} response of {data.external_id!r} is already complete; "
                                   "a coordinator corrects it with PATCH")
