@@ -123,8 +123,9 @@ def with_commit(session: Session, statement: UpdateBase, params: Mapping[str, An
 
     For writes whose result the request does not need (an idempotency record, reminders cancelled):
     they cost no round trip of their own. `contended` ones go after all others, right before the
-    COMMIT: writes whose row locks every concurrent writer of a study queues for, the retention
-    rollup's counts and the study's watermark, kept by triggers on schedules and participants. Taken
+    COMMIT: writes whose row locks concurrent writers of a study queue for, the retention rollups'
+    counts and the study's watermark (by shard), kept by triggers on schedules, participants and
+    responses. Taken
     in the middle of a request, such a lock is held across the rest of its round trips and Python
     work, and every other response of the study waits behind it; taken last, it is held for the
     commit only. Inside a savepoint (an import that rolls a bad record back) the statement runs at

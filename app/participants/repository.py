@@ -186,8 +186,8 @@ _SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).
 
 
 def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:
-    """A participant's status, written with the commit: the participants' rollup trigger moves the
-    study's retention watermark, a row every writer of the study locks (see with_commit)."""
+    """A participant's status, written with the commit: the participants' rollup trigger moves their
+    shard of the study's retention watermark, a row the study's writers of that shard lock (see with_commit)."""
     with_commit(session, _SET_STATUS, {"p": participant.id, "s": status}, contended=True)
     set_committed_value(participant, "status", status)
 
