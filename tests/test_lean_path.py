@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import bindparam, create_engine, func, literal, select, text, update
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
 from app.core.db import Database, confirming, expect_live_token, transaction, with_commit
@@ -215,10 +215,25 @@ async def test_a_first_baseline_after_a_follow_up_still_updates_what_the_follow_
     assert stored["derived"]["aud_severity"] == severity  # carried from the baseline that came later
 
 
-def test_the_insert_asks_for_the_waves_of_its_own_participant_only(shared_engine: Engine) -> None:
-    # SQLAlchemy does not correlate a subquery into an INSERT: a column of the target table would
-    # add `responses` to the subquery's FROM, a join over every stored response
-    from app.responses.repository import _INSERT_IF_ABSENT
+async def test_a_response_stored_meanwhile_by_a_writer_without_the_lock_is_a_409(
+        committing: tuple[httpx.AsyncClient, URL], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bulk import stores responses without taking the participant's lock: a first submission
+    # racing one finds the wave taken by the unique (participant, wave) at commit, not a 500.
+    from app.responses import repository
 
-    sql = " ".join(str(_INSERT_IF_ABSENT.compile(dialect=shared_engine.dialect)).split())
-    assert "FROM responses AS others WHERE others.participant_id = responses.participant_id" in sql
+    admin, url = committing
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    await enrol(admin, "lean", "P1")
+    assert (await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 1))).status_code == 201
+    monkeypatch.setattr(repository, "stored_of_rows", lambda rows: {})  # the stored baseline goes unseen
+    r = await admin.post("/api/v1/studies/lean/responses", json=baseline("P1", 2),
+                         headers={"Idempotency-Key": "raced"})
+    assert r.status_code == 409, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    monkeypatch.undo()
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT count(*) FROM responses")).scalar_one()
+        keys = conn.execute(text("SELECT count(*) FROM idempotency_keys WHERE key = 'raced'")).scalar_one()
+    engine.dispose()
+    assert (stored, keys) == (1, 0)

@@ -8,8 +8,9 @@ the data is durable (enqueueing a Celery task, say) is registered with `on_commi
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -18,9 +19,9 @@ import psycopg
 from fastapi import Depends, Request
 from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Compiled, Dialect
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
-from sqlalchemy.sql.expression import UpdateBase
+from sqlalchemy.sql.expression import ClauseElement, Executable, UpdateBase
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict
@@ -36,15 +37,54 @@ _CONFIRM_IN_STATEMENT = "cohort_confirm_in_first_statement"
 _AWAITING_CONFIRMATION = "cohort_awaiting_confirmation"
 
 
+# A pooled connection idle for longer than this is pinged before use (see `_ping_when_idle`).
+PING_AFTER_IDLE_SECONDS = 2.0
+_IDLE_SINCE = "cohort_idle_since"
+
+
 def make_engine(url: URL | str, *, pool_size: int = 10, application_name: str = "cohort") -> Engine:
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=10,
         connect_args={"application_name": application_name, "connect_timeout": 5},
     )
+    _ping_when_idle(engine, PING_AFTER_IDLE_SECONDS)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_seconds: float) -> None:
+    """`pool_pre_ping`, for connections that have been idle a while only.
+
+    The pre-ping is a round trip before every request's first statement: under load, a quarter of
+    a response's round trips. A connection in steady use is known to be alive; one that sat idle
+    (past a restart of the server, a dropped socket) is checked, and replaced when dead, as the
+    pre-ping did. A connection that dies while in steady use fails its statement instead: the
+    request is a 503 to retry (nothing was committed), and SQLAlchemy replaces every connection
+    made before the failure on its next checkout.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _fresh(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _returned(dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is not None and time.monotonic() - since < idle_seconds:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool discards this connection and checks out another
+            raise DisconnectionError("a pooled connection did not answer its ping") from exc
+        if not alive:
+            raise DisconnectionError("a pooled connection did not answer its ping")
 
 
 def make_sessionmaker(bind: Engine | Connection, **kwargs: Any) -> sessionmaker[Session]:
@@ -83,8 +123,9 @@ def with_commit(session: Session, statement: UpdateBase, params: Mapping[str, An
 
     For writes whose result the request does not need (an idempotency record, reminders cancelled):
     they cost no round trip of their own. `contended` ones go after all others, right before the
-    COMMIT: writes whose row locks every concurrent writer of a study queues for, the retention
-    rollup's counts and the study's watermark, kept by triggers on schedules and participants. Taken
+    COMMIT: writes whose row locks concurrent writers of a study queue for, the retention rollups'
+    counts and the study's watermark (by shard), kept by triggers on schedules, participants and
+    responses. Taken
     in the middle of a request, such a lock is held across the rest of its round trips and Python
     work, and every other response of the study waits behind it; taken last, it is held for the
     commit only. Inside a savepoint (an import that rolls a bad record back) the statement runs at
@@ -100,7 +141,7 @@ def with_commit(session: Session, statement: UpdateBase, params: Mapping[str, An
 class _DriverStatement:
     """A module-level statement compiled once for the driver (the statements are constants)."""
 
-    statement: UpdateBase
+    statement: Executable
     compiled: Compiled
     sql: str
     processors: Mapping[str, Callable[[Any], Any]]
@@ -113,11 +154,11 @@ class _DriverStatement:
 _driver_sql: dict[tuple[int, str], _DriverStatement] = {}
 
 
-def _compiled(statement: UpdateBase, dialect: Dialect) -> _DriverStatement:
+def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
     key = (id(statement), dialect.name)
     cached = _driver_sql.get(key)
     if cached is None or cached.statement is not statement:
-        compiled = statement.compile(dialect=dialect)
+        compiled = cast(ClauseElement, statement).compile(dialect=dialect)  # every Executable here is one
         cached = _driver_sql[key] = _DriverStatement(statement, compiled, str(compiled),
                                                      dict(getattr(compiled, "_bind_processors", {})))
     return cached
@@ -151,6 +192,33 @@ def _run_last(session: Session, pipelined: bool) -> None:
         # error (a lost connection or a deadlock is a 503 to retry, nothing was committed).
         raise DBAPIError.instance(sql, None, exc, psycopg.Error,
                                   ismulti=False, dialect=connection.dialect) from exc
+
+
+def fetch_together(session: Session,
+                   reads: Sequence[tuple[Executable, Mapping[str, Any]]]) -> list[list[tuple[Any, ...]]]:
+    """The rows of each read, all sent in one round trip (the transaction's BEGIN with them).
+
+    For a request whose reads are all known before the first answer: each read still runs after the
+    one before it (and, in READ COMMITTED, sees what was committed by the time it starts, so a read
+    after a lock sees the lock holder's writes). The statements are module-level constants (compiled
+    once); rows are the driver's tuples, typed as the driver loads them (no ORM). A read that fails
+    fails the rest, as SQLAlchemy would raise it.
+    """
+    connection = session.connection()
+    if not isinstance(session.get_bind(), Engine):  # a session joined to an outer transaction (the tests)
+        return [[tuple(row) for row in connection.execute(statement, dict(params))] for statement, params in reads]
+    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    sql = ""
+    try:
+        with raw.pipeline():
+            cursors = []
+            for statement, params in reads:
+                driver = _compiled(statement, connection.dialect)
+                sql = driver.sql
+                cursors.append(raw.execute(sql, driver.params(params)))
+        return [cursor.fetchall() for cursor in cursors]
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect) from exc
 
 
 @dataclass(frozen=True)

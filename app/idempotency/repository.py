@@ -6,6 +6,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, insert, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from app.core.db import with_commit
 from app.idempotency.models import IdempotencyRecord
@@ -18,13 +19,12 @@ _DROP = delete(_keys).where(_keys.c.id == bindparam("id"))
 _STORE = insert(_keys)
 
 
-def claim(session: Session, lock_id: int, token_id: uuid.UUID, key: str) -> Any:
-    """A transaction-scoped advisory lock on the key and, once locked, its stored reply, in one round trip.
-
-    A row (locked, record_id, fingerprint, status_code, sealed_body, created_at): not `locked` when
-    another transaction holds the key; `record_id` None when no reply is stored.
-    """
-    return session.connection().execute(_CLAIM, {"lock": lock_id, "token": token_id, "key": key}).one()
+def claim_read(lock_id: int, token_id: uuid.UUID, key: str) -> tuple[Executable, dict[str, Any]]:
+    """A transaction-scoped advisory lock on the key and, once locked, its stored reply: one row
+    (locked, record_id, fingerprint, status_code, sealed_body, created_at), not `locked` when another
+    transaction holds the key, `record_id` None when no reply is stored. A read to run at once or to
+    send with others (`app.core.db.fetch_together`)."""
+    return _CLAIM, {"lock": lock_id, "token": token_id, "key": key}
 
 
 def drop(session: Session, record_id: uuid.UUID) -> None:

@@ -19,6 +19,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from app.core.crypto import Sealer, settings_sealer
 from app.core.db import SessionDep
@@ -70,25 +71,36 @@ class Idempotency:
 
     def check(self, payload: Any) -> None:
         """Call first thing in the handler: replays (raises Replay), refuses (409/422) or lets it run."""
+        read = self.claim_read(payload)
+        if read is not None:
+            self.settle(self.session.connection().execute(read[0], read[1]).one())
+
+    def claim_read(self, payload: Any) -> tuple[Executable, dict[str, Any]] | None:
+        """`check` in two halves, for a handler that sends its first reads together: the claim of the
+        key as a read (None without a key), then `settle` with its one row."""
         if self.key is None:
-            return
+            return None
         self._fingerprint = fingerprint(self.method, self.path, payload)
-        token_id = str(self.principal.token_id)
-        record = repository.claim(self.session, _lock_id(token_id, self.key), self.principal.token_id, self.key)
-        if not record.locked:
+        return repository.claim_read(_lock_id(str(self.principal.token_id), self.key), self.principal.token_id,
+                                     self.key)
+
+    def settle(self, record: Any) -> None:
+        """The claim's row (locked, record_id, fingerprint, status_code, sealed_body, created_at)."""
+        locked, record_id, stored_fingerprint, status_code, sealed_body, created_at = record
+        if not locked:
             raise InFlight("a request with this Idempotency-Key is still in flight; retry when it has finished")
-        if record.record_id is not None and record.created_at < self.now - RETENTION:
-            repository.drop(self.session, record.record_id)
+        if record_id is not None and created_at < self.now - RETENTION:
+            repository.drop(self.session, record_id)
             return
-        if record.record_id is None:
+        if record_id is None:
             return
-        if record.fingerprint != self._fingerprint:
+        if stored_fingerprint != self._fingerprint:
             raise Invalid(
                 "this Idempotency-Key was used with a different request",
                 errors=[{"loc": ["header", "Idempotency-Key"], "code": "idempotency_key_reused",
                          "message": "use a new key for a different request"}],
             )
-        raise Replay(record.status_code, self.sealer.open(record.sealed_body)["body"])
+        raise Replay(status_code, self.sealer.open(sealed_body)["body"])
 
     def remember(self, status_code: int, body: BaseModel | dict[str, Any] | list[Any],
                  headers: dict[str, str] | None = None, resource_id: uuid.UUID | None = None) -> JSONResponse:

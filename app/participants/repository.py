@@ -23,10 +23,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.expression import Executable
 
 from app.core.db import with_commit
 from app.participants.models import Contact, Participant, Schedule
-from app.studies.models import Wave
+from app.studies.models import Study, Wave
 
 
 def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]:
@@ -55,6 +56,22 @@ def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,
                    for_update: bool = False) -> Participant | None:
     query = _BY_EXTERNAL_ID_LOCKED if for_update else _BY_EXTERNAL_ID
     return session.scalar(query, {"study": study_id, "external_id": external_id})
+
+
+_participants_t = cast(Table, Participant.__table__)
+PARTICIPANT_COLUMNS = tuple(c.key for c in _participants_t.c)
+_of_study_key = select(Study.id).where(Study.key == bindparam("key")).scalar_subquery()
+# The participant by study key (no need to have read the study first), locked as _BY_EXTERNAL_ID_LOCKED is.
+_BY_STUDY_KEY_LOCKED = (select(*_participants_t.c)
+                        .where(_participants_t.c.study_id == _of_study_key,
+                               _participants_t.c.external_id == bindparam("external_id"))
+                        .with_for_update(key_share=True))
+
+
+def by_external_id_locked_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
+    """`by_external_id(..., for_update=True)` as a read to send with others (app.core.db.fetch_together):
+    a row of `PARTICIPANT_COLUMNS`, or none."""
+    return _BY_STUDY_KEY_LOCKED, {"key": study_key, "external_id": external_id}
 
 
 def by_ids(session: Session, participant_ids: Sequence[uuid.UUID]) -> list[Participant]:
@@ -169,8 +186,8 @@ _SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).
 
 
 def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:
-    """A participant's status, written with the commit: the participants' rollup trigger moves the
-    study's retention watermark, a row every writer of the study locks (see with_commit)."""
+    """A participant's status, written with the commit: the participants' rollup trigger moves their
+    shard of the study's retention watermark, a row the study's writers of that shard lock (see with_commit)."""
     with_commit(session, _SET_STATUS, {"p": participant.id, "s": status}, contended=True)
     set_committed_value(participant, "status", status)
 

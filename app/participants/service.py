@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
 from app.core.crypto import Sealer
 from app.core.db import add_unique, is_unique_violation
@@ -194,6 +195,20 @@ NO_SITE = uuid.UUID(int=0)  # matches no participant
 
 def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: bool = False) -> Participant:
     participant = repository.by_external_id(session, ctx.study.id, external_id, for_update=for_update)
+    if participant is None or not visible(ctx, participant):
+        raise NotFound(f"no participant {external_id!r} in study {ctx.study.key!r}")
+    return participant
+
+
+def find_locked_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
+    """`find(..., for_update=True)` as a read to send with others; pass its rows to `found`."""
+    return repository.by_external_id_locked_read(study_key, external_id)
+
+
+def found(ctx: StudyContext, external_id: str, rows: list[tuple[Any, ...]]) -> Participant:
+    """The participant of `find_locked_read`'s rows (read only: never added to a session)."""
+    participant = (Participant(**dict(zip(repository.PARTICIPANT_COLUMNS, rows[0], strict=True)))
+                   if rows else None)
     if participant is None or not visible(ctx, participant):
         raise NotFound(f"no participant {external_id!r} in study {ctx.study.key!r}")
     return participant

@@ -15,7 +15,6 @@ from sqlalchemy import (
     delete,
     func,
     literal,
-    literal_column,
     or_,
     select,
     tuple_,
@@ -23,9 +22,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable
 
+from app.core.db import with_commit
 from app.participants.models import Participant
 from app.responses.models import DerivedRecompute, Response, ResponseCorrection
+from app.studies.models import Study
 
 
 def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
@@ -46,26 +48,47 @@ def of_participants_at(session: Session, participant_ids: Sequence[uuid.UUID], w
 
 
 _responses = cast(Table, Response.__table__)
-_others = _responses.alias("others")
-_INSERT_IF_ABSENT = (
-    insert(_responses)
-    .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
-    .returning(_responses.c.id,
-               # the inserted row's participant (SQLAlchemy does not correlate into an INSERT: named by hand)
-               select(func.array_agg(_others.c.wave))
-               .where(_others.c.participant_id == literal_column(f"{_responses.name}.participant_id"))
-               .scalar_subquery())
-)
+_STORED_OF = select(_responses.c.wave, _responses.c.status, _responses.c.derived).where(
+    _responses.c.participant_id == bindparam("p"))
+_INSERT = insert(_responses)
 
 
-def insert_if_absent(session: Session, values: dict[str, Any]) -> tuple[bool, set[str]]:
-    """INSERT ... ON CONFLICT DO NOTHING: the unique (participant, wave) decides, not a prior read.
+_STORED_BY_EXTERNAL_ID = select(_responses.c.wave, _responses.c.status, _responses.c.derived).where(
+    _responses.c.participant_id == select(Participant.id).where(
+        Participant.study_id == select(Study.id).where(Study.key == bindparam("key")).scalar_subquery(),
+        Participant.external_id == bindparam("external_id")).scalar_subquery())
 
-    Returns whether the row was inserted and, when it was, the participant's waves that already had
-    a response (in the same round trip; the caller holds the participant's lock, so it stays true).
-    """
-    row = session.connection().execute(_INSERT_IF_ABSENT, values).one_or_none()
-    return (False, set()) if row is None else (True, set(row[1] or ()))
+
+def stored_of_participant(session: Session, participant_id: uuid.UUID) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The participant's stored responses: wave -> (status, derived values)."""
+    return stored_of_rows(list(session.connection().execute(_STORED_OF, {"p": participant_id})))
+
+
+def stored_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
+    """`stored_of_participant` by the participant's study key and external id, as a read to send with
+    others (app.core.db.fetch_together) before the participant is known; `stored_of_rows` reads its rows."""
+    return _STORED_BY_EXTERNAL_ID, {"key": study_key, "external_id": external_id}
+
+
+def stored_of_rows(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {wave: (status, derived) for wave, status, derived in rows}
+
+
+_INSERT_IF_ABSENT = (insert(_responses)
+                     .on_conflict_do_nothing(index_elements=[_responses.c.participant_id, _responses.c.wave])
+                     .returning(_responses.c.id))
+
+
+def insert_if_absent(session: Session, values: dict[str, Any]) -> bool:
+    """A new response, at once; False when the unique (participant, wave) already holds one."""
+    return session.connection().execute(_INSERT_IF_ABSENT, values).first() is not None
+
+
+def insert_with_commit(session: Session, values: dict[str, Any]) -> None:
+    """A new response, written with the commit (nothing in the request reads it back): its rollup
+    trigger locks rows that every completion of the study takes (see app.core.db.with_commit).
+    The caller holds the participant's lock and has seen no response at that wave."""
+    with_commit(session, _INSERT, values, contended=True)
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,

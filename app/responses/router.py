@@ -6,13 +6,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from fastapi import Response as HTTPResponse
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.core.crypto import Pseudonymiser, settings_sealer
-from app.core.db import SessionDep, commit_here
+from app.core.db import SessionDep, commit_here, is_unique_violation
 from app.core.deps import SettingsDep
-from app.core.errors import Forbidden
+from app.core.errors import Conflict, Forbidden
 from app.core.etag import ETAG_HEADER, IfMatch
 from app.core.pagination import CursorQuery, LimitQuery, Page, decode_time_id, page_of
 from app.core.routing import RoleRoute
@@ -50,11 +51,22 @@ async def submit(body: ResponseIn, principal: Collector, key: StudyKeyInScope, s
 
 
 def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency) -> JSONResponse:
-    study = studies.context(session, key, principal)
-    idem.check(body)
-    result, created = service.submit(session, study, body, principal, utcnow())
+    now = utcnow()
+    done = service.submit_reading_first(session, key, body, principal, idem, now)
+    if done is None:
+        study = studies.context(session, key, principal)
+        idem.check(body)
+        done = service.submit(session, study, body, principal, now)
+    result, created = done
     reply = idem.remember(201 if created else 200, result)
-    commit_here(session)
+    try:
+        commit_here(session)
+    except IntegrityError as exc:
+        if not is_unique_violation(exc):
+            raise
+        # stored meanwhile by a writer that does not take the participant's lock (a bulk import)
+        raise Conflict(f"a {body.wave} response of {body.external_id!r} was stored meanwhile; "
+                       "send it again to merge") from None
     return reply
 
 

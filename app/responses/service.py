@@ -10,9 +10,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.core.db import fetch_together
 from app.core.errors import AlreadyComplete, Conflict, Invalid, NotFound
 from app.core.etag import etag_of, require_current
 from app.core.security import Principal
+from app.idempotency.service import Idempotency
 from app.instruments.codebook import Codebook
 from app.participants import repository as participants_repo
 from app.participants import service as participants
@@ -32,6 +34,7 @@ from app.responses.validation import (
     instrument_states,
     instruments_at,
 )
+from app.studies import service as studies
 from app.studies.service import StudyContext
 from app.webhooks import service as webhooks
 
@@ -89,20 +92,64 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
         participants_repo.set_status_at_commit(session, participant, "active")  # a late response brings them back
 
 
-def submit(
-    session: Session, ctx: StudyContext, data: ResponseIn, principal: Principal, now: datetime
-) -> tuple[ResponseCreated, bool]:
-    """Store answers for (participant, wave). Returns the result and whether a row was created."""
-    codebook = ctx.require_codebook()
+def _require_wave_and_time(codebook: Codebook, data: ResponseIn, now: datetime) -> None:
     if data.wave not in codebook.wave_keys:
         raise Invalid(f"unknown wave {data.wave!r}", errors=[
             {"loc": ["wave"], "code": "unknown_wave", "message": f"waves are {', '.join(codebook.wave_keys)}"}])
     if data.completed_at is not None and data.completed_at > now + participants.CLOCK_SKEW:
         raise Invalid("completed_at is in the future", errors=[
             {"loc": ["completed_at"], "code": "future", "message": "more than 5 minutes ahead of the server"}])
+
+
+def submit(
+    session: Session, ctx: StudyContext, data: ResponseIn, principal: Principal, now: datetime
+) -> tuple[ResponseCreated, bool]:
+    """Store answers for (participant, wave). Returns the result and whether a row was created."""
+    codebook = ctx.require_codebook()
+    _require_wave_and_time(codebook, data, now)
     # Locking the participant serialises this against a concurrent withdrawal and against
     # other submissions for the same person, so the checks below stay true until commit.
     participant = participants.find(session, ctx, data.external_id, for_update=True)
+    # Read after the participant's lock, so it stays true until commit: every writer of a
+    # participant's responses takes that lock first (a bulk import that does not collides on
+    # the unique (participant, wave) at commit instead, a 409).
+    stored = repository.stored_of_participant(session, participant.id)
+    return _store(session, ctx, codebook, participant, stored, data, principal, now)
+
+
+def submit_reading_first(session: Session, key: str, data: ResponseIn, principal: Principal, idem: Idempotency,
+                         now: datetime) -> tuple[ResponseCreated, bool] | None:
+    """`submit` for a request that has not read anything yet (the API's POST): the study with the
+    token's confirmation, the Idempotency-Key's claim, the participant's lock and their stored
+    responses are read in one round trip, each after the one before it (so the responses are read
+    under the lock), then checked in that order as `submit` and `Idempotency.check` would. None when
+    the study read cannot carry the confirmation: then use `submit`.
+    """
+    study_read = studies.context_read(session, key)
+    if study_read is None:
+        return None
+    claim = idem.claim_read(data)
+    rows = fetch_together(session, [study_read, *([claim] if claim is not None else []),
+                                     participants.find_locked_read(key, data.external_id),
+                                     repository.stored_read(key, data.external_id)])
+    ctx = studies.context_of_rows(session, key, rows[0], principal)
+    if claim is not None:
+        idem.settle(rows[1][0])
+    codebook = ctx.require_codebook()
+    _require_wave_and_time(codebook, data, now)
+    participant = participants.found(ctx, data.external_id, rows[-2])
+    return _store(session, ctx, codebook, participant, repository.stored_of_rows(rows[-1]), data, principal, now,
+                  insert_at_commit=True)
+
+
+def _store(session: Session, ctx: StudyContext, codebook: Codebook, participant: Participant,
+           stored: Mapping[str, tuple[str, dict[str, Any]]], data: ResponseIn, principal: Principal,
+           now: datetime, *, insert_at_commit: bool = False) -> tuple[ResponseCreated, bool]:
+    """`submit` once the participant is locked and their stored responses read.
+
+    `insert_at_commit`: a new response is written with the commit, for a request that reads nothing
+    of it back (the API's POST); otherwise at once, so the caller's later reads in the transaction
+    see it (the FHIR and REDCap adapters, the survey pages)."""
     if participant.status == "withdrawn":
         raise Conflict(f"participant {data.external_id!r} has withdrawn; responses are no longer accepted")
     problems = check_complete_instruments(codebook, data.wave, data.complete_instruments)
@@ -117,15 +164,19 @@ def submit(
         done = {**already, **{i: already.get(i, finished_at.isoformat()) for i in completing}}
         return ("complete" if all(i in done for i in asked) else "partial"), done
 
-    # The usual case is a first submission: insert straight away, and let the unique
-    # (participant, wave) constraint say whether a stored response must be merged instead.
     status, done = outcome({})
     completed_at = finished_at if status == "complete" else None
-    as_new = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
     response: Response | None = None
     stored_waves: set[str] | None = None
-    if not as_new:
-        carried = _carried_values(session, codebook, participant.id, data.wave)
+    if data.wave not in stored:
+        # The usual case, a first submission. Written with the commit where it can be: its rollup
+        # trigger locks the study's by-group counts, which every completion of the study queues
+        # for, so they are then held for the commit only (see app.core.db.with_commit).
+        errors = check_answers(codebook, data.wave, data.answers, data.answers, status, completing)
+        if errors:
+            raise _invalid(errors)
+        carried = (carried_values(codebook, data.wave, {w: derived for w, (_, derived) in stored.items()})
+                   if carried_from(codebook, data.wave) else {})
         values = dict(
             id=uuid.uuid4(), study_id=ctx.study.id, participant_id=participant.id, wave=data.wave,
             status=status, answers=data.answers,
@@ -134,15 +185,16 @@ def submit(
             late=_is_late(codebook, participant, data.wave, completed_at or now), completed_instruments=done,
             completed_at=completed_at, received_at=now, updated_at=now, submitted_by=principal.token_id,
         )
-        inserted, others = repository.insert_if_absent(session, values)
-        if inserted:
+        if insert_at_commit:
+            repository.insert_with_commit(session, values)
+        if insert_at_commit or repository.insert_if_absent(session, values):
             response = Response(**values)
-            stored_waves = others
+            stored_waves = set(stored)
+        # else a writer that does not take the participant's lock (a bulk import) stored it meanwhile: merged below
     created = response is not None
     if response is None:
         existing = repository.for_update(session, participant.id, data.wave)
-        if existing is None:
-            raise _invalid(as_new)
+        assert existing is not None, "a stored response stays in place under the participant's lock"
         if existing.status == "complete":
             raise AlreadyComplete(f"the {data.wave} response of {data.external_id!r} is already complete; "
                                   "a coordinator corrects it with PATCH")

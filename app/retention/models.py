@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, SmallInteger, String, Text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, SmallInteger, String, Text, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -61,10 +61,14 @@ class RetentionGroupCount(Base):
 
 
 class RetentionWatermark(Base):
-    """The latest enrolment, completion or withdrawal instant of a study (never moves back)."""
+    """The latest enrolment, completion or withdrawal instant of a study's participants of one shard
+    (never moves back); the study's watermark is the latest of its shards. Sharded as the counts
+    are, so concurrent writers of a study do not all queue for one row
+    (migration `retention_watermark_in_shards`)."""
 
     __tablename__ = "retention_watermarks"
 
     study_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("0"))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -56,7 +56,8 @@ def overall_and_groups(session: Session, study_id: uuid.UUID, waves: list[str], 
     """Retention overall and, with `by`, per group: from the rollups in one read when they
     answer for `as_of` (the whole study, overall or by primary group), else from the aggregate."""
     if rollup and site_id is None and (by is None or by == "primary_group"):
-        watermark = session.scalar(select(RetentionWatermark.at).where(RetentionWatermark.study_id == study_id))
+        watermark = session.scalar(select(func.max(RetentionWatermark.at))
+                                   .where(RetentionWatermark.study_id == study_id))
         if watermark is not None and as_of >= watermark:
             if by is None:
                 return _from_rollup(session, study_id, waves, as_of, groups=False)

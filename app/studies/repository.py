@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, Select, bindparam, select, true, tuple_, update
+from sqlalchemy import ColumnElement, Select, Table, bindparam, select, true, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.core.db import Confirmation
@@ -59,6 +59,24 @@ def with_revision(session: Session, key: str, confirm: Confirmation | None = Non
     else:
         row = session.execute(_with_revision_confirming(confirm.column), {"key": key, **confirm.params}).one_or_none()
     return None if row is None else (row[0], row[1], row[2], row[3] if confirm is not None else None)
+
+
+_studies = cast(Table, Study.__table__)
+STUDY_COLUMNS = tuple(c.key for c in _studies.c)
+# As _WITH_REVISION, in plain columns (no ORM entity): the hot path reads it with other reads at once.
+_COLUMNS_WITH_REVISION = (select(*_studies.c, _latest.c.id.label("codebook_id"), _latest.c.revision)
+                          .outerjoin(_latest, true()).where(_studies.c.key == bindparam("key")))
+_columns_confirming: dict[int, tuple[ColumnElement[Any], Select[Any]]] = {}
+
+
+def with_revision_read(key: str, confirm: Confirmation) -> tuple[Select[Any], dict[str, Any]]:
+    """`with_revision` as a read for `app.core.db.fetch_together`: a row of the study's columns
+    (`STUDY_COLUMNS`), its codebook's id and revision, and the token confirmation."""
+    built = _columns_confirming.get(id(confirm.column))
+    if built is None or built[0] is not confirm.column:
+        built = _columns_confirming[id(confirm.column)] = (confirm.column,
+                                                           _COLUMNS_WITH_REVISION.add_columns(confirm.column))
+    return built[1], {"key": key, **confirm.params}
 
 
 def codebook_document(session: Session, codebook_id: uuid.UUID) -> dict[str, Any]:

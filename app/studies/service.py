@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.core.crypto import DateShifter, Pseudonymiser, Sealer, new_pseudonym_key
@@ -66,6 +67,28 @@ def system_context(session: Session, key: str) -> StudyContext:
     if confirmation is not None:
         confirmed(session, confirmed_as)
     return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
+
+
+def context_read(session: Session, key: str) -> tuple[Select[Any], dict[str, Any]] | None:
+    """`context` as a read to send with the request's other first reads (`app.core.db.fetch_together`),
+    carrying the request token's confirmation; pass its rows to `context_of_rows`. None when there is
+    no confirmation to carry (the transaction has begun, or no token): then use `context`."""
+    confirmation = confirming(session)
+    return None if confirmation is None else repository.with_revision_read(key, confirmation)
+
+
+def context_of_rows(session: Session, key: str, rows: list[tuple[Any, ...]], principal: Principal) -> StudyContext:
+    """The study of `context_read`'s rows: checks the token's confirmation and scope as `context` does."""
+    if not rows:
+        raise NotFound(f"no study {key!r}")
+    row = rows[0]
+    width = len(repository.STUDY_COLUMNS)
+    study = Study(**dict(zip(repository.STUDY_COLUMNS, row[:width], strict=True)))  # read only, never added
+    codebook_id, revision, confirmed_as = row[width:]
+    confirmed(session, confirmed_as)
+    ctx = StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
+    principal.require_study(ctx.study.id)
+    return replace(ctx, site_id=principal.site_id) if principal.site_id is not None else ctx
 
 
 def study_id_of_key(session: Session, key: str) -> uuid.UUID:
