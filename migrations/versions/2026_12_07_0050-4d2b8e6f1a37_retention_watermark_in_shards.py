@@ -1,8 +1,8 @@
 """the study's retention watermark in 16 shards, like the counts, instead of one row every writer locks
 
 Revision ID: 4d2b8e6f1a37
-Revises: b7e2c91d4a60
-Create Date: 2026-12-07 00:40:00.000000+00:00
+Revises: 9b3e5d7f1a24
+Create Date: 2026-12-07 00:50:00.000000+00:00
 
 Every completion and every enrolment moved the study's one watermark row forward, so every writer
 of a study queued for that row's lock until its commit: under 32 concurrent responses the row was
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '4d2b8e6f1a37'
-down_revision: str | None = 'b7e2c91d4a60'
+down_revision: str | None = '9b3e5d7f1a24'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
