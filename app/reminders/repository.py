@@ -10,7 +10,6 @@ from sqlalchemy import Table, and_, bindparam, delete, func, select, text, updat
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.core.db import with_commit
 from app.participants.models import Participant, Schedule
 from app.reminders.models import ReminderSend
 from app.reminders.policy import SEND_FROM, SEND_UNTIL
@@ -258,11 +257,6 @@ def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wav
         session.connection().execute(_CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
 
 
-def cancel_pending_with_commit(session: Session, participant_id: uuid.UUID, reason: str, wave: str) -> None:
-    """`cancel_pending` for one wave, written with the commit (nothing in the request reads it back)."""
-    with_commit(session, _CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
-
-
 def _of_site(participant_id: Any, site_id: uuid.UUID | None) -> list[Any]:
     """Limits a query to one site's participants (none: the whole study)."""
     if site_id is None:
@@ -302,11 +296,6 @@ def preceding_contact(session: Session, study_id: uuid.UUID, as_of: datetime,
         .group_by(completions.c.wave, completions.c.kind)
     ).all()
 
-
-
-def cancel_pending_waves(session: Session, pairs: Sequence[tuple[uuid.UUID, str]]) -> None:
-    if pairs:
-        session.connection().execute(_CANCEL_WAVE, [{"p": p, "w": w, "reason": "wave completed"} for p, w in pairs])
 
 
 def window_of(session: Session, participant_id: uuid.UUID, wave: str) -> Any:

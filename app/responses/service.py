@@ -20,7 +20,6 @@ from app.participants import repository as participants_repo
 from app.participants import service as participants
 from app.participants.models import Participant
 from app.participants.schedule import plan
-from app.reminders import repository as reminders_repo
 from app.responses import repository
 from app.responses.models import Response, ResponseCorrection
 from app.responses.schemas import CorrectionIn, CorrectionOut, ResponseCreated, ResponseIn, ResponseOut
@@ -85,7 +84,7 @@ def _on_complete(session: Session, ctx: StudyContext, codebook: Codebook, partic
     webhooks.emit(session, ctx.study.id, "response.completed",
                   {"response_id": str(response.id), "wave": response.wave,
                    "completed_at": response.completed_at.isoformat()}, participant_id=participant.id)
-    reminders_repo.cancel_pending_with_commit(session, participant.id, "wave completed", response.wave)
+    # the wave's pending reminders are cancelled by the database as the schedule completes
     if response.wave == codebook.wave_keys[-1] and participant.status in ("active", "lost"):
         participants_repo.set_status_at_commit(session, participant, "completed")
     elif participant.status == "lost":
@@ -437,7 +436,6 @@ def submit_many(session: Session, ctx: StudyContext, items: list[NewResponse], s
     repository.insert_many(session, rows)
     done = [r for r in rows if r["status"] == "complete"]
     participants_repo.complete_waves(session, [(r["participant_id"], r["wave"], r["completed_at"]) for r in done])
-    reminders_repo.cancel_pending_waves(session, [(r["participant_id"], r["wave"]) for r in done])
     webhooks.emit_many(session, ctx.study.id, "response.completed", [
         (r["participant_id"], {"response_id": str(r["id"]), "wave": r["wave"],
                                "completed_at": r["completed_at"].isoformat()}) for r in done])
