@@ -102,9 +102,10 @@ def summary(name: str, r: dict[str, Any]) -> str:
                 f"{r['by_group_plain_aggregate_ms']:.0f} ms ({r['by_group_speedup_over_aggregate']:.0f}x); "
                 f"bare count {r['baseline_count_by_stored_status_ms']:.0f} ms")
     if name == "refit":
-        return "; ".join(f"{n:,}: API {v['api_seconds']:.2f} s vs statsmodels {v['statsmodels_seconds']:.2f} s "
-                         f"= {v['ratio_api_to_statsmodels']:.2f}x (new data {v['ratio_new_data_to_statsmodels']:.2f}x)"
-                         for n, v in r.items() if isinstance(v, dict))
+        return "medians of 3: " + "; ".join(
+            f"{n:,}: API {v['api_seconds']:.2f} s vs statsmodels {v['statsmodels_seconds']:.2f} s "
+            f"= {v['ratio_api_to_statsmodels']:.2f}x (new data {v['ratio_new_data_to_statsmodels']:.2f}x)"
+            for n, v in r.items() if isinstance(v, dict))
     if name == "export":
         return (f"{r['rows']:,} rows: CSV {r['csv']['seconds']:.1f} s ({r['csv']['ratio_to_copy_to']:.2f} of COPY TO), "
                 f"peak RSS {r['csv']['server_peak_rss_mb']:.0f} MB; Parquet {r['parquet']['seconds']:.1f} s, "
