@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 from typing import Any
 
@@ -40,9 +40,10 @@ def run(db: Database, settings: Settings, analysis_id: uuid.UUID | str) -> str:
         keeping = _keep.submit(_keep_snapshot, db, job, prepared)
         try:
             outcome = {"status": "succeeded", **service.fit(job, prepared.spec, prepared.frame)}
-        finally:
-            sha = keeping.result()  # the result cites the snapshot: it is stored before the result is
-        service.cite(outcome, sha)
+        except BaseException:
+            wait([keeping])  # the fit's own error is the one to report, not the snapshot's
+            raise
+        service.cite(outcome, keeping.result())  # the result cites the snapshot: stored before the result
     except ModelError as exc:
         outcome = {"status": "failed", "error": str(exc)}
     except Exception as exc:
