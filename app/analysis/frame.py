@@ -49,10 +49,6 @@ class Keyed:
     frame: pd.DataFrame
     keys: pd.DataFrame
 
-    def fingerprint(self) -> tuple[int, int]:
-        """(rows, sum of versions): what `repository.complete_digest` counts for the same data."""
-        return len(self.keys), sum(self.keys["row_version"].tolist())  # Python ints: the sum never wraps
-
 
 def _copy(session: Session, statement: sql.Composable, params: dict[str, object]) -> bytes:
     raw = session.connection().connection.dbapi_connection

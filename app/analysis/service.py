@@ -314,6 +314,7 @@ def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
         spec = resolve_request(session, ctx, model=job.model, variant=_legacy_variant(job.variant), spec=None)
     basis = frame_basis(codebook, ctx.revision, job.as_of)
     now = frames.versions(session, job.study_id, job.as_of)
+    # the same count and sum as `repository.complete_digest` (Python ints: the sum never wraps)
     data_key = _data_key(len(now), sum(now["row_version"].tolist()), codebook, ctx.revision, job.as_of)
     kept = repository.snapshot_key_at(session, job.study_id, data_key)
     if kept is not None and (keyed := _kept_frame(session, kept)) is not None:
