@@ -108,6 +108,9 @@ def test_a_worker_delivers_due_reminders(fresh_db: URL, tmp_path: Path, smtp: Sm
             wait_for(lambda: worker_seen(server), 60, "the worker's heartbeat through the broker")
             client_app(broker).send_task("cohort.reminders.scan", queue="reminders")
             wait_for(lambda: all(smtp.capture.to(a) for a in addresses), 60, "the invitations")
+            # a message is recorded as sent just after the mail server takes it: stop the worker
+            # only once all five are recorded (stopping it in between is the next test's case)
+            wait_for(lambda: sent_rows(fresh_db)["sent"] == 5, 30, "the five sends recorded")
         finally:
             kill_group(worker, 15)
     assert sorted(m.to for m in smtp.capture.messages) == sorted(addresses)
