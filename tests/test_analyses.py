@@ -447,8 +447,8 @@ async def test_the_same_snapshot_gives_the_same_numbers(database: Database, sett
     with transaction(database) as session:
         ctx = system_context(session, "pal")
         pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
-        one = frames.load(session, ctx, pseudonymise)
-        two = frames.load(session, ctx, pseudonymise)
+        one = frames.read(session, ctx, pseudonymise).frame
+        two = frames.read(session, ctx, pseudonymise).frame
         codebook = ctx.require_codebook()
     assert frames.snapshot_sha256(one) == frames.snapshot_sha256(two)
     doc = plans.PlanDoc.model_validate(plans.shipped_plan("pal-v1"))

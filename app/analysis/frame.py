@@ -91,12 +91,6 @@ def read(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *, a
     return _ordered(Keyed(frame.drop(columns=KEYS), as_keys(frame[KEYS])), codebook.wave_keys)
 
 
-def load(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *,
-         as_of: datetime | None = None) -> pd.DataFrame:
-    """The whole frame, read from the database (see `read`)."""
-    return read(session, ctx, pseudonymiser, as_of=as_of).frame
-
-
 def refresh(session: Session, ctx: StudyContext, pseudonymiser: Pseudonymiser, *, as_of: datetime | None,
             now: pd.DataFrame, base: Keyed | None) -> Keyed:
     """The frame for the data whose versions are `now` (from `versions`): the rows of `base` (a

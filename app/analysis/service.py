@@ -272,13 +272,12 @@ def _legacy_variant(variant: str | None) -> str | None:
 @dataclass(frozen=True)
 class Prepared:
     """What a fit reads: the frame with its row keys, the spec, the data fingerprint taken before the
-    frame was read (`store_snapshot` labels the frame with it only if the data still has it), the
-    frame's basis and its snapshot (None: not stored yet)."""
+    frame was read (`store_snapshot` labels the frame with it only if the data still has it), its
+    snapshot (None: not stored yet), and the codebook and revision it was read under (its basis)."""
 
     keyed: frames.Keyed
     spec: dict[str, Any]
     data_key: str | None
-    basis: str
     sha: str | None
     codebook: Codebook
     revision: int | None
@@ -318,12 +317,12 @@ def prepare(session: Session, settings: Settings, job: Claim) -> Prepared:
     data_key = _data_key(len(now), sum(now["row_version"].tolist()), codebook, ctx.revision, job.as_of)
     kept = repository.snapshot_key_at(session, job.study_id, data_key)
     if kept is not None and (keyed := _kept_frame(session, kept)) is not None:
-        return Prepared(keyed, spec, data_key, basis, kept, codebook, ctx.revision)
+        return Prepared(keyed, spec, data_key, kept, codebook, ctx.revision)
     base_sha = repository.newest_keyed_snapshot(session, job.study_id, basis)
     base = _kept_frame(session, base_sha) if base_sha is not None else None
     pseudonymise = pseudonymiser(session, ctx.study, settings_sealer(settings))
     keyed = frames.refresh(session, ctx, pseudonymise, as_of=job.as_of, now=now, base=base)
-    return Prepared(keyed, spec, data_key, basis, None, codebook, ctx.revision)
+    return Prepared(keyed, spec, data_key, None, codebook, ctx.revision)
 
 
 def _kept_frame(session: Session, sha: str) -> frames.Keyed | None:
@@ -356,7 +355,8 @@ def store_snapshot(session: Session, job: Claim, prepared: Prepared) -> str:
         data_key = None
     repository.save_snapshot(session, sha256=sha, study_id=job.study_id, rows=len(frame),
                              participants=int(frame["participant"].nunique()), parquet=frames.to_parquet(frame),
-                             now=utcnow(), data_key=data_key, basis=prepared.basis,
+                             now=utcnow(), data_key=data_key,
+                             basis=frame_basis(prepared.codebook, prepared.revision, job.as_of),
                              row_keys=frames.to_parquet(prepared.keyed.keys))
     frames.remember(sha, prepared.keyed)
     return sha

@@ -247,14 +247,10 @@ def replan_wave(session: Session, study_id: uuid.UUID, wave: str) -> int:
 _sends = cast(Table, ReminderSend.__table__)
 _CANCEL = (update(_sends).where(_sends.c.participant_id == bindparam("p"), _sends.c.status == "pending")
            .values(status="cancelled", last_error=bindparam("reason"), updated_at=func.now()))
-_CANCEL_WAVE = _CANCEL.where(_sends.c.wave == bindparam("w"))
 
 
-def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str, wave: str | None = None) -> None:
-    if wave is None:
-        session.connection().execute(_CANCEL, {"p": participant_id, "reason": reason})
-    else:
-        session.connection().execute(_CANCEL_WAVE, {"p": participant_id, "reason": reason, "w": wave})
+def cancel_pending(session: Session, participant_id: uuid.UUID, reason: str) -> None:
+    session.connection().execute(_CANCEL, {"p": participant_id, "reason": reason})
 
 
 def _of_site(participant_id: Any, site_id: uuid.UUID | None) -> list[Any]:
