@@ -176,22 +176,31 @@ def _run_last(session: Session, pipelined: bool) -> None:
         for _, statement, params in last:
             connection.execute(statement, params)
         return
+    # The driver commits; SQLAlchemy's own commit after this then finds no transaction open and
+    # only runs the session's after-commit work.
+    _pipelined(connection, [(statement, params) for _, statement, params in last], commit=True, fetch=False)
+
+
+def _pipelined(connection: Connection, statements: Sequence[tuple[Executable, Mapping[str, Any]]], *,
+               commit: bool, fetch: bool) -> list[list[tuple[Any, ...]]]:
+    """`statements` (module-level constants, compiled once) sent in one round trip, each after the one
+    before, with the COMMIT when `commit`; their rows when `fetch`. A failure is raised as SQLAlchemy
+    would have raised it, so the error handlers treat it as any other database error (a lost
+    connection or a deadlock is a 503 to retry, nothing was committed)."""
     raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
     sql = ""
     try:
         with raw.pipeline():
-            for _, statement, params in last:
+            cursors = []
+            for statement, params in statements:
                 driver = _compiled(statement, connection.dialect)
                 sql = driver.sql
-                raw.execute(sql, driver.params(params))
-            # The driver commits; SQLAlchemy's own commit below then finds no transaction open
-            # and only runs the session's after-commit work.
-            raw.commit()
+                cursors.append(raw.execute(sql, driver.params(params)))
+            if commit:
+                raw.commit()
+        return [cursor.fetchall() for cursor in cursors] if fetch else []
     except psycopg.Error as exc:
-        # As SQLAlchemy would have raised it, so the error handlers treat it as any other database
-        # error (a lost connection or a deadlock is a 503 to retry, nothing was committed).
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error,
-                                  ismulti=False, dialect=connection.dialect) from exc
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect) from exc
 
 
 def fetch_together(session: Session,
@@ -207,18 +216,7 @@ def fetch_together(session: Session,
     connection = session.connection()
     if not isinstance(session.get_bind(), Engine):  # a session joined to an outer transaction (the tests)
         return [[tuple(row) for row in connection.execute(statement, dict(params))] for statement, params in reads]
-    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
-    sql = ""
-    try:
-        with raw.pipeline():
-            cursors = []
-            for statement, params in reads:
-                driver = _compiled(statement, connection.dialect)
-                sql = driver.sql
-                cursors.append(raw.execute(sql, driver.params(params)))
-        return [cursor.fetchall() for cursor in cursors]
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect) from exc
+    return _pipelined(connection, reads, commit=False, fetch=True)
 
 
 @dataclass(frozen=True)
