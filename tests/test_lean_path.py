@@ -119,6 +119,60 @@ async def test_a_scoped_token_stays_in_its_study_before_its_body_is_read(admin: 
     assert r.status_code == 422
 
 
+async def test_requests_the_lean_handler_declines_get_the_declared_routes_answers(admin: httpx.AsyncClient) -> None:
+    """The lean handler answers the usual request; anything else is the declared route's, errors included."""
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    await enrol(admin, "lean", "P1", "P2")
+    url = "/api/v1/studies/lean/responses"
+    declined = [
+        ({"external_id": "P1", "wave": "baseline"}, {}, ["answers"]),
+        ({**baseline("P1", 1), "status": "done"}, {}, ["status"]),
+        (baseline("P1", 1), {"Idempotency-Key": "k" * 256}, ["header", "Idempotency-Key"]),
+    ]
+    for body, headers, field in declined:
+        r = await admin.post(url, json=body, headers=headers)
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert field in [e["loc"] for e in r.json()["errors"]], r.text
+    r = await admin.post(f"/api/v1/studies/{'k' * 64}/responses", json=baseline("P1", 1))
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"][-1] == "key", r.text
+    assert (await admin.get(url)).json()["items"] == []  # nothing was stored by any of them
+
+    for n, content_type in enumerate(("application/json; charset=utf-8", "application/vnd.cohort+json")):
+        r = await admin.post(url, content=httpx.Request("POST", "/", json=baseline(f"P{n + 1}", n)).content,
+                             headers={"Content-Type": content_type})
+        assert r.status_code == 201, r.text
+
+
+async def test_the_lean_handler_declines_before_any_work() -> None:
+    """What the lean handler does not recognise it leaves alone: no session, no token lookup (the
+    request below has no application behind it at all)."""
+    from starlette.requests import Request
+
+    from app.responses.router import _submit_lean, submit
+
+    assert getattr(submit, "cohort_lean", None) is _submit_lean
+
+    async def call(body: bytes, headers: dict[str, str], key: str = "lean") -> Any:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": f"/api/v1/studies/{key}/responses",
+                 "path_params": {"key": key}, "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        return await _submit_lean(Request(scope, receive))
+
+    valid = httpx.Request("POST", "/", json=baseline("P1", 1)).content
+    json_type = {"Content-Type": "application/json"}
+    assert await call(b'{"external_id": "P1"}', json_type) is None
+    assert await call(b"not json", json_type) is None
+    assert await call(valid, {**json_type, "Idempotency-Key": ""}) is None
+    assert await call(valid, {"Content-Type": "text/plain"}) is None
+    assert await call(valid, json_type, key="k" * 64) is None
+    with pytest.raises(KeyError, match="app"):  # a valid request goes on to the work, which needs the application
+        await call(valid, {**json_type, "Authorization": "Bearer x"})
+
+
 @pytest.fixture
 async def committing(fresh_db: URL, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, URL]]:
     """The app on a database of its own: real commits, so the writes sent with the COMMIT take the

@@ -175,6 +175,14 @@ async def authenticate(request: Request, session: SessionDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
 
 
+def admit(principal: Principal, *roles: Role) -> Principal:
+    """The role check of `require(*roles)`, for a handler that authenticates without FastAPI's dependencies."""
+    if not principal.may(*roles):
+        allowed = ", ".join(sorted({"admin", *roles}))
+        raise Forbidden(f"the {principal.role} role may not do this (allowed: {allowed})")
+    return principal
+
+
 def require(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency admitting the given roles (admin is always admitted).
 
@@ -184,9 +192,7 @@ def require(*roles: Role) -> Callable[[Principal], Coroutine[Any, Any, Principal
     allowed = frozenset(("admin", *roles))
 
     async def check(principal: CurrentPrincipal) -> Principal:  # no I/O, so no thread hop
-        if not principal.may(*roles):
-            raise Forbidden(f"the {principal.role} role may not do this (allowed: {', '.join(sorted(allowed))})")
-        return principal
+        return admit(principal, *roles)
 
     check.cohort_roles = tuple(sorted(allowed))  # type: ignore[attr-defined]
     return check
@@ -207,6 +213,7 @@ AdminOnly = Annotated[Principal, Depends(require())]
 Coordinator = Annotated[Principal, Depends(require("coordinator"))]
 AnyRole = Annotated[Principal, Depends(require("coordinator", "collector", "analyst"))]
 Reader = Annotated[Principal, Depends(require("coordinator", "analyst"))]
-Collector = Annotated[Principal, Depends(require("coordinator", "collector"))]
+COLLECTING_ROLES: tuple[Role, ...] = ("coordinator", "collector")
+Collector = Annotated[Principal, Depends(require(*COLLECTING_ROLES))]
 Analyst = Annotated[Principal, Depends(require("analyst"))]
 AnalystOrCoordinator = Reader

@@ -11,7 +11,8 @@ from app.core.security import CurrentPrincipal
 from app.studies import service
 from app.studies.service import StudyContext
 
-StudyKey = Annotated[str, Path(description="the study key", max_length=63)]
+STUDY_KEY_MAX_LENGTH = 63
+StudyKey = Annotated[str, Path(description="the study key", max_length=STUDY_KEY_MAX_LENGTH)]
 
 
 def study_from_path(principal: CurrentPrincipal, session: SessionDep, key: StudyKey) -> StudyContext:
