@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -140,3 +142,47 @@ async def test_a_correction_waits_for_a_withdrawal_of_the_same_participant(live_
             assert "wfs" in rollup[1] and "smart" not in rollup[1]
     finally:
         db.dispose()
+
+
+
+def test_a_save_reads_the_response_its_lock_holder_stored(live_server: LiveServer) -> None:
+    """A save reads the participant's stored responses only once it holds their lock, so it sees
+    what the previous holder committed and merges into it (a read taken before the lock would miss
+    it, insert a second row for the wave and be refused)."""
+    answers = valid_answers("baseline", random.Random(7))
+    items = sorted(answers)
+    first, second = ({k: answers[k] for k in items[:10]}, {k: answers[k] for k in items[10:]})
+    engine = create_engine(live_server.db_url)
+    with httpx.Client(base_url=live_server.url, timeout=60) as client, engine.connect() as holder:
+        admin = auth(ADMIN_TOKEN)
+        assert client.post("/api/v1/studies", headers=admin, json={
+            "key": "pal", "name": "PAL", "timezone": "UTC", "template": "pal-replication"}).status_code == 201
+        for ext in ("K1", "K2"):
+            assert client.post("/api/v1/studies/pal/participants", headers=admin, json={
+                "external_id": ext, "enrolled_at": datetime.now(UTC).isoformat()}).status_code == 201
+
+        def save(external_id: str, chunk: dict[str, object]) -> httpx.Response:
+            return client.post("/api/v1/studies/pal/responses", headers=admin, json={
+                "external_id": external_id, "wave": "baseline", "status": "partial", "answers": chunk})
+
+        assert save("K2", first).status_code == 201
+        # hold K1's lock, let a save of K1 queue for it, then give K1 the response K2 stored
+        holder.execute(text("SELECT 1 FROM participants WHERE external_id = 'K1' FOR NO KEY UPDATE"))
+        waiting: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: waiting.append(save("K1", second)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not holder.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'")).scalar_one():
+            assert time.monotonic() < deadline, "the save never queued for the lock"
+            time.sleep(0.02)
+        holder.execute(text("UPDATE responses SET participant_id = (SELECT id FROM participants WHERE "
+                            "external_id = 'K1') WHERE participant_id = (SELECT id FROM participants WHERE "
+                            "external_id = 'K2')"))
+        holder.commit()
+        thread.join(timeout=60)
+    engine.dispose()
+    assert waiting and waiting[0].status_code == 200, waiting[0].text if waiting else "no answer"
+    assert stored(live_server, "K1") == [answers]
+

@@ -23,11 +23,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.expression import Executable
 
 from app.core.db import with_commit
 from app.participants.models import Contact, Participant, Schedule
-from app.studies.models import Study, Wave
+from app.studies.models import Wave
 
 
 def schedule_status_sql(at: datetime | ColumnElement[Any]) -> ColumnElement[str]:
@@ -60,20 +59,6 @@ def by_external_id(session: Session, study_id: uuid.UUID, external_id: str, *,
 
 _participants_t = cast(Table, Participant.__table__)
 PARTICIPANT_COLUMNS = tuple(c.key for c in _participants_t.c)
-_of_study_key = select(Study.id).where(Study.key == bindparam("key")).scalar_subquery()
-# The participant by study key (no need to have read the study first), locked as _BY_EXTERNAL_ID_LOCKED is.
-_BY_STUDY_KEY_LOCKED = (select(*_participants_t.c)
-                        .where(_participants_t.c.study_id == _of_study_key,
-                               _participants_t.c.external_id == bindparam("external_id"))
-                        .with_for_update(key_share=True))
-
-
-def by_external_id_locked_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
-    """`by_external_id(..., for_update=True)` as a read to send with others (app.core.db.fetch_together):
-    a row of `PARTICIPANT_COLUMNS`, or none."""
-    return _BY_STUDY_KEY_LOCKED, {"key": study_key, "external_id": external_id}
-
-
 def by_ids(session: Session, participant_ids: Sequence[uuid.UUID]) -> list[Participant]:
     return list(session.scalars(select(Participant).where(Participant.id.in_(participant_ids)))) \
         if participant_ids else []

@@ -12,7 +12,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import Executable
 
 from app.core.crypto import Sealer
 from app.core.db import add_unique, is_unique_violation
@@ -200,13 +199,8 @@ def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: b
     return participant
 
 
-def find_locked_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
-    """`find(..., for_update=True)` as a read to send with others; pass its rows to `found`."""
-    return repository.by_external_id_locked_read(study_key, external_id)
-
-
 def found(ctx: StudyContext, external_id: str, rows: list[tuple[Any, ...]]) -> Participant:
-    """The participant of `find_locked_read`'s rows (read only: never added to a session)."""
+    """The participant of a row of `repository.PARTICIPANT_COLUMNS`, if any (read only: never added to a session)."""
     participant = (Participant(**dict(zip(repository.PARTICIPANT_COLUMNS, rows[0], strict=True)))
                    if rows else None)
     if participant is None or not visible(ctx, participant):

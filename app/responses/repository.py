@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -26,8 +28,9 @@ from sqlalchemy.sql.expression import Executable
 
 from app.core.db import with_commit
 from app.participants.models import Participant
+from app.participants.repository import PARTICIPANT_COLUMNS
 from app.responses.models import DerivedRecompute, Response, ResponseCorrection
-from app.studies.models import Study
+from app.studies.repository import STUDY_COLUMNS
 
 
 def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
@@ -53,25 +56,57 @@ _STORED_OF = select(_responses.c.wave, _responses.c.status, _responses.c.derived
 _INSERT = insert(_responses)
 
 
-_STORED_BY_EXTERNAL_ID = select(_responses.c.wave, _responses.c.status, _responses.c.derived).where(
-    _responses.c.participant_id == select(Participant.id).where(
-        Participant.study_id == select(Study.id).where(Study.key == bindparam("key")).scalar_subquery(),
-        Participant.external_id == bindparam("external_id")).scalar_subquery())
-
-
 def stored_of_participant(session: Session, participant_id: uuid.UUID) -> dict[str, tuple[str, dict[str, Any]]]:
     """The participant's stored responses: wave -> (status, derived values)."""
     return stored_of_rows(list(session.connection().execute(_STORED_OF, {"p": participant_id})))
 
 
-def stored_read(study_key: str, external_id: str) -> tuple[Executable, dict[str, Any]]:
-    """`stored_of_participant` by the participant's study key and external id, as a read to send with
-    others (app.core.db.fetch_together) before the participant is known; `stored_of_rows` reads its rows."""
-    return _STORED_BY_EXTERNAL_ID, {"key": study_key, "external_id": external_id}
-
-
 def stored_of_rows(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
     return {wave: (status, derived) for wave, status, derived in rows}
+
+
+# POST /responses' first reads in one call (migration c5e8a1f3b926): the study with its codebook
+# revision and the token's confirmation, the Idempotency-Key's claim, the participant locked, and
+# their stored responses, each read after the one before. One row; the columns named here.
+_CLAIM_COLUMNS = ("o_locked", "o_record_id", "o_fingerprint", "o_status_code", "o_sealed_body", "o_created_at")
+_OPEN = text(  # the names are the tables' own columns, not input
+    "SELECT " + ", ".join([*(f"(o.o_study).{c}" for c in STUDY_COLUMNS), "o.o_codebook_id", "o.o_revision",  # noqa: S608
+                           "o.o_confirmed", *(f"o.{c}" for c in _CLAIM_COLUMNS),
+                           *(f"(o.o_participant).{c}" for c in PARTICIPANT_COLUMNS), "o.o_stored"])
+    + " FROM cohort_submit_open(CAST(:key AS text), CAST(:external_id AS text), CAST(:confirm_token AS uuid), "
+      "CAST(:lock AS bigint), CAST(:token AS uuid), CAST(:idempotency_key AS text)) o")
+
+
+@dataclass(frozen=True)
+class Opening:
+    """The first reads of a response, each as its own read gives it: the study read's rows (study
+    columns, codebook id, revision, confirmation), the claim's row (None without a key), the
+    participant read's rows and the stored responses' rows."""
+
+    study: list[tuple[Any, ...]]
+    claim: tuple[Any, ...] | None
+    participant: list[tuple[Any, ...]]
+    stored: list[tuple[Any, ...]]
+
+
+def opening_read(study_key: str, external_id: str, confirm_token: uuid.UUID,
+                 claim: Mapping[str, Any] | None) -> tuple[Executable, dict[str, Any]]:
+    """The first reads as one statement; `claim` is the parameters of the Idempotency-Key's claim
+    (`app.idempotency.repository.claim_read`: lock, token, key), None without a key. Pass the one
+    row it returns to `opened`."""
+    return _OPEN, {"key": study_key, "external_id": external_id, "confirm_token": confirm_token,
+                   "lock": claim["lock"] if claim else None, "token": claim["token"] if claim else None,
+                   "idempotency_key": claim["key"] if claim else None}
+
+
+def opened(row: Sequence[Any], with_claim: bool) -> Opening:
+    study_end = len(STUDY_COLUMNS) + 3
+    claim_end = study_end + len(_CLAIM_COLUMNS)
+    participant = tuple(row[claim_end:claim_end + len(PARTICIPANT_COLUMNS)])
+    return Opening(study=[tuple(row[:study_end])] if row[0] is not None else [],
+                   claim=tuple(row[study_end:claim_end]) if with_claim else None,
+                   participant=[participant] if participant[0] is not None else [],
+                   stored=[tuple(r) for r in row[-1]])
 
 
 _INSERT_IF_ABSENT = (insert(_responses)

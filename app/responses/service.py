@@ -120,24 +120,25 @@ def submit_reading_first(session: Session, key: str, data: ResponseIn, principal
                          now: datetime) -> tuple[ResponseCreated, bool] | None:
     """`submit` for a request that has not read anything yet (the API's POST): the study with the
     token's confirmation, the Idempotency-Key's claim, the participant's lock and their stored
-    responses are read in one round trip, each after the one before it (so the responses are read
-    under the lock), then checked in that order as `submit` and `Idempotency.check` would. None when
-    the study read cannot carry the confirmation: then use `submit`.
+    responses are read in one statement (a server-side call), each after the one before it (so the
+    responses are read under the lock), then checked in that order as `submit` and
+    `Idempotency.check` would. None when the study read cannot carry the confirmation: then use
+    `submit`.
     """
-    study_read = studies.context_read(session, key)
-    if study_read is None:
+    confirm_token = studies.confirmation_to_carry(session)
+    if confirm_token is None:
         return None
     claim = idem.claim_read(data)
-    rows = fetch_together(session, [study_read, *([claim] if claim is not None else []),
-                                     participants.find_locked_read(key, data.external_id),
-                                     repository.stored_read(key, data.external_id)])
-    ctx = studies.context_of_rows(session, key, rows[0], principal)
-    if claim is not None:
-        idem.settle(rows[1][0])
+    (row,), = fetch_together(session, [repository.opening_read(key, data.external_id, confirm_token,
+                                                               claim[1] if claim is not None else None)])
+    first = repository.opened(row, with_claim=claim is not None)
+    ctx = studies.context_of_rows(session, key, first.study, principal)
+    if first.claim is not None:
+        idem.settle(first.claim)
     codebook = ctx.require_codebook()
     _require_wave_and_time(codebook, data, now)
-    participant = participants.found(ctx, data.external_id, rows[-2])
-    return _store(session, ctx, codebook, participant, repository.stored_of_rows(rows[-1]), data, principal, now,
+    participant = participants.found(ctx, data.external_id, first.participant)
+    return _store(session, ctx, codebook, participant, repository.stored_of_rows(first.stored), data, principal, now,
                   insert_at_commit=True)
 
 

@@ -63,22 +63,6 @@ def with_revision(session: Session, key: str, confirm: Confirmation | None = Non
 
 _studies = cast(Table, Study.__table__)
 STUDY_COLUMNS = tuple(c.key for c in _studies.c)
-# As _WITH_REVISION, in plain columns (no ORM entity): the hot path reads it with other reads at once.
-_COLUMNS_WITH_REVISION = (select(*_studies.c, _latest.c.id.label("codebook_id"), _latest.c.revision)
-                          .outerjoin(_latest, true()).where(_studies.c.key == bindparam("key")))
-_columns_confirming: dict[int, tuple[ColumnElement[Any], Select[Any]]] = {}
-
-
-def with_revision_read(key: str, confirm: Confirmation) -> tuple[Select[Any], dict[str, Any]]:
-    """`with_revision` as a read for `app.core.db.fetch_together`: a row of the study's columns
-    (`STUDY_COLUMNS`), its codebook's id and revision, and the token confirmation."""
-    built = _columns_confirming.get(id(confirm.column))
-    if built is None or built[0] is not confirm.column:
-        built = _columns_confirming[id(confirm.column)] = (confirm.column,
-                                                           _COLUMNS_WITH_REVISION.add_columns(confirm.column))
-    return built[1], {"key": key, **confirm.params}
-
-
 def codebook_document(session: Session, codebook_id: uuid.UUID) -> dict[str, Any]:
     return dict(session.scalars(select(CodebookRevision.document).where(CodebookRevision.id == codebook_id)).one())
 

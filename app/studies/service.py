@@ -8,7 +8,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.core.crypto import DateShifter, Pseudonymiser, Sealer, new_pseudonym_key
@@ -69,16 +68,18 @@ def system_context(session: Session, key: str) -> StudyContext:
     return StudyContext(study, _codebook(session, codebook_id) if codebook_id is not None else None, revision)
 
 
-def context_read(session: Session, key: str) -> tuple[Select[Any], dict[str, Any]] | None:
-    """`context` as a read to send with the request's other first reads (`app.core.db.fetch_together`),
-    carrying the request token's confirmation; pass its rows to `context_of_rows`. None when there is
-    no confirmation to carry (the transaction has begun, or no token): then use `context`."""
+def confirmation_to_carry(session: Session) -> uuid.UUID | None:
+    """The request token's id, for a caller whose transaction starts with a statement that confirms
+    it (and names it as the audit actor) itself; None when there is nothing to confirm or the
+    transaction has begun (see `app.core.db.confirming`). The caller passes the confirmation's value
+    to `context_of_rows`."""
     confirmation = confirming(session)
-    return None if confirmation is None else repository.with_revision_read(key, confirmation)
+    return None if confirmation is None else confirmation.params["confirm_token"]
 
 
 def context_of_rows(session: Session, key: str, rows: list[tuple[Any, ...]], principal: Principal) -> StudyContext:
-    """The study of `context_read`'s rows: checks the token's confirmation and scope as `context` does."""
+    """The study of a read carrying the token's confirmation (rows of the study's columns, its codebook's
+    id and revision, the confirmation): checks the confirmation and scope as `context` does."""
     if not rows:
         raise NotFound(f"no study {key!r}")
     row = rows[0]
