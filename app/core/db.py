@@ -200,7 +200,13 @@ def _pipelined(connection: Connection, statements: Sequence[tuple[Executable, Ma
                 raw.commit()
         return [cursor.fetchall() for cursor in cursors] if fetch else []
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect) from exc
+        raise _as_sqlalchemy_error(sql, exc, connection) from exc
+
+
+def _as_sqlalchemy_error(sql: str, exc: psycopg.Error, connection: Connection) -> DBAPIError:
+    """A driver error of a statement sent past SQLAlchemy, raised as SQLAlchemy would have raised it, so the
+    error handlers treat it as any other database error (a lost connection or a deadlock is a 503 to retry)."""
+    return DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect)
 
 
 def fetch_together(session: Session,
@@ -216,7 +222,18 @@ def fetch_together(session: Session,
     connection = session.connection()
     if not isinstance(session.get_bind(), Engine):  # a session joined to an outer transaction (the tests)
         return [[tuple(row) for row in connection.execute(statement, dict(params))] for statement, params in reads]
+    if len(reads) == 1:
+        return [_plain(connection, *reads[0])]
     return _pipelined(connection, reads, commit=False, fetch=True)
+
+
+def _plain(connection: Connection, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    driver = _compiled(statement, connection.dialect)
+    try:
+        return raw.execute(driver.sql, driver.params(params)).fetchall()
+    except psycopg.Error as exc:
+        raise _as_sqlalchemy_error(driver.sql, exc, connection) from exc
 
 
 @dataclass(frozen=True)
