@@ -19,7 +19,7 @@ import psycopg
 from fastapi import Depends, Request
 from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Compiled, Dialect
-from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql.expression import ClauseElement, Executable, UpdateBase
 from starlette.concurrency import run_in_threadpool
@@ -203,7 +203,7 @@ def _pipelined(connection: Connection, statements: Sequence[tuple[Executable, Ma
         raise _as_sqlalchemy_error(sql, exc, connection) from exc
 
 
-def _as_sqlalchemy_error(sql: str, exc: psycopg.Error, connection: Connection) -> DBAPIError:
+def _as_sqlalchemy_error(sql: str, exc: psycopg.Error, connection: Connection) -> StatementError:
     """A driver error of a statement sent past SQLAlchemy, raised as SQLAlchemy would have raised it, so the
     error handlers treat it as any other database error (a lost connection or a deadlock is a 503 to retry)."""
     return DBAPIError.instance(sql, None, exc, psycopg.Error, ismulti=False, dialect=connection.dialect)
