@@ -232,6 +232,73 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of one process so far (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def _stats() -> dict[int, list[str]]:
+    """Every process's /proc stat fields after its name: pid -> [state, ppid, ...], with the name first."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+            except (OSError, ValueError):
+                continue
+            out[int(entry.name)] = [name, *rest.split()]
+    return out
+
+
+def _tree(root: int) -> list[int]:
+    """`root` and its descendants (an API server's worker processes)."""
+    parents = {pid: int(fields[2]) for pid, fields in _stats().items()}
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+@dataclass
+class CpuShare:
+    """CPU milliseconds per request of the API process(es), of PostgreSQL's processes and of the
+    load-generating client, over one measured load (filled in when the `cpu_per_request` block ends)."""
+
+    api: float = float("nan")
+    postgres: float = float("nan")
+    client: float = float("nan")
+
+
+@contextmanager
+def cpu_per_request(server: Process, requests: int) -> Iterator[CpuShare]:
+    """Where a request's CPU goes: the server's process tree, every PostgreSQL process on this machine
+    (the bench's server is the only user of it while it runs), and this process (the client threads).
+    Backends that start and end inside the block are missed, so the PostgreSQL share is a floor."""
+
+    def postgres() -> dict[int, float]:
+        return {pid: _cpu_seconds(pid) for pid, fields in _stats().items() if fields[0] == "postgres"}
+
+    api_pids = _tree(server.proc.pid)
+    api_before = sum(_cpu_seconds(pid) for pid in api_pids)
+    pg_before = postgres()
+    client_before = sum(os.times()[:2])
+    share = CpuShare()
+    yield share
+    pg_after = postgres()
+    per = 1000 / max(1, requests)
+    share.api = (sum(_cpu_seconds(pid) for pid in api_pids) - api_before) * per
+    share.postgres = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items()) * per
+    share.client = (sum(os.times()[:2]) - client_before) * per
+
+
 def default_server() -> URL:
     raw = os.environ.get("DATABASE_URL") or os.environ.get("TEST_DATABASE_URL") \
         or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

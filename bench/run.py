@@ -26,6 +26,10 @@ TARGETS = {
 }
 
 
+def _cpu(share: dict[str, float] | None) -> str:
+    return "n/a" if not share else f"{share['api']:.2f} / {share['postgres']:.2f} / {share['client']:.2f}"
+
+
 def machine() -> dict[str, Any]:
     with open("/proc/meminfo") as fh:
         mem_kb = int(fh.readline().split()[1])
@@ -82,7 +86,8 @@ def summary(name: str, r: dict[str, Any]) -> str:
         return (f"{top} clients: {level['service']['rate']:.0f} req/s (p99 {level['service']['p99_ms']:.0f} ms); "
                 f"bare FastAPI {level['bare_fastapi']['rate']:.0f}, raw INSERT {level['raw_insert']['rate']:.0f}; "
                 f"ratio to bare {level['ratio_to_bare_fastapi']:.2f}, to raw {level['ratio_to_raw_insert']:.2f}; "
-                f"2 processes {r['processes']['2']:.0f} req/s")
+                f"2 processes {r['processes']['2']:.0f} req/s; CPU ms per request (API / PostgreSQL / client): "
+                f"{_cpu(level.get('service_cpu_ms'))}, bare {_cpu(level.get('bare_fastapi_cpu_ms'))}")
     if name == "burst":
         return (f"{r['clients']} clients, {r['responses']} responses: {r['acknowledged']} acknowledged, "
                 f"{r['server_errors']} 5xx, {r['stored']} stored; {r['rate']:.0f} req/s, p99 {r['p99_ms']:.0f} ms; "

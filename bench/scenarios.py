@@ -26,6 +26,7 @@ from bench.common import (
     SECRET,
     Databases,
     conninfo,
+    cpu_per_request,
     http_connect,
     peak_rss_mb,
     request,
@@ -106,8 +107,9 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
 
         for i, clients in enumerate(levels):
             chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
-            load = run_load(chunk, clients, post_response, http_connect(api.url))
-            out["levels"][clients] = {"service": load.__dict__}
+            with cpu_per_request(api, len(chunk)) as cpu:
+                load = run_load(chunk, clients, post_response, http_connect(api.url))
+            out["levels"][clients] = {"service": load.__dict__, "service_cpu_ms": cpu.__dict__}
 
     # the top level again on two API processes against the same database (more cores, more processes)
     with serve(env, "--workers", "2") as api2:
@@ -129,8 +131,10 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
 
         for i, clients in enumerate(levels):
             chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
-            out["levels"][clients]["bare_fastapi"] = run_load(chunk, clients, post_bare,
-                                                              http_connect(bare.url)).__dict__
+            with cpu_per_request(bare, len(chunk)) as cpu:
+                out["levels"][clients]["bare_fastapi"] = run_load(chunk, clients, post_bare,
+                                                                  http_connect(bare.url)).__dict__
+            out["levels"][clients]["bare_fastapi_cpu_ms"] = cpu.__dict__
 
     def raw_insert(conn: psycopg.Connection[Any], body: dict[str, Any]) -> bool:
         conn.execute("INSERT INTO bench_raw (id, participant, wave, answers) VALUES (%s, %s, %s, %s)",
