@@ -60,7 +60,7 @@ BEGIN
         FROM cohort_idempotency_claim(p_lock_id, p_token, p_idempotency_key) k;
     END IF;
     SELECT p.* INTO o_participant FROM participants p
-    WHERE p.study_id = (SELECT s.id FROM studies s WHERE s.key = p_study_key) AND p.external_id = p_external_id
+    WHERE p.study_id = (o_study).id AND p.external_id = p_external_id
     FOR NO KEY UPDATE;
     o_stored := (SELECT coalesce(jsonb_agg(jsonb_build_array(r.wave, r.status, r.derived)), '[]'::jsonb)
                  FROM responses r WHERE r.participant_id = (o_participant).id);
