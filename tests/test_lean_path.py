@@ -7,7 +7,9 @@ a round trip, yet a new codebook revision validates the very next response.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,10 +22,12 @@ from sqlalchemy import bindparam, create_engine, func, literal, select, text, up
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
+from app.core import db as db_module
 from app.core.db import Database, confirming, expect_live_token, transaction, with_commit
+from app.responses import repository as responses_repo
 from app.tokens import service as tokens
 from app.tokens.models import ApiToken
-from tests.conftest import ADMIN_TOKEN, client_for, make_settings
+from tests.conftest import ADMIN_TOKEN, client_for, clone_database, drop_database, make_settings
 from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
 
 pytestmark = pytest.mark.anyio
@@ -291,3 +295,124 @@ async def test_a_response_stored_meanwhile_by_a_writer_without_the_lock_is_a_409
         keys = conn.execute(text("SELECT count(*) FROM idempotency_keys WHERE key = 'raced'")).scalar_one()
     engine.dispose()
     assert (stored, keys) == (1, 0)
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?")
+_BYTES = re.compile(r"\\\\x[0-9a-f]+")
+# what a response's writes touch, by triggers too; ordered by content, ids, times and shards (of a participant's
+# random id) masked: they differ per run
+_WRITTEN = ("responses", "schedules", "participants", "idempotency_keys", "webhook_deliveries", "audit_log",
+            "retention_counts", "retention_group_counts", "retention_watermarks", "reminder_sends")
+
+# the audit trail in its order: which transaction (by rank) and which row of it, each row in the order written
+_AUDIT = ("SELECT to_jsonb(t) - 'id' - 'txid' || jsonb_build_object('tx', dense_rank() OVER (ORDER BY txid), "
+          "'nth', row_number() OVER (PARTITION BY txid ORDER BY id)) FROM audit_log t")
+
+
+async def _responses_written(url: URL, tmp_path: Path) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """Three waves of one participant (the first with an Idempotency-Key, the last completes them), a
+    partial response and its merge for another: what the database then holds, and the SQL of each
+    pipeline sent with a COMMIT."""
+    from app.main import create_app
+
+    sent: list[list[str]] = []
+    pipelined = db_module._pipelined
+
+    def recording(connection: Any, statements: Any, *, commit: bool, fetch: bool) -> Any:
+        if commit:
+            sent.append([str(statement) for statement, _ in statements])
+        return pipelined(connection, statements, commit=commit, fetch=fetch)
+
+    application = create_app(make_settings(url, tmp_path))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db_module, "_pipelined", recording)
+        async with (application.router.lifespan_context(application),
+                    client_for(application, ADMIN_TOKEN) as admin):
+            await create_study(admin, ADMIN_TOKEN, key="lean")
+            enrolled = (datetime.now(UTC) - timedelta(days=370)).isoformat()
+            for person in ("P1", "P2"):
+                assert (await admin.post("/api/v1/studies/lean/participants",
+                                         json={"external_id": person, "enrolled_at": enrolled})).status_code == 201
+            collector = await create_token(admin, ADMIN_TOKEN, "collector")
+            assert (await admin.post("/api/v1/studies/lean/webhooks", json={
+                "url": "https://93.184.215.14/hook", "events": ["response.completed"]})).status_code == 201
+            sent.clear()
+            for n, wave in enumerate(("baseline", "month6", "month12")):
+                r = await admin.post("/api/v1/studies/lean/responses", headers={
+                    **auth(collector), **({"Idempotency-Key": "k-baseline"} if wave == "baseline" else {})},
+                    json={"external_id": "P1", "wave": wave, "answers": valid_answers(wave, random.Random(n))})
+                assert r.status_code == 201, r.text
+            answers = list(valid_answers("baseline", random.Random(7), primary_group="aa_12step").items())
+            for n, (part, given) in enumerate(((answers[:10], "partial"), (answers[10:], "complete"))):
+                r = await admin.post("/api/v1/studies/lean/responses", headers=auth(collector), json={
+                    "external_id": "P2", "wave": "baseline", "answers": dict(part), "status": given})
+                assert r.status_code == (201, 200)[n], r.text
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            written = {table: sorted(_masked(json.dumps(row, sort_keys=True)) for row in conn.execute(
+                text(_AUDIT if table == "audit_log" else f"SELECT to_jsonb(t) - 'seq' - 'shard' FROM {table} t")
+            ).scalars()) for table in _WRITTEN}
+    finally:
+        engine.dispose()
+    return written, sent
+
+
+def _masked(row: str) -> str:
+    return _BYTES.sub("<bytes>", _TIME.sub("<time>", _UUID.sub("<uuid>", row)))
+
+
+async def test_the_writes_folded_into_one_call_are_those_the_pipeline_sends(template_db: URL, tmp_path: Path) -> None:
+    urls = [clone_database(template_db), clone_database(template_db)]
+    try:
+        folded, folded_sent = await _responses_written(urls[0], tmp_path)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(db_module, "_folds", {})  # every write its own statement
+            pipelined, pipelined_sent = await _responses_written(urls[1], tmp_path)
+    finally:
+        for url in urls:
+            drop_database(url)
+    # each first complete response's writes went as one call; the partial one and the merge as before
+    assert [len(s) for s in folded_sent] == [1, 1, 1, 1, 2]
+    assert all("cohort_submit_close" in s[0] for s in folded_sent[:3])
+    assert "cohort_submit_close" not in " ".join(folded_sent[3] + folded_sent[4])
+    assert [len(s) for s in pipelined_sent] == [4, 3, 4, 1, 2]
+    assert folded_sent[3:] == pipelined_sent[3:]
+    assert folded["audit_log"] and folded["idempotency_keys"] and folded["webhook_deliveries"]
+    for table in _WRITTEN:
+        assert folded[table] == pipelined[table], table
+
+
+async def test_a_response_stored_meanwhile_is_a_conflict_when_the_writes_are_one_call(
+        committing: tuple[httpx.AsyncClient, URL]) -> None:
+    admin, url = committing
+    await create_study(admin, ADMIN_TOKEN, key="lean")
+    enrolled = (datetime.now(UTC) - timedelta(days=10)).isoformat()
+    assert (await admin.post("/api/v1/studies/lean/participants",
+                             json={"external_id": "P1", "enrolled_at": enrolled})).status_code == 201
+    engine = create_engine(url)
+    pipelined = db_module._pipelined
+
+    def an_import_first(connection: Any, statements: Any, *, commit: bool, fetch: bool) -> Any:
+        # a writer that does not take the participant's lock stores the same wave just before the commit
+        if commit and "cohort_submit_close" in str(statements[0][0]):
+            given = statements[0][1]
+            with engine.begin() as other:
+                other.execute(responses_repo._INSERT,
+                              {**{k[2:]: v for k, v in given.items() if k.startswith("r_")}, "id": uuid.uuid4()})
+        return pipelined(connection, statements, commit=commit, fetch=fetch)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(db_module, "_pipelined", an_import_first)
+            r = await admin.post("/api/v1/studies/lean/responses", headers={"Idempotency-Key": "k1"},
+                                 json=baseline("P1", 1))
+        assert r.status_code == 409, r.text
+        assert "stored meanwhile" in r.json()["detail"]
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM idempotency_keys")).scalar_one() == 0
+            assert conn.execute(text("SELECT count(*) FROM webhook_deliveries")).scalar_one() == 0
+            assert conn.execute(text("SELECT count(*) FROM schedules WHERE status = 'completed'")).scalar_one() == 0
+    finally:
+        engine.dispose()

@@ -17,10 +17,12 @@ from typing import Annotated, Any, cast
 
 import psycopg
 from fastapi import Depends, Request
-from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, text
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, create_engine, event, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Compiled, Dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable, UpdateBase
 from starlette.concurrency import run_in_threadpool
 
@@ -152,6 +154,7 @@ class _DriverStatement:
 
 
 _driver_sql: dict[tuple[int, str], _DriverStatement] = {}
+_FOLD_DIALECT: Dialect = cast(Any, postgresql.psycopg).dialect()  # to read the bind parameters of a folded statement
 
 
 def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
@@ -162,6 +165,54 @@ def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
         cached = _driver_sql[key] = _DriverStatement(statement, compiled, str(compiled),
                                                      dict(getattr(compiled, "_bind_processors", {})))
     return cached
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """A registered set of statements sent as `call`, one server-side call that runs them in order."""
+
+    call: Executable
+    parts: tuple[tuple[UpdateBase, str], ...]  # each statement registered, with its parameters' prefix in `call`
+
+
+_folds: dict[tuple[int, ...], _Fold] = {}
+
+
+def fold_with_commit(sql: str, parts: Sequence[tuple[UpdateBase, str, bool]]) -> None:
+    """Send the statements of `parts`, when they are exactly those registered with `with_commit` (in
+    their run order), as the one statement `sql` with the COMMIT, instead of one statement each.
+
+    `sql` calls a server-side function that runs the same statements, each a statement of its own, in
+    the same order (so their triggers fire as before). Each part is (statement, prefix, optional): the
+    statement's parameter `name` is bound in `sql` as `:<prefix><name>`, typed as the statement types
+    it; an optional part may be missing from the registered ones, and its parameters are then all
+    NULL (the function skips it). Any other set of registered statements is sent one by one, as
+    `with_commit` says; so is every set inside a session joined to an outer transaction.
+    """
+    binds: dict[str, Any] = {}
+    for statement, prefix, _ in parts:
+        compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=_FOLD_DIALECT))
+        for name, bind in compiled.binds.items():
+            if name.isidentifier():
+                binds[prefix + name] = bindparam(prefix + name, None, type_=bind.type)
+    call = text(sql).bindparams(*(binds[name] for name in binds if f":{name}" in sql))
+    optional = [i for i, (_, _, maybe) in enumerate(parts) if maybe]
+    for leave_out in range(1 << len(optional)):
+        absent = {optional[j] for j in range(len(optional)) if leave_out >> j & 1}
+        kept = tuple((statement, prefix) for i, (statement, prefix, _) in enumerate(parts) if i not in absent)
+        _folds[tuple(id(statement) for statement, _ in kept)] = _Fold(call, kept)
+
+
+def _folded(registered: Sequence[tuple[UpdateBase, Mapping[str, Any]]]
+            ) -> list[tuple[Executable, Mapping[str, Any]]] | None:
+    """`registered` as the one call of their fold, if they are exactly the statements of one."""
+    fold = _folds.get(tuple(id(statement) for statement, _ in registered))  # held by their fold: ids stay theirs
+    if fold is None:
+        return None
+    params: dict[str, Any] = {}
+    for (_, given), (_, prefix) in zip(registered, fold.parts, strict=True):
+        params.update({prefix + name: value for name, value in given.items()})
+    return [(fold.call, params)]
 
 
 def _run_last(session: Session, pipelined: bool) -> None:
@@ -178,7 +229,8 @@ def _run_last(session: Session, pipelined: bool) -> None:
         return
     # The driver commits; SQLAlchemy's own commit after this then finds no transaction open and
     # only runs the session's after-commit work.
-    _pipelined(connection, [(statement, params) for _, statement, params in last], commit=True, fetch=False)
+    statements = [(statement, params) for _, statement, params in last]
+    _pipelined(connection, _folded(statements) or statements, commit=True, fetch=False)
 
 
 def _pipelined(connection: Connection, statements: Sequence[tuple[Executable, Mapping[str, Any]]], *,

@@ -17,6 +17,7 @@ _keys = cast(Table, IdempotencyRecord.__table__)
 _CLAIM = text("SELECT * FROM cohort_idempotency_claim(:lock, :token, :key)")
 _DROP = delete(_keys).where(_keys.c.id == bindparam("id"))
 _STORE = insert(_keys)
+STORE = _STORE  # what `store` registers (app.responses.repository folds it with the response's writes)
 
 
 def claim_read(lock_id: int, token_id: uuid.UUID, key: str) -> tuple[Executable, dict[str, Any]]:

@@ -160,6 +160,8 @@ _COMPLETE_WAVE = (update(_schedules)
                   .where(_schedules.c.participant_id == bindparam("p"), _schedules.c.wave == bindparam("w"))
                   .values(status="completed", completed_at=bindparam("c")))
 
+COMPLETE_WAVE = _COMPLETE_WAVE  # what `mark_wave_completed` registers (folded by app.responses.repository)
+
 
 def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
     """With the commit: the schedule's triggers lock the study's retention rollup rows (see with_commit)."""
@@ -168,6 +170,8 @@ def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, 
 
 _participants = cast(Table, Participant.__table__)
 _SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).values(status=bindparam("s"))
+
+SET_STATUS = _SET_STATUS  # what `set_status_at_commit` registers (folded by app.responses.repository)
 
 
 def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:

@@ -26,11 +26,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Executable
 
-from app.core.db import with_commit
+from app.core.db import fold_with_commit, with_commit
+from app.idempotency import repository as idempotency_repo
+from app.participants import repository as participants_repo
 from app.participants.models import Participant
 from app.participants.repository import PARTICIPANT_COLUMNS
 from app.responses.models import DerivedRecompute, Response, ResponseCorrection
 from app.studies.repository import STUDY_COLUMNS
+from app.webhooks import repository as webhooks_repo
 
 
 def for_update(session: Session, participant_id: uuid.UUID, wave: str) -> Response | None:
@@ -124,6 +127,30 @@ def insert_with_commit(session: Session, values: dict[str, Any]) -> None:
     trigger locks rows that every completion of the study takes (see app.core.db.with_commit).
     The caller holds the participant's lock and has seen no response at that wave."""
     with_commit(session, _INSERT, values, contended=True)
+
+
+# A first complete response's writes with the commit (migration d3f7b2a9c541): the webhook event, the
+# Idempotency-Key's record (with a key), the response, the wave's schedule completed and the
+# participant's status (on the last wave, or back from lost), in the order `with_commit` runs them:
+# one statement, each write still a statement of its own in the function, and the COMMIT in one round
+# trip. Any other set of writes is sent one statement each.
+_CLOSE_PARAMS = (
+    "e_study uuid", "e_event text", "e_events varchar[]", "e_ordering uuid", "e_payload jsonb", "e_now timestamptz",
+    "e_give_up_at timestamptz",
+    "k_id uuid", "k_token_id uuid", "k_key text", "k_method text", "k_path text", "k_fingerprint text",
+    "k_status_code integer", "k_sealed_body bytea", "k_resource_id uuid", "k_created_at timestamptz",
+    "r_id uuid", "r_study_id uuid", "r_participant_id uuid", "r_wave text", "r_status text", "r_answers jsonb",
+    "r_derived jsonb", "r_derived_signature text", "r_codebook_revision integer", "r_late boolean",
+    "r_completed_instruments jsonb", "r_completed_at timestamptz", "r_received_at timestamptz",
+    "r_updated_at timestamptz", "r_submitted_by uuid",
+    "s_p uuid", "s_w text", "s_c timestamptz",
+    "p_p uuid", "p_s text",
+)
+fold_with_commit(
+    "SELECT cohort_submit_close(" + ", ".join(
+        f"CAST(:{name} AS {pg_type})" for name, pg_type in (p.split(" ") for p in _CLOSE_PARAMS)) + ")",
+    [(webhooks_repo.EMIT, "e_", False), (idempotency_repo.STORE, "k_", True), (_INSERT, "r_", False),
+     (participants_repo.COMPLETE_WAVE, "s_", False), (participants_repo.SET_STATUS, "p_", True)])
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,

@@ -58,6 +58,8 @@ _EMIT = insert(_deliveries).from_select(
     .where(_subs.c.study_id == bindparam("study"), _subs.c.status == "active",
            _subs.c.events.contains(bindparam("events", type_=ARRAY(_subs.c.events.type.item_type)))))
 
+EMIT = _EMIT  # what `emit_with_commit` registers (app.responses.repository folds it with the response's writes)
+
 
 def emit_with_commit(session: Session, study_id: uuid.UUID, event: str, ordering_key: uuid.UUID | None,
                      payload: dict[str, Any], now: datetime, give_up_at: datetime) -> None:
