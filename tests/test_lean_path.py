@@ -317,16 +317,15 @@ async def _responses_written(url: URL, tmp_path: Path) -> tuple[dict[str, list[s
     from app.main import create_app
 
     sent: list[list[str]] = []
-    pipelined = db_module._pipelined
+    send = db_module._send_with_commit
 
-    def recording(connection: Any, statements: Any, *, commit: bool, fetch: bool) -> Any:
-        if commit:
-            sent.append([str(statement) for statement, _ in statements])
-        return pipelined(connection, statements, commit=commit, fetch=fetch)
+    def recording(connection: Any, statements: Any) -> None:
+        sent.append([str(statement) for statement, _ in statements])
+        send(connection, statements)
 
     application = create_app(make_settings(url, tmp_path))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(db_module, "_pipelined", recording)
+        patch.setattr(db_module, "_send_with_commit", recording)
         async with (application.router.lifespan_context(application),
                     client_for(application, ADMIN_TOKEN) as admin):
             await create_study(admin, ADMIN_TOKEN, key="lean")
@@ -392,20 +391,20 @@ async def test_a_response_stored_meanwhile_is_a_conflict_when_the_writes_are_one
     assert (await admin.post("/api/v1/studies/lean/participants",
                              json={"external_id": "P1", "enrolled_at": enrolled})).status_code == 201
     engine = create_engine(url)
-    pipelined = db_module._pipelined
+    send = db_module._send_with_commit
 
-    def an_import_first(connection: Any, statements: Any, *, commit: bool, fetch: bool) -> Any:
+    def an_import_first(connection: Any, statements: Any) -> None:
         # a writer that does not take the participant's lock stores the same wave just before the commit
-        if commit and "cohort_submit_close" in str(statements[0][0]):
+        if "cohort_submit_close" in str(statements[0][0]):
             given = statements[0][1]
             with engine.begin() as other:
                 other.execute(responses_repo._INSERT,
                               {**{k[2:]: v for k, v in given.items() if k.startswith("r_")}, "id": uuid.uuid4()})
-        return pipelined(connection, statements, commit=commit, fetch=fetch)
+        send(connection, statements)
 
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(db_module, "_pipelined", an_import_first)
+            patch.setattr(db_module, "_send_with_commit", an_import_first)
             r = await admin.post("/api/v1/studies/lean/responses", headers={"Idempotency-Key": "k1"},
                                  json=baseline("P1", 1))
         assert r.status_code == 409, r.text

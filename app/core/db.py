@@ -230,7 +230,22 @@ def _run_last(session: Session, pipelined: bool) -> None:
     # The driver commits; SQLAlchemy's own commit after this then finds no transaction open and
     # only runs the session's after-commit work.
     statements = [(statement, params) for _, statement, params in last]
-    _pipelined(connection, _folded(statements) or statements, commit=True, fetch=False)
+    _send_with_commit(connection, _folded(statements) or statements)
+
+
+def _send_with_commit(connection: Connection, statements: Sequence[tuple[Executable, Mapping[str, Any]]]) -> None:
+    """`statements`, then the COMMIT. Several go in one pipeline with it; one alone is sent on its own
+    and the COMMIT after it, which costs the API process less than a pipeline of the two (measured
+    side by side: 0.3-0.46 ms less CPU a response) for one more round trip."""
+    if len(statements) > 1:
+        _pipelined(connection, statements, commit=True, fetch=False)
+        return
+    _plain(connection, *statements[0], fetch=False)
+    raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
+    try:
+        raw.commit()
+    except psycopg.Error as exc:
+        raise _as_sqlalchemy_error("COMMIT", exc, connection) from exc
 
 
 def _pipelined(connection: Connection, statements: Sequence[tuple[Executable, Mapping[str, Any]]], *,
@@ -279,11 +294,14 @@ def fetch_together(session: Session,
     return _pipelined(connection, reads, commit=False, fetch=True)
 
 
-def _plain(connection: Connection, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+def _plain(connection: Connection, statement: Executable, params: Mapping[str, Any], *,
+           fetch: bool = True) -> list[tuple[Any, ...]]:
+    """One statement sent on its own (no pipeline); its rows when `fetch`."""
     raw = cast(psycopg.Connection[Any], connection.connection.driver_connection)
     driver = _compiled(statement, connection.dialect)
     try:
-        return raw.execute(driver.sql, driver.params(params)).fetchall()
+        cursor = raw.execute(driver.sql, driver.params(params))
+        return cursor.fetchall() if fetch else []
     except psycopg.Error as exc:
         raise _as_sqlalchemy_error(driver.sql, exc, connection) from exc
 
