@@ -23,8 +23,8 @@ STORE = _STORE  # what `store` registers (app.responses.repository folds it with
 def claim_read(lock_id: int, token_id: uuid.UUID, key: str) -> tuple[Executable, dict[str, Any]]:
     """A transaction-scoped advisory lock on the key and, once locked, its stored reply: one row
     (locked, record_id, fingerprint, status_code, sealed_body, created_at), not `locked` when another
-    transaction holds the key, `record_id` None when no reply is stored. A read to run at once or to
-    send with others (`app.core.db.fetch_together`)."""
+    transaction holds the key, `record_id` None when no reply is stored. A read to run at once, or
+    whose parameters a first read that carries the claim takes (`app.responses.repository.opening_read`)."""
     return _CLAIM, {"lock": lock_id, "token": token_id, "key": key}
 
 

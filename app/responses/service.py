@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.core.db import fetch_together
+from app.core.db import fetch
 from app.core.errors import AlreadyComplete, Conflict, Invalid, NotFound
 from app.core.etag import etag_of, require_current
 from app.core.security import Principal
@@ -129,8 +129,8 @@ def submit_reading_first(session: Session, key: str, data: ResponseIn, principal
     if confirm_token is None:
         return None
     claim = idem.claim_read(data)
-    (row,), = fetch_together(session, [repository.opening_read(key, data.external_id, confirm_token,
-                                                               claim[1] if claim is not None else None)])
+    (row,) = fetch(session, *repository.opening_read(key, data.external_id, confirm_token,
+                                                     claim[1] if claim is not None else None))
     first = repository.opened(row, with_claim=claim is not None)
     ctx = studies.context_of_rows(session, key, first.study, principal)
     if first.claim is not None:
