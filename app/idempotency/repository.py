@@ -16,8 +16,7 @@ _keys = cast(Table, IdempotencyRecord.__table__)
 # A server-side function (migration b7e2c91d4a60): the lock, then the read in a snapshot taken after it.
 _CLAIM = text("SELECT * FROM cohort_idempotency_claim(:lock, :token, :key)")
 _DROP = delete(_keys).where(_keys.c.id == bindparam("id"))
-_STORE = insert(_keys)
-STORE = _STORE  # what `store` registers (app.responses.repository folds it with the response's writes)
+STORE = insert(_keys)  # public: app.responses.repository folds it with the response's writes
 
 
 def claim_read(lock_id: int, token_id: uuid.UUID, key: str) -> tuple[Executable, dict[str, Any]]:
@@ -34,7 +33,7 @@ def drop(session: Session, record_id: uuid.UUID) -> None:
 
 def store(session: Session, values: dict[str, Any]) -> None:
     """Written with the commit: the record is never read back by the request that makes it."""
-    with_commit(session, _STORE, values)
+    with_commit(session, STORE, values)
 
 
 def forget_resource(session: Session, resource_id: uuid.UUID) -> None:

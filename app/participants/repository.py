@@ -156,28 +156,25 @@ def copy_rows(session: Session, table: str, columns: Sequence[tuple[str, str]], 
 
 
 _schedules = cast(Table, Schedule.__table__)
-_COMPLETE_WAVE = (update(_schedules)
-                  .where(_schedules.c.participant_id == bindparam("p"), _schedules.c.wave == bindparam("w"))
-                  .values(status="completed", completed_at=bindparam("c")))
-
-COMPLETE_WAVE = _COMPLETE_WAVE  # what `mark_wave_completed` registers (folded by app.responses.repository)
+# public, as SET_STATUS: app.responses.repository folds them with the response's writes
+COMPLETE_WAVE = (update(_schedules)
+                 .where(_schedules.c.participant_id == bindparam("p"), _schedules.c.wave == bindparam("w"))
+                 .values(status="completed", completed_at=bindparam("c")))
 
 
 def mark_wave_completed(session: Session, participant_id: uuid.UUID, wave: str, completed_at: datetime) -> None:
     """With the commit: the schedule's triggers lock the study's retention rollup rows (see with_commit)."""
-    with_commit(session, _COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at}, contended=True)
+    with_commit(session, COMPLETE_WAVE, {"p": participant_id, "w": wave, "c": completed_at}, contended=True)
 
 
 _participants = cast(Table, Participant.__table__)
-_SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).values(status=bindparam("s"))
-
-SET_STATUS = _SET_STATUS  # what `set_status_at_commit` registers (folded by app.responses.repository)
+SET_STATUS = update(_participants).where(_participants.c.id == bindparam("p")).values(status=bindparam("s"))
 
 
 def set_status_at_commit(session: Session, participant: Participant, status: str) -> None:
     """A participant's status, written with the commit: the participants' rollup trigger moves their
     shard of the study's retention watermark, a row the study's writers of that shard lock (see with_commit)."""
-    with_commit(session, _SET_STATUS, {"p": participant.id, "s": status}, contended=True)
+    with_commit(session, SET_STATUS, {"p": participant.id, "s": status}, contended=True)
     set_committed_value(participant, "status", status)
 
 
@@ -233,7 +230,7 @@ def mark_lost(session: Session, participant_ids: Sequence[uuid.UUID]) -> None:
 
 def complete_waves(session: Session, done: Sequence[tuple[uuid.UUID, str, datetime]]) -> None:
     if done:  # Core executemany: one statement, many parameter sets
-        session.connection().execute(_COMPLETE_WAVE, [{"p": p, "w": w, "c": c} for p, w, c in done])
+        session.connection().execute(COMPLETE_WAVE, [{"p": p, "w": w, "c": c} for p, w, c in done])
 
 
 def set_statuses(session: Session, *, finished: Sequence[uuid.UUID], returned: Sequence[uuid.UUID]) -> None:

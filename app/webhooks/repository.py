@@ -49,7 +49,8 @@ _subs = WebhookSubscription.__table__
 _deliveries = WebhookDelivery.__table__
 assert isinstance(_subs, Table) and isinstance(_deliveries, Table)
 # One event for every active subscriber, chosen by the database: no round trip to ask who subscribes.
-_EMIT = insert(_deliveries).from_select(
+# public: app.responses.repository folds it with the response's writes
+EMIT = insert(_deliveries).from_select(
     ["id", "subscription_id", "study_id", "event", "ordering_key", "payload", "status", "attempts",
      "next_attempt_at", "give_up_at", "created_at"],
     select(func.gen_random_uuid(), _subs.c.id, _subs.c.study_id, bindparam("event"), bindparam("ordering"),
@@ -58,13 +59,11 @@ _EMIT = insert(_deliveries).from_select(
     .where(_subs.c.study_id == bindparam("study"), _subs.c.status == "active",
            _subs.c.events.contains(bindparam("events", type_=ARRAY(_subs.c.events.type.item_type)))))
 
-EMIT = _EMIT  # what `emit_with_commit` registers (app.responses.repository folds it with the response's writes)
-
 
 def emit_with_commit(session: Session, study_id: uuid.UUID, event: str, ordering_key: uuid.UUID | None,
                      payload: dict[str, Any], now: datetime, give_up_at: datetime) -> None:
     """A delivery of `payload` for each active subscription of the study to `event`, written with the commit."""
-    with_commit(session, _EMIT, {"study": study_id, "event": event, "events": [event], "ordering": ordering_key,
+    with_commit(session, EMIT, {"study": study_id, "event": event, "events": [event], "ordering": ordering_key,
                                  "payload": payload, "now": now, "give_up_at": give_up_at})
 
 
