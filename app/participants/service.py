@@ -199,10 +199,10 @@ def find(session: Session, ctx: StudyContext, external_id: str, *, for_update: b
     return participant
 
 
-def found(ctx: StudyContext, external_id: str, rows: list[tuple[Any, ...]]) -> Participant:
-    """The participant of a row of `repository.PARTICIPANT_COLUMNS`, if any (read only: never added to a session)."""
-    participant = (Participant(**dict(zip(repository.PARTICIPANT_COLUMNS, rows[0], strict=True)))
-                   if rows else None)
+def found(ctx: StudyContext, external_id: str, row: tuple[Any, ...] | None) -> Participant:
+    """The participant of a row of `repository.PARTICIPANT_COLUMNS` (None: no such participant; read
+    only, never added to a session)."""
+    participant = Participant(**dict(zip(repository.PARTICIPANT_COLUMNS, row, strict=True))) if row else None
     if participant is None or not visible(ctx, participant):
         raise NotFound(f"no participant {external_id!r} in study {ctx.study.key!r}")
     return participant

@@ -82,13 +82,13 @@ _OPEN = text(  # the names are the tables' own columns, not input
 
 @dataclass(frozen=True)
 class Opening:
-    """The first reads of a response, each as its own read gives it: the study read's rows (study
-    columns, codebook id, revision, confirmation), the claim's row (None without a key), the
-    participant read's rows and the stored responses' rows."""
+    """The first reads of a response: the study's row (study columns, codebook id, revision,
+    confirmation; None: no such study), the claim's row (None without a key), the participant's row
+    (None: no such participant) and the stored responses' rows."""
 
-    study: list[tuple[Any, ...]]
+    study: tuple[Any, ...] | None
     claim: tuple[Any, ...] | None
-    participant: list[tuple[Any, ...]]
+    participant: tuple[Any, ...] | None
     stored: list[tuple[Any, ...]]
 
 
@@ -106,9 +106,9 @@ def opened(row: Sequence[Any], with_claim: bool) -> Opening:
     study_end = len(STUDY_COLUMNS) + 3
     claim_end = study_end + len(_CLAIM_COLUMNS)
     participant = tuple(row[claim_end:claim_end + len(PARTICIPANT_COLUMNS)])
-    return Opening(study=[tuple(row[:study_end])] if row[0] is not None else [],
+    return Opening(study=tuple(row[:study_end]) if row[0] is not None else None,
                    claim=tuple(row[study_end:claim_end]) if with_claim else None,
-                   participant=[participant] if participant[0] is not None else [],
+                   participant=participant if participant[0] is not None else None,
                    stored=[tuple(r) for r in row[-1]])
 
 

@@ -132,7 +132,7 @@ def submit_reading_first(session: Session, key: str, data: ResponseIn, principal
     (row,) = fetch(session, *repository.opening_read(key, data.external_id, confirm_token,
                                                      claim[1] if claim is not None else None))
     first = repository.opened(row, with_claim=claim is not None)
-    ctx = studies.context_of_rows(session, key, first.study, principal)
+    ctx = studies.context_of_row(session, key, first.study, principal)
     if first.claim is not None:
         idem.settle(first.claim)
     codebook = ctx.require_codebook()

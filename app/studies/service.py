@@ -72,17 +72,17 @@ def confirmation_to_carry(session: Session) -> uuid.UUID | None:
     """The request token's id, for a caller whose transaction starts with a statement that confirms
     it (and names it as the audit actor) itself; None when there is nothing to confirm or the
     transaction has begun (see `app.core.db.confirming`). The caller passes the confirmation's value
-    to `context_of_rows`."""
+    to `context_of_row`."""
     confirmation = confirming(session)
     return None if confirmation is None else confirmation.params["confirm_token"]
 
 
-def context_of_rows(session: Session, key: str, rows: list[tuple[Any, ...]], principal: Principal) -> StudyContext:
-    """The study of a read carrying the token's confirmation (rows of the study's columns, its codebook's
-    id and revision, the confirmation): checks the confirmation and scope as `context` does."""
-    if not rows:
+def context_of_row(session: Session, key: str, row: tuple[Any, ...] | None, principal: Principal) -> StudyContext:
+    """The study of a read carrying the token's confirmation (a row of the study's columns, its codebook's
+    id and revision, the confirmation; None: no such study): checks the confirmation and scope as
+    `context` does."""
+    if row is None:
         raise NotFound(f"no study {key!r}")
-    row = rows[0]
     width = len(repository.STUDY_COLUMNS)
     study = Study(**dict(zip(repository.STUDY_COLUMNS, row[:width], strict=True)))  # read only, never added
     codebook_id, revision, confirmed_as = row[width:]
