@@ -86,8 +86,11 @@ def summary(name: str, r: dict[str, Any]) -> str:
         return (f"{top} clients: {level['service']['rate']:.0f} req/s (p99 {level['service']['p99_ms']:.0f} ms); "
                 f"bare FastAPI {level['bare_fastapi']['rate']:.0f}, raw INSERT {level['raw_insert']['rate']:.0f}; "
                 f"ratio to bare {level['ratio_to_bare_fastapi']:.2f}, to raw {level['ratio_to_raw_insert']:.2f}; "
+                f"floor (its SQL alone) {level['floor']['rate']:.0f} req/s = {level['ratio_floor_to_bare_fastapi']:.2f}"
+                f" of bare, service {level['ratio_to_floor']:.2f} of floor; "
                 f"2 processes {r['processes']['2']:.0f} req/s; CPU ms per request (API / PostgreSQL / client): "
-                f"{_cpu(level.get('service_cpu_ms'))}, bare {_cpu(level.get('bare_fastapi_cpu_ms'))}")
+                f"{_cpu(level.get('service_cpu_ms'))}, floor {_cpu(level.get('floor_cpu_ms'))}, "
+                f"bare {_cpu(level.get('bare_fastapi_cpu_ms'))}")
     if name == "burst":
         return (f"{r['clients']} clients, {r['responses']} responses: {r['acknowledged']} acknowledged, "
                 f"{r['server_errors']} 5xx, {r['stored']} stored; {r['rate']:.0f} req/s, p99 {r['p99_ms']:.0f} ms; "

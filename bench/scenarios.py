@@ -9,18 +9,22 @@ import csv
 import io
 import json
 import statistics
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import URL
 
+from bench import floor
 from bench.common import (
     ADMIN,
     SECRET,
@@ -88,10 +92,13 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
     with psycopg.connect(conninfo(db), autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_raw (id uuid PRIMARY KEY, participant text, wave text, answers jsonb)")
     levels = scale.levels
-    total = scale.posts * (len(levels) + 1)  # the last share: the top level again, on two processes
+    # a share per level, the top level again on two processes, a share per level for the floor, and
+    # the two responses the floor's statements are recorded from
+    total = scale.posts * (2 * len(levels) + 1) + 2
     answers = _baseline_answers(total)
     people = [f"B{i:06d}" for i in range(total)]
     bodies = [{"external_id": p, "wave": "baseline", "answers": a} for p, a in zip(people, answers, strict=False)]
+    for_floor = bodies[(len(levels) + 1) * scale.posts:]
     out: dict[str, Any] = {"posts_per_level": scale.posts, "levels": {}}
     env = service_env(db)
     with serve(env) as api:
@@ -114,27 +121,46 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
     # the top level again on two API processes against the same database (more cores, more processes)
     with serve(env, "--workers", "2") as api2:
         top = max(levels)
-        chunk = bodies[len(levels) * scale.posts:]
+        chunk = bodies[len(levels) * scale.posts:(len(levels) + 1) * scale.posts]
         two = run_load(chunk, top, post_response, http_connect(api2.url))
     out["processes"] = {"clients": max(levels), "1": out["levels"][max(levels)]["service"]["rate"],
                         "2": two.rate, "p99_ms_2": two.p99_ms, "errors_2": two.errors}
 
+    def post_bare(conn: Any, body: dict[str, Any]) -> bool:
+        conn.request("POST", "/store", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return bool(response.status == 201)
+
     bare_env = {**env, "BENCH_RAW_DSN": conninfo(db)}
     with serve(bare_env, "--log-level", "warning",
-               command=[__import__("sys").executable, "-m", "uvicorn", "bench.bare_app:app"]) as bare:
-
-        def post_bare(conn: Any, body: dict[str, Any]) -> bool:
-            conn.request("POST", "/store", body=json.dumps(body), headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            return bool(response.status == 201)
-
+               command=[sys.executable, "-m", "uvicorn", "bench.bare_app:app"]) as bare:
         for i, clients in enumerate(levels):
             chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
             with cpu_per_request(bare, len(chunk)) as cpu:
                 out["levels"][clients]["bare_fastapi"] = run_load(chunk, clients, post_bare,
                                                                   http_connect(bare.url)).__dict__
             out["levels"][clients]["bare_fastapi_cpu_ms"] = cpu.__dict__
+
+    # the floor: the service's own statements for a response, replayed from the bare endpoint
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = Path(scratch) / "statements.pickle"
+        floor.record(env, collector, (for_floor[-2], for_floor[-1]), spec)
+        with serve({**bare_env, "BENCH_FLOOR_SPEC": str(spec)}, "--log-level", "warning",
+                   command=[sys.executable, "-m", "uvicorn", "bench.floor_app:app"]) as replay:
+            for i, clients in enumerate(levels):
+                chunk = for_floor[i * scale.posts:(i + 1) * scale.posts]
+                with cpu_per_request(replay, len(chunk)) as cpu:
+                    out["levels"][clients]["floor"] = run_load(chunk, clients, post_bare,
+                                                               http_connect(replay.url)).__dict__
+                out["levels"][clients]["floor_cpu_ms"] = cpu.__dict__
+    with psycopg.connect(conninfo(db)) as conn:  # what the replay stored, as the service would have
+        replayed = [b["external_id"] for b in for_floor[:len(levels) * scale.posts]]
+        out["floor_stored"] = scalar(conn, "SELECT count(*) FROM responses r JOIN participants p "
+                                           "ON p.id = r.participant_id WHERE p.external_id = ANY(%s)", (replayed,))
+        out["floor_audited"] = scalar(conn, "SELECT count(*) FROM audit_log a JOIN responses r "
+                                            "ON a.row_id = r.id::text JOIN participants p ON p.id = r.participant_id "
+                                            "WHERE a.table_name = 'responses' AND p.external_id = ANY(%s)", (replayed,))
 
     def raw_insert(conn: psycopg.Connection[Any], body: dict[str, Any]) -> bool:
         conn.execute("INSERT INTO bench_raw (id, participant, wave, answers) VALUES (%s, %s, %s, %s)",
@@ -147,6 +173,8 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
         level = out["levels"][clients]
         level["raw_insert"] = load.__dict__
         level["ratio_to_bare_fastapi"] = level["service"]["rate"] / level["bare_fastapi"]["rate"]
+        level["ratio_floor_to_bare_fastapi"] = level["floor"]["rate"] / level["bare_fastapi"]["rate"]
+        level["ratio_to_floor"] = level["service"]["rate"] / level["floor"]["rate"]
         level["ratio_to_raw_insert"] = level["service"]["rate"] / load.rate
     return out
 
