@@ -37,6 +37,7 @@ from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
 from app.redcap.router import router as redcap_router
 from app.reminders.router import router as reminders_router
+from app.responses.router import response_groups
 from app.responses.router import router as responses_router
 from app.retention.router import router as retention_router
 from app.sites.router import router as sites_router
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.token_check = tokens_repository.is_live
     app.state.token_check_column = tokens_repository.LIVE_ACTOR
     app.state.known_tokens = KnownTokens()
+    app.state.response_groups = response_groups(settings)  # concurrent POST /responses stored together
     app.state.study_ids = {}  # study key -> id (keys never change): see studies.deps.study_key_in_scope
     install_error_handlers(app)
     app.state.error_renderers = [("/ui/", error_page), ("/fhir/", fhir_errors)]

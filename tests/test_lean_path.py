@@ -7,9 +7,7 @@ a round trip, yet a new codebook revision validates the very next response.
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +27,8 @@ from app.tokens import service as tokens
 from app.tokens.models import ApiToken
 from tests.conftest import ADMIN_TOKEN, client_for, clone_database, drop_database, make_settings
 from tests.factories import auth, create_study, create_token, minimal_codebook, valid_answers
+from tests.written import WRITTEN
+from tests.written import written as tables_written
 
 pytestmark = pytest.mark.anyio
 
@@ -297,26 +297,6 @@ async def test_a_response_stored_meanwhile_by_a_writer_without_the_lock_is_a_409
     assert (stored, keys) == (1, 0)
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)?")
-_BYTES = re.compile(r"\\\\x[0-9a-f]+")
-# what a response's writes touch, by triggers too; ordered by content, ids and times masked: they differ per run
-_WRITTEN = ("responses", "schedules", "participants", "idempotency_keys", "webhook_deliveries", "audit_log",
-            "retention_counts", "retention_group_counts", "retention_watermarks", "reminder_sends")
-# the rollups are kept in shards of a participant's (random) id: compared summed over the shards, as they are read
-_KEY = "study_id, wave, opens_at, closes_at, cls, in_window, late, wd_ok"
-_SUMMED = {
-    "retention_counts": f"SELECT {_KEY}, sum(n) AS n FROM retention_counts GROUP BY {_KEY} HAVING sum(n) <> 0",
-    "retention_group_counts": f"SELECT grp, {_KEY}, sum(n) AS n FROM retention_group_counts GROUP BY grp, {_KEY} "
-                              "HAVING sum(n) <> 0",
-    "retention_watermarks": "SELECT study_id, max(at) AS at FROM retention_watermarks GROUP BY study_id",
-}
-
-# the audit trail in its order: which transaction (by rank) and which row of it, each row in the order written
-_AUDIT = ("SELECT to_jsonb(t) - 'id' - 'txid' || jsonb_build_object('tx', dense_rank() OVER (ORDER BY txid), "
-          "'nth', row_number() OVER (PARTITION BY txid ORDER BY id)) FROM audit_log t")
-
-
 async def _responses_written(url: URL, tmp_path: Path) -> tuple[dict[str, list[str]], list[list[str]]]:
     """Three waves of one participant (the first with an Idempotency-Key, the last completes them), a
     partial response and its merge for another: what the database then holds, and the SQL of each
@@ -357,9 +337,7 @@ async def _responses_written(url: URL, tmp_path: Path) -> tuple[dict[str, list[s
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            written = {table: sorted(_masked(json.dumps(row, sort_keys=True))
-                                     for row in conn.execute(text(_rows_of(table))).scalars())
-                       for table in _WRITTEN}
+            written = tables_written(conn)
             # the times are masked above; the ones the writes copy must still agree
             written["times copied"] = [str(n) for n in conn.execute(text(
                 "SELECT count(*) FROM schedules s JOIN responses r ON r.participant_id = s.participant_id "
@@ -369,17 +347,6 @@ async def _responses_written(url: URL, tmp_path: Path) -> tuple[dict[str, list[s
     finally:
         engine.dispose()
     return written, sent
-
-
-def _rows_of(table: str) -> str:
-    if table == "audit_log":
-        return _AUDIT
-    return f"SELECT to_jsonb(t) - 'seq' FROM ({_SUMMED[table]}) t" if table in _SUMMED else \
-        f"SELECT to_jsonb(t) - 'seq' FROM {table} t"
-
-
-def _masked(row: str) -> str:
-    return _BYTES.sub("<bytes>", _TIME.sub("<time>", _UUID.sub("<uuid>", row)))
 
 
 async def test_the_writes_folded_into_one_call_are_those_the_pipeline_sends(template_db: URL, tmp_path: Path) -> None:
@@ -399,7 +366,7 @@ async def test_the_writes_folded_into_one_call_are_those_the_pipeline_sends(temp
     assert [len(s) for s in pipelined_sent] == [4, 3, 4, 1, 2]
     assert folded_sent[3:] == pipelined_sent[3:]
     assert folded["audit_log"] and folded["idempotency_keys"] and folded["webhook_deliveries"]
-    for table in _WRITTEN:
+    for table in WRITTEN:
         assert folded[table] == pipelined[table], table
     assert folded["times copied"] == pipelined["times copied"] == ["0", "0"]
 

@@ -7,12 +7,14 @@ the data is durable (enqueueing a Celery task, say) is registered with `on_commi
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Annotated, Any, cast
 
 import psycopg
@@ -114,6 +116,20 @@ def on_commit(session: Session, callback: Callable[[], None]) -> None:
     session.info.setdefault(_ON_COMMIT, []).append(callback)
 
 
+def owns_transactions(session: Session) -> bool:
+    """Whether `session` begins and commits transactions of its own (not joined to an outer one, as in
+    the tests' sessions)."""
+    return isinstance(session.get_bind(), Engine)
+
+
+def carry_principal(source: Session, target: Session) -> None:
+    """`target`'s transactions confirm and name as the audit actor the token `source`'s do (see
+    `expect_live_token`): for work done on a request's behalf in a transaction it shares with others."""
+    for key in (_ACTOR, _CONFIRM):
+        if key in source.info:
+            target.info[key] = source.info[key]
+
+
 def remember_actor(session: Session, actor: str) -> None:
     """For a caller that has already set `cohort.actor` in the current transaction itself."""
     session.info[_ACTOR] = actor
@@ -169,16 +185,28 @@ def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
 
 @dataclass(frozen=True)
 class _Fold:
-    """A registered set of statements sent as `call`, one server-side call that runs them in order."""
+    """A registered set of statements sent as `call`, one server-side call that runs them in order;
+    `many`, when given, is the call over arrays that runs them once for several transactions' worth."""
 
     call: Executable
     parts: tuple[tuple[UpdateBase, str], ...]  # each statement registered, with its parameters' prefix in `call`
+    many: _Many | None = None
+
+
+@dataclass(frozen=True)
+class _Many:
+    """A fold's form over several groups: `call` binds `rows`, a JSON array of every group's parameters
+    by name, except the `shared` ones, bound once (every group must give the same value)."""
+
+    call: Executable
+    shared: frozenset[str]
 
 
 _folds: dict[tuple[int, ...], _Fold] = {}
 
 
-def fold_with_commit(sql: str, parts: Sequence[tuple[UpdateBase, str, bool]]) -> None:
+def fold_with_commit(sql: str, parts: Sequence[tuple[UpdateBase, str, bool]], *,
+                     many: tuple[str, frozenset[str]] | None = None) -> None:
     """Send the statements of `parts`, when they are exactly those registered with `with_commit` (in
     their run order), as the one statement `sql` with the COMMIT, instead of one statement each.
 
@@ -188,6 +216,10 @@ def fold_with_commit(sql: str, parts: Sequence[tuple[UpdateBase, str, bool]]) ->
     it; an optional part may be missing from the registered ones, and its parameters are then all
     NULL (the function skips it). Any other set of registered statements is sent one by one, as
     `with_commit` says; so is every set inside a session joined to an outer transaction.
+
+    `many` is (sql, shared): a call that runs the same statements once each over several groups of
+    them (`commit_together`), binding `:rows`, a JSON array of each group's parameters (`<prefix><name>`:
+    value), and the `shared` names, bound once.
     """
     binds: dict[str, Any] = {}
     for statement, prefix, _ in parts:
@@ -200,19 +232,108 @@ def fold_with_commit(sql: str, parts: Sequence[tuple[UpdateBase, str, bool]]) ->
     for leave_out in range(1 << len(optional)):
         absent = {optional[j] for j in range(len(optional)) if leave_out >> j & 1}
         kept = tuple((statement, prefix) for i, (statement, prefix, _) in enumerate(parts) if i not in absent)
-        _folds[tuple(id(statement) for statement, _ in kept)] = _Fold(call, kept)
+        _folds[tuple(id(statement) for statement, _ in kept)] = _Fold(
+            call, kept, _Many(text(many[0]), many[1]) if many is not None else None)
 
 
-def _folded(registered: Sequence[tuple[UpdateBase, Mapping[str, Any]]]
-            ) -> list[tuple[Executable, Mapping[str, Any]]] | None:
-    """`registered` as the one call of their fold, if they are exactly the statements of one."""
+def _fold_of(registered: Sequence[tuple[UpdateBase, Mapping[str, Any]]]
+             ) -> tuple[_Fold, dict[str, Any]] | None:
+    """The fold `registered` are exactly the statements of, with the call's parameters; None if none."""
     fold = _folds.get(tuple(id(statement) for statement, _ in registered))  # held by their fold: ids stay theirs
     if fold is None:
         return None
     params: dict[str, Any] = {}
     for (_, given), (_, prefix) in zip(registered, fold.parts, strict=True):
         params.update({prefix + name: value for name, value in given.items()})
-    return [(fold.call, params)]
+    return fold, params
+
+
+def _folded(registered: Sequence[tuple[UpdateBase, Mapping[str, Any]]]
+            ) -> list[tuple[Executable, Mapping[str, Any]]] | None:
+    """`registered` as the one call of their fold, if they are exactly the statements of one."""
+    found = _fold_of(registered)
+    return None if found is None else [(found[0].call, found[1])]
+
+
+Writes = list[tuple[UpdateBase, dict[str, Any]]]
+
+
+def take_with_commit(session: Session) -> Writes:
+    """The writes registered with `with_commit` so far, in the order they would run, taken off the
+    session: one request's share of a transaction that several requests share (`commit_together`)."""
+    registered: list[tuple[bool, UpdateBase, dict[str, Any]]] = session.info.pop(_LAST, [])
+    return [(statement, params) for _, statement, params in sorted(registered, key=lambda r: r[0])]
+
+
+def _json_value(value: Any) -> Any:
+    """A parameter's value in JSON: ids and times as text, bytes as hex (decoded by the SQL)."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, uuid.UUID | datetime | date):
+        return value.isoformat() if isinstance(value, date) else str(value)
+    raise TypeError(f"no JSON form for {type(value).__name__}")
+
+
+def _many(groups: Sequence[Writes]) -> tuple[Executable, dict[str, Any]] | None:
+    """Every group's writes as their fold's call over all of them, if they all fold into one fold that
+    has one and agree on its shared parameters: the call's `rows` is a JSON array of each group's
+    parameters by name, the shared ones are bound once."""
+    found = [_fold_of(group) for group in groups]
+    first = found[0] if found else None
+    if first is None or first[0].many is None or any(f is None or f[0] is not first[0] for f in found):
+        return None
+    many = first[0].many
+    params = [p for _, p in cast(list[tuple[_Fold, dict[str, Any]]], found)]
+    shared = {name: params[0].get(name) for name in many.shared}
+    if any(p.get(name) != value for p in params for name, value in shared.items()):
+        return None
+    rows = [{name: value for name, value in p.items() if name not in many.shared} for p in params]
+    return many.call, {"rows": json.dumps(rows, default=_json_value, separators=(",", ":")), **shared}
+
+
+class StatementRefused(Exception):
+    """A statement was about to be sent inside `no_statements`; nothing was sent."""
+
+
+@contextmanager
+def no_statements(session: Session) -> Iterator[None]:
+    """Refuse, before it is sent, any statement `session` would send inside the block: for work on a
+    shared transaction that may only decide, so that a request that fails leaves nothing behind in it."""
+    connection = session.connection()
+
+    def refuse(*_: Any) -> None:
+        raise StatementRefused("a statement inside no_statements")
+
+    event.listen(connection, "before_cursor_execute", refuse)
+    try:
+        yield
+    finally:
+        event.remove(connection, "before_cursor_execute", refuse)
+
+
+def take_on_commit(session: Session) -> list[Callable[[], None]]:
+    """The callbacks registered with `on_commit` so far, taken off the session (see `take_with_commit`)."""
+    callbacks: list[Callable[[], None]] = session.info.pop(_ON_COMMIT, [])
+    return callbacks
+
+
+def commit_together(session: Session, groups: Sequence[Writes]) -> None:
+    """Commit a transaction that several requests shared, with each one's writes (`groups`, from
+    `take_with_commit`). Where all of them are one fold with a form over arrays, its statements run
+    once over every group (so each statement's triggers fire once, not once a request); otherwise
+    each group's go as `with_commit` sends them, the groups one after the other. A failure rolls all
+    of it back and is raised as SQLAlchemy raises it."""
+    if session.info.pop(_AWAITING_CONFIRMATION, False):
+        raise session.info[_CONFIRM][3]()
+    connection = session.connection()
+    together = _many(groups) if groups else None
+    if together is not None:
+        _send_with_commit(connection, [together])
+    else:
+        statements = [s for group in groups for s in (_folded(group) or group)]
+        if statements:
+            _send_with_commit(connection, statements)
+    session.commit()
 
 
 def _run_last(session: Session, pipelined: bool) -> None:

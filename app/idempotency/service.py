@@ -69,6 +69,10 @@ class Idempotency:
         self.now = now
         self._fingerprint: str | None = None
 
+    def on(self, session: Session) -> Idempotency:
+        """The same request's key, checked and remembered in `session` (a transaction shared with others)."""
+        return Idempotency(session, self.principal, self.key, self.sealer, self.method, self.path, self.now)
+
     def check(self, payload: Any) -> None:
         """Call first thing in the handler: replays (raises Replay), refuses (409/422) or lets it run."""
         read = self.claim_read(payload)

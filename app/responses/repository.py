@@ -72,11 +72,11 @@ def stored_of_rows(rows: Sequence[Sequence[Any]]) -> dict[str, tuple[str, dict[s
 # revision and the token's confirmation, the Idempotency-Key's claim, the participant locked, and
 # their stored responses, each read after the one before. One row; the columns named here.
 _CLAIM_COLUMNS = ("o_locked", "o_record_id", "o_fingerprint", "o_status_code", "o_sealed_body", "o_created_at")
-_OPEN = text(  # the names are the tables' own columns, not input
-    "SELECT " + ", ".join([*(f"(o.o_study).{c}" for c in STUDY_COLUMNS), "o.o_codebook_id", "o.o_revision",  # noqa: S608
-                           "o.o_confirmed", *(f"o.{c}" for c in _CLAIM_COLUMNS),
-                           *(f"(o.o_participant).{c}" for c in PARTICIPANT_COLUMNS), "o.o_stored"])
-    + " FROM cohort_submit_open(CAST(:key AS text), CAST(:external_id AS text), CAST(:confirm_token AS uuid), "
+_OPENED = "SELECT " + ", ".join([  # the names are the tables' own columns, not input
+    *(f"(o.o_study).{c}" for c in STUDY_COLUMNS), "o.o_codebook_id", "o.o_revision", "o.o_confirmed",
+    *(f"o.{c}" for c in _CLAIM_COLUMNS), *(f"(o.o_participant).{c}" for c in PARTICIPANT_COLUMNS), "o.o_stored"])
+_OPEN = text(
+    _OPENED + " FROM cohort_submit_open(CAST(:key AS text), CAST(:external_id AS text), CAST(:confirm_token AS uuid), "
       "CAST(:lock AS bigint), CAST(:token AS uuid), CAST(:idempotency_key AS text)) o")
 
 
@@ -100,6 +100,23 @@ def opening_read(study_key: str, external_id: str, confirm_token: uuid.UUID,
     return _OPEN, {"key": study_key, "external_id": external_id, "confirm_token": confirm_token,
                    "lock": claim["lock"] if claim else None, "token": claim["token"] if claim else None,
                    "idempotency_key": claim["key"] if claim else None}
+
+
+_OPEN_MANY = text(  # the same columns as _OPEN, a row for each participant in the order given
+    _OPENED + " FROM cohort_submit_open_many(CAST(:key AS text), CAST(:external_ids AS text[]), "
+    "CAST(:confirm_token AS uuid), CAST(:locks AS bigint[]), CAST(:token AS uuid), "
+    "CAST(:idempotency_keys AS text[])) o")
+
+
+def opening_read_many(study_key: str, token_id: uuid.UUID, confirm_token: uuid.UUID,
+                      each: Sequence[tuple[str, Mapping[str, Any] | None]]) -> tuple[Executable, dict[str, Any]]:
+    """`opening_read` for several participants of one study on behalf of one token, in one statement:
+    `each` is (external id, claim parameters or None) in the order to lock them; a row each, in that
+    order, for `opened`."""
+    return _OPEN_MANY, {"key": study_key, "external_ids": [external_id for external_id, _ in each],
+                        "confirm_token": confirm_token, "token": token_id,
+                        "locks": [claim["lock"] if claim else None for _, claim in each],
+                        "idempotency_keys": [claim["key"] if claim else None for _, claim in each]}
 
 
 def opened(row: Sequence[Any], with_claim: bool) -> Opening:
@@ -146,11 +163,16 @@ _CLOSE_PARAMS = (
     "s_p uuid", "s_w text", "s_c timestamptz",
     "p_p uuid", "p_s text",
 )
+# The same writes for several requests that share a transaction (`app.core.db.commit_together`, migration
+# e7a4c2d9f815): each statement once over all of them, their parameters one JSON array; the webhook
+# events' `events` is one array for all.
+_SHARED = frozenset({"e_events"})
 fold_with_commit(
     "SELECT cohort_submit_close(" + ", ".join(
         f"CAST(:{name} AS {pg_type})" for name, pg_type in (p.split(" ") for p in _CLOSE_PARAMS)) + ")",
     [(webhooks_repo.EMIT, "e_", False), (idempotency_repo.STORE, "k_", True), (_INSERT, "r_", False),
-     (participants_repo.COMPLETE_WAVE, "s_", False), (participants_repo.SET_STATUS, "p_", True)])
+     (participants_repo.COMPLETE_WAVE, "s_", False), (participants_repo.SET_STATUS, "p_", True)],
+    many=("SELECT cohort_submit_close_many(CAST(:rows AS jsonb), CAST(:e_events AS varchar[]))", _SHARED))
 
 
 def with_external_id(session: Session, study_id: uuid.UUID, response_id: uuid.UUID, *,

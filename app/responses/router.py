@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.core.crypto import Pseudonymiser, settings_sealer
-from app.core.db import SessionDep, commit_here, get_session, is_unique_violation
+from app.core.db import SessionDep, commit_here, database_of, get_session, is_unique_violation, owns_transactions
 from app.core.deps import SettingsDep, get_app_settings
 from app.core.errors import Conflict, Forbidden
 from app.core.etag import ETAG_HEADER, IfMatch
@@ -23,7 +23,7 @@ from app.core.security import COLLECTING_ROLES, Collector, Coordinator, Principa
 from app.core.settings import Settings
 from app.core.timeutil import utcnow
 from app.idempotency.service import Idempotency, IdempotencyDep, idempotency
-from app.responses import repository, service
+from app.responses import repository, service, together
 from app.responses.schemas import CorrectionIn, ResponseCreated, ResponseIn, ResponseOut
 from app.studies import service as studies
 from app.studies.deps import STUDY_KEY_MAX_LENGTH, StudyFromPath, StudyKeyInScope, study_key_in_scope
@@ -67,6 +67,9 @@ async def _submit_lean(request: Request) -> Response | None:
         principal = admit(await authenticate(request, session), *COLLECTING_ROLES)
         await study_key_in_scope(request, principal, key)
         idem = await idempotency(request, session, principal, await get_app_settings(request), idempotency_key)
+        groups: together.Groups | None = getattr(request.app.state, "response_groups", None)
+        if groups is not None and owns_transactions(session):
+            return await groups.store(together.Pending(database_of(request), key, body, principal, idem, session))
         return await run_in_threadpool(_submit, session, key, body, principal, idem)
 
 
@@ -101,6 +104,13 @@ def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, 
         raise Conflict(f"a {body.wave} response of {body.external_id!r} was stored meanwhile; "
                        "send it again to merge") from None
     return reply
+
+
+def response_groups(settings: Settings) -> together.Groups:
+    """How concurrent `POST /responses` are stored together (see app.responses.together): groups of up to
+    32 requests, two at a time (one with a pool of under eight connections). Measured on the bench at
+    32 clients, two at a time stored 6-20 % more a second than one and 2-5 % more than four."""
+    return together.Groups(_submit, at_once=2 if settings.db_pool_size >= 8 else 1, largest=32)
 
 
 @router.get("", response_model=Page[ResponseOut], summary="Stored responses, answers exactly as received")

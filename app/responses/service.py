@@ -131,7 +131,13 @@ def submit_reading_first(session: Session, key: str, data: ResponseIn, principal
     claim = idem.claim_read(data)
     (row,) = fetch(session, *repository.opening_read(key, data.external_id, confirm_token,
                                                      claim[1] if claim is not None else None))
-    first = repository.opened(row, with_claim=claim is not None)
+    return submit_opened(session, key, data, principal, idem, now, repository.opened(row, with_claim=claim is not None))
+
+
+def submit_opened(session: Session, key: str, data: ResponseIn, principal: Principal, idem: Idempotency,
+                  now: datetime, first: repository.Opening) -> tuple[ResponseCreated, bool]:
+    """`submit_reading_first` once its first reads are in (`first`, for this request's participant and
+    Idempotency-Key claim): checked in the order `submit` and `Idempotency.check` would."""
     ctx = studies.context_of_row(session, key, first.study, principal)
     if first.claim is not None:
         idem.settle(first.claim)
