@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
+from app.responses import together
 from app.responses.together import Groups
 from tests.conftest import ADMIN_TOKEN, client_for, clone_database, drop_database, make_settings
 from tests.factories import auth, create_study, create_token, valid_answers
@@ -87,9 +88,11 @@ def lock_waits(engine: Engine) -> int:
 
 async def as_a_group(application: FastAPI, engine: Engine, first: Any, rest: list[Any]) -> list[httpx.Response]:
     """Send `first`, held at its participant's lock, then `rest` while it waits, then let it go: the
-    rest are stored as one group (a pool of 4 stores one group at a time). The answers in order."""
+    rest are stored as one group (a pool of 4 stores one group of a lane at a time). The answers in
+    order."""
     groups: Groups = application.state.response_groups
-    with held(engine, first[0]):
+    with held(engine, first[0]), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(together, "LOCK_WAIT", "60s")  # the first's group waits for the lock until let go
         started = asyncio.ensure_future(first[1]())
         await until(lambda: lock_waits(engine) == 1, "the first request to wait for its participant")
         others = [asyncio.ensure_future(send()) for _, send in rest]
@@ -236,5 +239,33 @@ async def test_a_revoked_token_stores_nothing_in_a_group(fresh_db: URL, tmp_path
         assert [r.status_code for r in replies] == [401] * 3, [r.text for r in replies]
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM responses")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+async def test_a_participant_locked_elsewhere_holds_up_only_their_own_response(fresh_db: URL, tmp_path: Path) -> None:
+    """A group waits a second at most for a participant's lock; then each of its requests is stored on its
+    own, so only the locked participant's waits, and requests of other lanes never wait for it at all."""
+    engine = create_engine(fresh_db)
+    try:
+        async with running(fresh_db, tmp_path) as (_, admin):
+            collector = await pal_study(admin, 4, webhook=False)
+            await create_study(admin, ADMIN_TOKEN, key="other")
+            assert (await admin.post("/api/v1/studies/other/participants", json={
+                "external_id": "Q01", "enrolled_at": (datetime.now(UTC) - timedelta(days=2)).isoformat()})
+                    ).status_code == 201
+            with held(engine, "P01"):
+                blocked = asyncio.ensure_future(admin.post(URL_OF, json=baseline("P01", 1), headers=auth(collector)))
+                await until(lambda: lock_waits(engine) == 1, "P01's request to wait for the lock")
+                others = [asyncio.ensure_future(admin.post(URL_OF, json=baseline(f"P{i:02d}", i),
+                                                           headers=auth(collector))) for i in (2, 3, 4)]
+                elsewhere = asyncio.ensure_future(admin.post("/api/v1/studies/other/responses",
+                                                             json=baseline("Q01", 9)))  # another lane
+                done, _ = await asyncio.wait({*others, elsewhere}, timeout=60)
+                assert done == {*others, elsewhere} and not blocked.done()  # all of them while P01 is locked
+                assert [t.result().status_code for t in (*others, elsewhere)] == [201] * 4
+            assert (await blocked).status_code == 201
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM responses")).scalar_one() == 5
     finally:
         engine.dispose()

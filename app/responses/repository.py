@@ -105,16 +105,17 @@ def opening_read(study_key: str, external_id: str, confirm_token: uuid.UUID,
 _OPEN_MANY = text(  # the same columns as _OPEN, a row for each participant in the order given
     _OPENED + " FROM cohort_submit_open_many(CAST(:key AS text), CAST(:external_ids AS text[]), "
     "CAST(:confirm_token AS uuid), CAST(:locks AS bigint[]), CAST(:token AS uuid), "
-    "CAST(:idempotency_keys AS text[])) o")
+    "CAST(:idempotency_keys AS text[]), CAST(:lock_wait AS text)) o")
 
 
-def opening_read_many(study_key: str, token_id: uuid.UUID, confirm_token: uuid.UUID,
+def opening_read_many(study_key: str, token_id: uuid.UUID, confirm_token: uuid.UUID, lock_wait: str,
                       each: Sequence[tuple[str, Mapping[str, Any] | None]]) -> tuple[Executable, dict[str, Any]]:
     """`opening_read` for several participants of one study on behalf of one token, in one statement:
     `each` is (external id, claim parameters or None) in the order to lock them; a row each, in that
-    order, for `opened`."""
+    order, for `opened`. A participant's lock is waited for `lock_wait` at most (a PostgreSQL
+    interval, such as "1s"); past it the statement fails."""
     return _OPEN_MANY, {"key": study_key, "external_ids": [external_id for external_id, _ in each],
-                        "confirm_token": confirm_token, "token": token_id,
+                        "confirm_token": confirm_token, "token": token_id, "lock_wait": lock_wait,
                         "locks": [claim["lock"] if claim else None for _, claim in each],
                         "idempotency_keys": [claim["key"] if claim else None for _, claim in each]}
 

@@ -108,8 +108,9 @@ def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, 
 
 def response_groups(settings: Settings) -> together.Groups:
     """How concurrent `POST /responses` are stored together (see app.responses.together): groups of up to
-    32 requests, two at a time (one with a pool of under eight connections). Measured on the bench at
-    32 clients, two at a time stored 6-20 % more a second than one and 2-5 % more than four."""
+    32 requests, two at a time in a lane (one study, one token; one at a time with a pool of under
+    eight connections). Measured on the bench at 32 clients, two at a time stored 6-20 % more a second
+    than one and 2-5 % more than four."""
     return together.Groups(_submit, at_once=2 if settings.db_pool_size >= 8 else 1, largest=32)
 
 

@@ -11,9 +11,10 @@ COMMIT. A reply is sent only after that commit, so a 201 still means durably sto
 
 What changes for the data is only that the group's rows share a transaction (the audit trail's
 `txid`). A group holds the requests of one token for one study, one per participant and per
-Idempotency-Key. A request whose decision needs anything but its first reads (a response to merge
-into, a key to expire, a codebook not yet compiled), and every request of a group whose shared
-transaction fails, is then stored on its own, exactly as without groups. A request refused by the
+Idempotency-Key (see `Groups` for how groups form). A request whose decision needs anything but its
+first reads (a response to merge into, a key to expire, a codebook not yet compiled), and every
+request of a group whose shared transaction fails or whose participant is locked for longer than
+LOCK_WAIT, is then stored on its own, exactly as without groups. A request refused by the
 rules (422, 409, a replayed key) gets its answer and leaves nothing in the group's transaction.
 """
 
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -65,96 +67,115 @@ class Pending:
     alone: bool = False  # to be stored on its own, after its group
     done: asyncio.Future[None] | None = field(default=None, repr=False)
 
+    @property
+    def lane(self) -> tuple[str, Any]:
+        """Requests of one lane may share a group: one study, one token."""
+        return self.key, self.principal.token_id
+
     def joins(self, group: list[Pending]) -> bool:
-        first = group[0]
-        return (self.key == first.key and self.principal.token_id == first.principal.token_id
-                and all(self.body.external_id != p.body.external_id
-                        and (self.idem.key is None or self.idem.key != p.idem.key) for p in group))
+        """Whether this request can go in `group` (of its lane): one request a participant and a key."""
+        return all(self.body.external_id != p.body.external_id
+                   and (self.idem.key is None or self.idem.key != p.idem.key) for p in group)
+
+    def answer(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
 
 Single = Callable[[Session, str, ResponseIn, Principal, Idempotency], Response]
 
 
+@dataclass
+class _Lane:
+    waiting: list[Pending] = field(default_factory=list)
+    running: int = 0
+
+
 class Groups:
-    """The requests waiting to be stored, and at most `at_once` groups being stored at a time (each
-    in a worker thread with one pooled connection), of at most `largest` requests."""
+    """The requests waiting to be stored, in lanes (one study, one token): in each lane a group starts
+    when none is being stored, and a second beside it only for a crowd (`crowd` waiting), up to
+    `at_once`; a group holds up to `largest` requests (a request that arrives alone is a group of
+    one). Lanes never wait for each other; a group waits at most LOCK_WAIT for a participant's lock,
+    and a request its group sends back is stored on its own in a thread of its own, as on the single
+    path, while the lane goes on. Each group runs in a worker thread with one pooled connection; how
+    many requests are in flight at all is bounded in front of the application (app.core.admission)."""
 
     def __init__(self, single: Single, *, at_once: int, largest: int) -> None:
         self.single = single
         self.at_once = max(1, at_once)
         self.largest = max(1, largest)
         self.crowd = max(2, self.largest // 4)
-        self._waiting: list[Pending] = []
-        self._running = 0
+        self._lanes: dict[tuple[str, Any], _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a group to be stored in."""
-        return len(self._waiting)
+        return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def store(self, pending: Pending) -> Response:
-        """Store `pending` (with others that wait meanwhile); its reply, or its error raised."""
+        """Store `pending` (with others of its lane that wait meanwhile); its reply, or its error raised."""
         pending.done = asyncio.get_running_loop().create_future()
-        self._waiting.append(pending)
-        self._start()
+        lane = self._lanes.setdefault(pending.lane, _Lane())
+        lane.waiting.append(pending)
+        self._start(pending.lane, lane)
         await asyncio.shield(pending.done)  # a cancelled handler does not undo a store under way
         if pending.error is not None:
             raise pending.error
         assert pending.reply is not None
         return pending.reply
 
-    def _start(self) -> None:
-        # Another group starts beside a running one only for a crowd: a few requests that arrive while
-        # a group is stored wait for it to end and go together, rather than each alone.
-        while self._waiting and (self._running == 0 or (self._running < self.at_once
-                                                        and len(self._waiting) >= self.crowd)):
-            group = [self._waiting.pop(0)]
-            for pending in list(self._waiting):
+    def _start(self, key: tuple[str, Any], lane: _Lane) -> None:
+        # A second group starts beside a running one only for a crowd: a few requests that arrive while
+        # a group is stored wait for it to end and go together, rather than each on its own.
+        while lane.waiting and (lane.running == 0 or (lane.running < self.at_once
+                                                      and len(lane.waiting) >= self.crowd)):
+            group = [lane.waiting.pop(0)]
+            for pending in list(lane.waiting):
                 if len(group) >= self.largest:
                     break
                 if pending.joins(group):
-                    self._waiting.remove(pending)
+                    lane.waiting.remove(pending)
                     group.append(pending)
-            self._running += 1
-            task = asyncio.get_running_loop().create_task(self._run(group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            lane.running += 1
+            self._spawn(self._run(key, lane, group))
+        if not lane.waiting and not lane.running:
+            self._lanes.pop(key, None)
 
-    async def _run(self, group: list[Pending]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: tuple[str, Any], lane: _Lane, group: list[Pending]) -> None:
         try:
-            await run_in_threadpool(self._store, group)
+            await run_in_threadpool(_store_group, group)
         except BaseException as exc:  # the thread's own failures are each request's error already
             for pending in group:
-                if pending.reply is None and pending.error is None:
-                    pending.error = exc
+                if not pending.alone and pending.error is None:
+                    pending.reply, pending.error = None, exc
         finally:
-            self._running -= 1
+            lane.running -= 1
             for pending in group:
-                if pending.done is not None and not pending.done.done():
-                    pending.done.set_result(None)
-            self._start()
+                if not pending.alone:
+                    pending.answer()
+            self._lanes.setdefault(key, lane)
+            self._start(key, lane)
+        for pending in group:
+            if pending.alone:
+                self._spawn(self._alone(pending))
+
+    async def _alone(self, pending: Pending) -> None:
+        try:
+            await run_in_threadpool(self._store_alone, pending)
+        except BaseException as exc:
+            pending.reply, pending.error = None, exc
+        finally:
+            pending.answer()
 
     # -- in a worker thread ----------------------------------------------------------------------
 
-    def _store(self, group: list[Pending]) -> None:
-        group.sort(key=lambda p: p.body.external_id)  # one locking order for every group
-        if len(group) > 1:
-            try:
-                _together(group)
-            except Exception:
-                log.warning("a group of %d responses could not be stored together; storing each on its own",
-                            len(group), exc_info=True)
-                for pending in group:
-                    if pending.error is None:
-                        pending.reply, pending.alone = None, True
-        else:
-            group[0].alone = True
-        for pending in group:
-            if pending.alone:
-                self._alone(pending)
-
-    def _alone(self, pending: Pending) -> None:
+    def _store_alone(self, pending: Pending) -> None:
         session = pending.db.sessions()
         carry_principal(pending.request_session, session)
         try:
@@ -162,9 +183,28 @@ class Groups:
                                         pending.idem.on(session))
         except BaseException as exc:
             session.rollback()
-            pending.error = exc
+            pending.reply, pending.error = None, exc
         finally:
             session.close()
+
+
+# How long a group waits for a participant's lock (held by a withdrawal, a correction, an import)
+# before it gives up and each of its requests is stored on its own, so that one busy participant
+# holds up nobody else's response for longer than this.
+LOCK_WAIT = "1s"
+
+
+def _store_group(group: list[Pending]) -> None:
+    group.sort(key=lambda p: p.body.external_id)  # one locking order for every group
+    try:
+        _together(group)
+    except Exception as exc:
+        busy = getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"  # LOCK_WAIT passed
+        log.warning("a group of %d responses could not be stored together (%s); storing each on its own",
+                    len(group), "a participant's lock is held" if busy else type(exc).__name__, exc_info=not busy)
+        for pending in group:
+            if pending.error is None:
+                pending.reply, pending.alone = None, True
 
 
 def _together(group: list[Pending]) -> None:
@@ -182,7 +222,7 @@ def _together(group: list[Pending]) -> None:
         idems = [pending.idem.on(session) for pending in group]
         claims = [idem.claim_read(pending.body) for idem, pending in zip(idems, group, strict=True)]
         rows = fetch(session, *repository.opening_read_many(
-            first.key, first.principal.token_id, confirm_token,
+            first.key, first.principal.token_id, confirm_token, LOCK_WAIT,
             [(p.body.external_id, claim[1] if claim is not None else None) for p, claim in zip(group, claims,
                                                                                               strict=True)]))
         writes: list[Writes] = []
@@ -196,6 +236,9 @@ def _together(group: list[Pending]) -> None:
             if decided is not None:
                 writes.append(decided[0])
                 callbacks += decided[1]
+        if not writes:  # nothing decided here: the locks go, and the requests their own ways
+            session.rollback()
+            return
         for callback in callbacks:
             on_commit(session, callback)
         commit_together(session, writes)

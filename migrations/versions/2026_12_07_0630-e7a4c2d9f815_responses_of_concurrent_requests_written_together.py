@@ -11,7 +11,9 @@ retention rollups) that fire once for every statement, whatever its row count. T
 a group of concurrent responses, one statement each over all of them, cost about 0.6 ms a response.
 
 `cohort_submit_open_many` is `cohort_submit_open` for several participants of one study, called for
-each in the order given (the caller sorts them, so concurrent groups lock participants in one order).
+each in the order given (the caller sorts them, so concurrent groups lock participants in one order),
+waiting at most `p_lock_wait` for each participant's lock (then the statement fails, and the caller
+stores each request on its own, where only the one for that participant waits).
 `cohort_submit_close_many` runs `cohort_submit_close`'s five writes, each once over all the rows:
 `p_rows` is a JSON array with an object for each response, its keys `cohort_submit_close`'s parameter
 names (the sealed reply in hex); a missing or null record id or status skips that row's optional
@@ -37,21 +39,26 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION cohort_submit_close_many(jsonb, varchar[])")
-    op.execute("DROP FUNCTION cohort_submit_open_many(text, text[], uuid, bigint[], uuid, text[])")
+    op.execute("DROP FUNCTION cohort_submit_open_many(text, text[], uuid, bigint[], uuid, text[], text)")
 
 
 OPEN_MANY = """
 CREATE FUNCTION cohort_submit_open_many(p_study_key text, p_external_ids text[], p_confirm_token uuid,
-                                        p_lock_ids bigint[], p_token uuid, p_idempotency_keys text[])
+                                        p_lock_ids bigint[], p_token uuid, p_idempotency_keys text[],
+                                        p_lock_wait text)
 RETURNS TABLE(o_study studies, o_codebook_id uuid, o_revision integer, o_confirmed text, o_locked boolean,
               o_record_id uuid, o_fingerprint character varying, o_status_code integer, o_sealed_body bytea,
               o_created_at timestamp with time zone, o_participant participants, o_stored jsonb)
 LANGUAGE plpgsql AS $$
+DECLARE
+    prior text := current_setting('lock_timeout');
 BEGIN
+    PERFORM set_config('lock_timeout', p_lock_wait, true);
     FOR i IN 1 .. coalesce(array_length(p_external_ids, 1), 0) LOOP
         RETURN QUERY SELECT * FROM cohort_submit_open(p_study_key, p_external_ids[i], p_confirm_token,
                                                       p_lock_ids[i], p_token, p_idempotency_keys[i]);
     END LOOP;
+    PERFORM set_config('lock_timeout', prior, true);
 END $$;
 """
 
