@@ -1,8 +1,9 @@
 """The ingest benchmark's second baseline: the database work of storing one response, alone.
 
 `record` stores one complete response through the service (run in this process, against the bench's
-database) and notes every statement the service sends to PostgreSQL for it, with its parameters and
-what the first one returned. `bench.floor_app` then replays those statements from a bare FastAPI
+database, each response in a transaction of its own: concurrent responses stored together are what
+the floor leaves out) and notes every statement the service sends to PostgreSQL for it, with its
+parameters and what the first one returned. `bench.floor_app` then replays those statements from a bare FastAPI
 endpoint (sync def, one uvicorn worker, the bare baseline's own shape), with each request's
 participant, answers and fresh ids put in. Its rate is the ceiling of `POST /responses` on this
 machine whatever the Python side costs: validation, tokens, idempotency and the framework all cost
@@ -78,6 +79,7 @@ def record(env: dict[str, str], token: str, bodies: tuple[dict[str, Any], dict[s
     async def store() -> None:
         nonlocal recording
         app = create_app(load_settings())
+        app.state.response_groups = None  # one response a transaction: the statements of one alone
         async with app.router.lifespan_context(app), httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
             for i, body in enumerate(bodies):

@@ -132,28 +132,23 @@ def ingest(dbs: Databases, scale: Scale) -> dict[str, Any]:
         response.read()
         return bool(response.status == 201)
 
-    bare_env = {**env, "BENCH_RAW_DSN": conninfo(db)}
-    with serve(bare_env, "--log-level", "warning",
-               command=[sys.executable, "-m", "uvicorn", "bench.bare_app:app"]) as bare:
-        for i, clients in enumerate(levels):
-            chunk = bodies[i * scale.posts:(i + 1) * scale.posts]
-            with cpu_per_request(bare, len(chunk)) as cpu:
-                out["levels"][clients]["bare_fastapi"] = run_load(chunk, clients, post_bare,
-                                                                  http_connect(bare.url)).__dict__
-            out["levels"][clients]["bare_fastapi_cpu_ms"] = cpu.__dict__
+    def baseline(name: str, app: str, work: list[dict[str, Any]], extra_env: dict[str, str]) -> None:
+        """A baseline endpoint (a module's `app`, one uvicorn worker) at every level: `name` and its CPU."""
+        with serve({**env, "BENCH_RAW_DSN": conninfo(db), **extra_env}, "--log-level", "warning",
+                   command=[sys.executable, "-m", "uvicorn", app]) as server:
+            for i, clients in enumerate(levels):
+                chunk = work[i * scale.posts:(i + 1) * scale.posts]
+                with cpu_per_request(server, len(chunk)) as cpu:
+                    out["levels"][clients][name] = run_load(chunk, clients, post_bare,
+                                                            http_connect(server.url)).__dict__
+                out["levels"][clients][f"{name}_cpu_ms"] = cpu.__dict__
 
+    baseline("bare_fastapi", "bench.bare_app:app", bodies, {})
     # the floor: the service's own statements for a response, replayed from the bare endpoint
     with tempfile.TemporaryDirectory() as scratch:
         spec = Path(scratch) / "statements.pickle"
         floor.record(env, collector, (for_floor[-2], for_floor[-1]), spec)
-        with serve({**bare_env, "BENCH_FLOOR_SPEC": str(spec)}, "--log-level", "warning",
-                   command=[sys.executable, "-m", "uvicorn", "bench.floor_app:app"]) as replay:
-            for i, clients in enumerate(levels):
-                chunk = for_floor[i * scale.posts:(i + 1) * scale.posts]
-                with cpu_per_request(replay, len(chunk)) as cpu:
-                    out["levels"][clients]["floor"] = run_load(chunk, clients, post_bare,
-                                                               http_connect(replay.url)).__dict__
-                out["levels"][clients]["floor_cpu_ms"] = cpu.__dict__
+        baseline("floor", "bench.floor_app:app", for_floor, {"BENCH_FLOOR_SPEC": str(spec)})
     with psycopg.connect(conninfo(db)) as conn:  # what the replay stored, as the service would have
         replayed = [b["external_id"] for b in for_floor[:len(levels) * scale.posts]]
         out["floor_stored"] = scalar(conn, "SELECT count(*) FROM responses r JOIN participants p "
