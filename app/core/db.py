@@ -186,7 +186,7 @@ def _compiled(statement: Executable, dialect: Dialect) -> _DriverStatement:
 @dataclass(frozen=True)
 class _Fold:
     """A registered set of statements sent as `call`, one server-side call that runs them in order;
-    `many`, when given, is the call over arrays that runs them once for several transactions' worth."""
+    `many`, when given, runs them once each over several requests' worth (see `commit_together`)."""
 
     call: Executable
     parts: tuple[tuple[UpdateBase, str], ...]  # each statement registered, with its parameters' prefix in `call`
@@ -319,7 +319,7 @@ def take_on_commit(session: Session) -> list[Callable[[], None]]:
 
 def commit_together(session: Session, groups: Sequence[Writes]) -> None:
     """Commit a transaction that several requests shared, with each one's writes (`groups`, from
-    `take_with_commit`). Where all of them are one fold with a form over arrays, its statements run
+    `take_with_commit`). Where all of them are one fold with a `many` form, its statements run
     once over every group (so each statement's triggers fire once, not once a request); otherwise
     each group's go as `with_commit` sends them, the groups one after the other. A failure rolls all
     of it back and is raised as SQLAlchemy raises it."""
