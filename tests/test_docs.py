@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,15 @@ def test_the_readme_and_docs_stand_alone() -> None:
         for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
             if not link.startswith(("http://", "https://", "mailto:")):
                 assert (page.parent / link).exists(), f"{page.name} links to a missing {link}"
+                assert not ignored(page.parent / link), f"{page.name} links to {link}, which git ignores"
+
+
+def ignored(path: Path) -> bool:
+    """Whether git would leave the file out of a commit (so a clean clone would not have it)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return False
+    done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT, check=False)
+    return done.returncode == 0
 
 
 @pytest.mark.anyio
