@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from app.core.jsontext import compact
+
 
 class DecryptionError(RuntimeError):
     pass
@@ -56,7 +58,7 @@ class Sealer:
 
     def seal(self, payload: dict[str, Any]) -> bytes:
         nonce = os.urandom(12)
-        plain = json.dumps(payload, separators=(",", ":")).encode()
+        plain = compact(payload)
         return self._current.kid + nonce + self._current.aead.encrypt(nonce, plain, self._current.kid)
 
     def open(self, blob: bytes) -> dict[str, Any]:

@@ -7,7 +7,6 @@ the data is durable (enqueueing a Celery task, say) is registered with `on_commi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -29,6 +28,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable, UpdateBase
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict
+from app.core.jsontext import compact
 from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def _many(groups: Sequence[Writes]) -> tuple[Executable, dict[str, Any]] | None:
     if any(p.get(name) != value for p in params for name, value in shared.items()):
         return None
     rows = [{name: value for name, value in p.items() if name not in many.shared} for p in params]
-    return many.call, {"rows": json.dumps(rows, default=_json_value, separators=(",", ":")), **shared}
+    return many.call, {"rows": compact(rows, default=_json_value).decode(), **shared}
 
 
 class StatementRefused(Exception):

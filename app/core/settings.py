@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     max_in_flight: Annotated[int | None, Field(validation_alias="COHORT_MAX_IN_FLIGHT", ge=1, le=200)] = None
     admission_wait_seconds: Annotated[float, Field(validation_alias="COHORT_ADMISSION_WAIT_SECONDS", gt=0)] = 30.0
     log_level: Annotated[str, Field(validation_alias="COHORT_LOG_LEVEL")] = "INFO"
+    # FastAPI's native OpenTelemetry (traces, metrics, logs to the providers the OTel SDK sets up):
+    # off unless asked for, since even unconfigured it looks the providers up on every request
+    opentelemetry: Annotated[bool, Field(validation_alias="COHORT_OPENTELEMETRY")] = False
     # Webhooks: loopback receivers (http or https to 127.0.0.0/8 and ::1, nothing else private) are
     # for development and tests only; the rest tunes delivery.
     webhooks_allow_loopback: Annotated[bool, Field(validation_alias="COHORT_WEBHOOKS_ALLOW_LOOPBACK")] = False
