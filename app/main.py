@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.analysis.router import router as analysis_router
 from app.audit.router import router as audit_router
 from app.codebooks.router import router as codebooks_router
-from app.core.admission import Admission
+from app.core.admission import Admission, Places
 from app.core.celery import celery_app
 from app.core.celery import configure as configure_celery
 from app.core.db import Database, transaction
@@ -38,7 +38,7 @@ from app.idempotency.service import Replay, replay_handler
 from app.participants.router import router as participants_router
 from app.redcap.router import router as redcap_router
 from app.reminders.router import router as reminders_router
-from app.responses.router import response_groups
+from app.responses.router import response_groups, waits_for_a_group
 from app.responses.router import router as responses_router
 from app.retention.router import router as retention_router
 from app.sites.router import router as sites_router
@@ -120,7 +120,10 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.token_check = tokens_repository.is_live
     app.state.token_check_column = tokens_repository.LIVE_ACTOR
     app.state.known_tokens = KnownTokens()
-    app.state.response_groups = response_groups(settings)  # concurrent POST /responses stored together
+    # the places for database work (app.core.admission), shared by the admission guard and the groups
+    places = Places(settings.in_flight, reserved_for_reads=max(1, settings.in_flight // 5))
+    app.state.places = places
+    app.state.response_groups = response_groups(settings, places)  # concurrent POST /responses stored together
     app.state.study_ids = {}  # study key -> id (keys never change): see studies.deps.study_key_in_scope
     install_error_handlers(app)
     app.state.error_renderers = [("/ui/", error_page), ("/fhir/", fhir_errors)]
@@ -148,8 +151,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.openapi = openapi  # type: ignore[method-assign]
     # Listed from the innermost out: each guard sees only what the ones after it let through.
     app.add_middleware(Unhandled)
-    app.add_middleware(Admission, places=settings.in_flight, reserved_for_reads=max(1, settings.in_flight // 5),
-                       wait_seconds=settings.admission_wait_seconds)
+    app.add_middleware(Admission, places=places, wait_seconds=settings.admission_wait_seconds,
+                       grouped=waits_for_a_group(app))
     app.add_middleware(InputGuard)
     app.add_middleware(JsonOnly)
     app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, redis_url=settings.redis_url,

@@ -9,6 +9,12 @@ pool has connections for (a request holds at most two) keeps both pools out of r
 The rest wait here, in arrival order, for up to `wait_seconds`; only past that is the answer a
 503 problem with Retry-After. Writes may take all but `reserved_for_reads` of the places, so a
 burst of responses never starves a coordinator's retention page or the dashboard.
+
+Requests whose database work is done in groups (`POST /responses`: see app.responses.together) do
+not take a place each. They are admitted, up to `Places.grouped` of them at once, to wait for a
+group; each group then takes one write place while it is stored (one connection, one thread), as
+does a request its group sends back to be stored on its own. So the places bound the connections and
+threads in use exactly as before, while more responses wait together and are stored in larger groups.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,42 +31,89 @@ from app.core.middleware import WORK_PREFIXES, WRITE_METHODS, send_complete
 
 log = logging.getLogger(__name__)
 
+# Set in a request's scope when it was admitted to wait for a group, without a place of its own.
+GROUPED = "cohort.grouped"
+
+# Requests admitted to wait for a group, for each place: enough for a lane's two groups of 32 and
+# the next ones forming at the default pool (20 places, 80 waiting).
+GROUPED_PER_PLACE = 4
+
+
+class Places:
+    """One process's places for database work: `places` in all, all but `reserved_for_reads` of them for
+    writes, and room for `grouped` requests waiting to be stored in groups."""
+
+    def __init__(self, places: int, reserved_for_reads: int, *, grouped_per_place: int = GROUPED_PER_PLACE) -> None:
+        self.places = max(1, places)
+        self.reserved = min(max(0, reserved_for_reads), self.places - 1)
+        self.grouped = self.places * max(1, grouped_per_place)
+        self._semaphores: tuple[asyncio.Semaphore, asyncio.Semaphore, asyncio.Semaphore] | None = None
+
+    def _made(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore, asyncio.Semaphore]:
+        # created on first use, inside the server's event loop
+        if self._semaphores is None:
+            self._semaphores = (asyncio.Semaphore(self.places), asyncio.Semaphore(self.places - self.reserved),
+                                asyncio.Semaphore(self.grouped))
+        return self._semaphores
+
+    async def take(self, *, write: bool, grouped: bool = False, wait: float | None = None) -> Callable[[], None]:
+        """Wait, in arrival order and at most `wait` seconds (TimeoutError past that), for a place: a write
+        place, a read place, or one of the grouped ones. Returns what gives it back."""
+        every, writes, waiting = self._made()
+        order = [waiting] if grouped else [writes, every] if write else [every]  # one order: no deadlock
+        taken: list[asyncio.Semaphore] = []
+
+        def give_back() -> None:
+            while taken:
+                taken.pop().release()
+
+        try:
+            async with asyncio.timeout(wait):
+                for semaphore in order:
+                    await semaphore.acquire()
+                    taken.append(semaphore)
+        except BaseException:
+            give_back()
+            raise
+        return give_back
+
+    @asynccontextmanager
+    async def hold(self, *, write: bool) -> AsyncIterator[None]:
+        """A place for the block, however long it waits for one (for work already admitted)."""
+        give_back = await self.take(write=write)
+        try:
+            yield
+        finally:
+            give_back()
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, *, places: int, reserved_for_reads: int, wait_seconds: float) -> None:
+    def __init__(self, app: ASGIApp, *, places: Places, wait_seconds: float,
+                 grouped: Callable[[Scope], bool] = lambda scope: False) -> None:
         self.app = app
-        self.places = max(1, places)
-        self.reserved = min(max(0, reserved_for_reads), self.places - 1)
+        self.places = places
         self.wait_seconds = wait_seconds
-        self._all: asyncio.Semaphore | None = None
-        self._writes: asyncio.Semaphore | None = None
-
-    def _semaphores(self) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
-        # created on first use, inside the server's event loop
-        if self._all is None or self._writes is None:
-            self._all = asyncio.Semaphore(self.places)
-            self._writes = asyncio.Semaphore(self.places - self.reserved)
-        return self._all, self._writes
+        self.grouped = grouped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(WORK_PREFIXES):
             await self.app(scope, receive, send)
             return
-        every, writes = self._semaphores()
-        order = [writes, every] if scope["method"] in WRITE_METHODS else [every]  # one order: no deadlock between them
-        async with AsyncExitStack() as held:
-            try:
-                async with asyncio.timeout(self.wait_seconds):
-                    for semaphore in order:
-                        await semaphore.acquire()
-                        held.callback(semaphore.release)
-            except TimeoutError:
-                log.warning("admission: %s %s waited %.0f s for a place; 503", scope["method"], scope["path"],
-                            self.wait_seconds)
-                await _busy(send, self.wait_seconds)
-                return
+        grouped = self.grouped(scope)
+        try:
+            give_back = await self.places.take(write=scope["method"] in WRITE_METHODS, grouped=grouped,
+                                               wait=self.wait_seconds)
+        except TimeoutError:
+            log.warning("admission: %s %s waited %.0f s for a place; 503", scope["method"], scope["path"],
+                        self.wait_seconds)
+            await _busy(send, self.wait_seconds)
+            return
+        if grouped:
+            scope[GROUPED] = True
+        try:
             await self.app(scope, receive, send)
+        finally:
+            give_back()
 
 
 async def _busy(send: Send, waited: float) -> None:
@@ -67,3 +121,14 @@ async def _busy(send: Send, waited: float) -> None:
                        "detail": f"the service is at capacity and this request waited {waited:.0f} s; retry shortly"}
                       ).encode()
     await send_complete(send, 503, body, headers=((b"retry-after", b"2"),))
+
+
+@asynccontextmanager
+async def own_place(scope: Scope, places: Places | None) -> AsyncIterator[None]:
+    """For a request admitted to wait for a group that is stored on its own after all: a write place of
+    its own for the block (nothing for any other request, which holds its place already)."""
+    if places is None or not scope.get(GROUPED):
+        yield
+        return
+    async with places.hold(write=True):
+        yield

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from app.core.admission import Places
 from app.core.db import (
     Database,
     StatementRefused,
@@ -97,11 +98,12 @@ class Groups:
     `at_once`; a group holds up to `largest` requests (a request that arrives alone is a group of
     one). Lanes never wait for each other; a group waits at most LOCK_WAIT for a participant's lock,
     and a request its group sends back is stored on its own in a thread of its own, as on the single
-    path, while the lane goes on. Each group runs in a worker thread with one pooled connection; how
-    many requests are in flight at all is bounded in front of the application (app.core.admission)."""
+    path, while the lane goes on. Each group runs in a worker thread with one pooled connection, once it
+    has a write place (`places`: see app.core.admission), as does each request stored on its own."""
 
-    def __init__(self, single: Single, *, at_once: int, largest: int) -> None:
+    def __init__(self, single: Single, *, at_once: int, largest: int, places: Places | None = None) -> None:
         self.single = single
+        self.places = places  # a group, or a request stored on its own, holds one while it is stored
         self.at_once = max(1, at_once)
         self.largest = max(1, largest)
         self.crowd = max(2, self.largest // 4)
@@ -147,9 +149,17 @@ class Groups:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _in_place(self, work: Callable[[], None]) -> None:
+        """`work` in a worker thread, once a write place is free (one connection, one thread)."""
+        if self.places is None:
+            await run_in_threadpool(work)
+            return
+        async with self.places.hold(write=True):
+            await run_in_threadpool(work)
+
     async def _run(self, key: tuple[str, Any], lane: _Lane, group: list[Pending]) -> None:
         try:
-            await run_in_threadpool(_store_group, group)
+            await self._in_place(lambda: _store_group(group))
         except BaseException as exc:  # the thread's own failures are each request's error already
             for pending in group:
                 if not pending.alone and pending.error is None:
@@ -167,7 +177,7 @@ class Groups:
 
     async def _alone(self, pending: Pending) -> None:
         try:
-            await run_in_threadpool(self._store_alone, pending)
+            await self._in_place(lambda: self._store_alone(pending))
         except BaseException as exc:
             pending.reply, pending.error = None, exc
         finally:
