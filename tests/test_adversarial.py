@@ -428,6 +428,23 @@ def test_json_nested_ten_thousand_deep_is_a_400_everywhere(server: LiveServer, a
     assert r.status_code == 400 and "error" in r.json()
 
 
+def test_json_not_in_utf8_is_a_400_and_stores_nothing(server: LiveServer, admin: httpx.Client,
+                                                      world: dict[str, Any]) -> None:
+    # Python's JSON parser reads UTF-16 and UTF-32 on its own, so a NUL escape in such a body went
+    # past the check for one and reached PostgreSQL as a 500
+    before = admin.get("/api/v1/studies").json()
+    body = '{"key": "utf16", "name": "a\\u0000b", "timezone": "UTC", "template": "pal-replication"}'
+    for encoding in ("utf-16-le", "utf-16", "utf-32"):
+        r = admin.post("/api/v1/studies", content=body.encode(encoding), headers={"content-type": "application/json"})
+        assert r.status_code == 400, (encoding, r.status_code, r.text[:200])
+        assert r.json()["errors"][0]["code"] == "encoding" and "UTF-8" in r.json()["detail"]
+    key = world["a"]["key"]
+    r = admin.post(f"/api/v1/studies/{key}/responses", content='{"external_id": "x"}'.encode("utf-16"),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert admin.get("/api/v1/studies").json() == before
+
+
 # -- exports opened in spreadsheets ----------------------------------------------------------------
 
 

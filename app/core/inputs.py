@@ -64,6 +64,10 @@ def json_problems(raw: bytes, loc: list[str | int] | None = None) -> list[dict[s
     """Field errors for a JSON body: too deep, or strings holding NUL. Empty when it is fine
     (or not JSON at all: the route's own parser reports that)."""
     base = loc or []
+    # JSON between systems is UTF-8 (RFC 8259), where no NUL byte can stand: a body with one is UTF-16 or
+    # UTF-32 (which Python's parser would read, NUL escapes and all, past the search below) or not JSON
+    if b"\x00" in raw:
+        return [{"loc": base, "code": "encoding", "message": "JSON must be UTF-8 text, without NUL bytes"}]
     # Nesting needs an opening bracket per level: with no more of them than the limit anywhere in
     # the body (most bodies), the scan that skips strings cannot find it too deep, and is not run.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:

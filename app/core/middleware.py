@@ -200,8 +200,9 @@ class InputGuard:
         if errors:
             detail = ("the request holds text that cannot be stored: " +
                       ", ".join(".".join(str(p) for p in e["loc"]) or "body" for e in errors[:5]))
-            if any(e["code"] == "too_deep" for e in errors):
-                detail = errors[0]["message"]
+            plain = [e for e in errors if e["code"] in ("too_deep", "encoding")]
+            if plain:
+                detail = plain[0]["message"]
             status, body, media_type = _rejection(path, detail, errors)
             await send_complete(send, status, body, media_type)
             return
