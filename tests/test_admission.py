@@ -4,10 +4,11 @@ request that cannot get one in time is told so, holding nothing."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from app.core.admission import Places
+from app.core.admission import Places, run_in_place
 
 pytestmark = pytest.mark.anyio
 
@@ -66,3 +67,21 @@ async def test_places_are_given_in_arrival_order() -> None:
     holder()
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
+
+
+async def test_work_in_a_place_gives_it_back_only_when_its_thread_is_done() -> None:
+    places = Places(1, reserved_for_reads=0)
+    go_on = threading.Event()
+    assert await run_in_place(places, lambda: 42, when=False) == 42  # no place asked for: none taken
+    work = asyncio.create_task(run_in_place(places, lambda: go_on.wait(5)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        await places.take(write=True, wait=0.05)  # the work holds the one place
+    work.cancel()  # the caller goes (a server stopping), the thread and its connection do not
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    with pytest.raises(TimeoutError):
+        await places.take(write=True, wait=0.05)
+    go_on.set()
+    give_back = await places.take(write=True, wait=2)  # back once the thread ended
+    give_back()

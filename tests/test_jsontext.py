@@ -25,3 +25,11 @@ def test_what_is_written_reads_back_the_same(value: Any) -> None:
 
 def test_integers_past_64_bits_and_non_json_values_through_default() -> None:
     assert json.loads(compact({"n": 2**70, "id": b"\x01\xff"}, default=lambda b: b.hex())) == {"n": 2**70, "id": "01ff"}
+
+
+def test_times_are_written_by_default_as_the_standard_library_would() -> None:
+    from datetime import UTC, date, datetime, timedelta, timezone
+
+    odd = datetime(1900, 1, 1, 12, tzinfo=timezone(timedelta(minutes=19, seconds=32)))  # Amsterdam, 1900
+    values = {"at": datetime(2026, 12, 7, 12, 0, 0, 123456, tzinfo=UTC), "odd": odd, "day": date(2026, 12, 7)}
+    assert json.loads(compact(values, default=lambda v: v.isoformat())) == {k: v.isoformat() for k, v in values.items()}

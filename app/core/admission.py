@@ -24,12 +24,16 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.middleware import WORK_PREFIXES, WRITE_METHODS, send_complete
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Set in a request's scope when it was admitted to wait for a group, without a place of its own.
 GROUPED = "cohort.grouped"
@@ -123,12 +127,18 @@ async def _busy(send: Send, waited: float) -> None:
     await send_complete(send, 503, body, headers=((b"retry-after", b"2"),))
 
 
-@asynccontextmanager
-async def own_place(scope: Scope, places: Places | None) -> AsyncIterator[None]:
-    """For a request admitted to wait for a group that is stored on its own after all: a write place of
-    its own for the block (nothing for any other request, which holds its place already)."""
-    if places is None or not scope.get(GROUPED):
-        yield
-        return
-    async with places.hold(write=True):
-        yield
+async def run_in_place(places: Places | None, work: Callable[[], T], *, when: bool = True) -> T:
+    """`work` in a worker thread holding a write place (with `places`, and `when`: for a request admitted
+    to wait for a group, see GROUPED, which holds none of its own). The place is given back once the
+    thread is done, even when the caller is cancelled first, so the places always count every thread
+    and connection that work uses."""
+    if places is None or not when:
+        return await run_in_threadpool(work)
+    give_back = await places.take(write=True)
+    try:
+        running = asyncio.ensure_future(run_in_threadpool(work))
+    except BaseException:
+        give_back()
+        raise
+    running.add_done_callback(lambda _: give_back())
+    return await asyncio.shield(running)

@@ -18,7 +18,7 @@ def compact(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     """`value` as JSON without spaces; integers past 64 bits go through the standard library. Floats must
     be finite (answers are checked for that): orjson writes NaN and infinity as null."""
     try:
-        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS)
+        # times go through `default`, as with the standard library: orjson would round an offset with seconds
+        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME)
     except orjson.JSONEncodeError:
-        return json.dumps(value, default=default, separators=(",", ":"), allow_nan=False,
-                          ensure_ascii=False).encode()
+        return json.dumps(value, default=default, separators=(",", ":"), allow_nan=False).encode()

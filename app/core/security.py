@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, Request
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
+from app.core.admission import GROUPED, run_in_place
 from app.core.db import SessionDep, database_of, expect_live_token, remember_actor, transaction
 from app.core.errors import Forbidden, Unauthorized
 
@@ -164,7 +164,9 @@ async def authenticate(request: Request, session: SessionDep) -> Principal:
     known: KnownTokens = request.app.state.known_tokens
     principal = known.get(digest)
     if principal is None:
-        principal = await run_in_threadpool(_look_up, request, digest)
+        # a request waiting for a group holds no place of its own: the lookup takes one
+        principal = await run_in_place(getattr(request.app.state, "places", None), lambda: _look_up(request, digest),
+                                       when=GROUPED in request.scope)
         known.put(digest, principal)
     request.state.principal = principal
     expect_live_token(session, principal.token_id, request.app.state.token_check,

@@ -12,10 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
-from app.core.admission import GROUPED, Places, own_place
+from app.core.admission import GROUPED, Places, run_in_place
 from app.core.crypto import Pseudonymiser, settings_sealer
 from app.core.db import SessionDep, commit_here, database_of, get_session, is_unique_violation, owns_transactions
 from app.core.deps import SettingsDep, get_app_settings
@@ -75,8 +74,8 @@ async def _submit_lean(request: Request) -> Response | None:
         # only a request admitted to wait for a group without a place goes to one (a group takes a place)
         if groups is not None and owns_transactions(session) and request.scope.get(GROUPED):
             return await groups.store(together.Pending(database_of(request), key, body, principal, idem, session))
-        async with own_place(request.scope, getattr(request.app.state, "places", None)):
-            return await run_in_threadpool(_submit, session, key, body, principal, idem)
+        return await run_in_place(getattr(request.app.state, "places", None),
+                                  lambda: _submit(session, key, body, principal, idem), when=GROUPED in request.scope)
 
 
 @router.post(
@@ -89,11 +88,23 @@ async def submit(request: Request, body: ResponseIn, principal: Collector, key: 
                  session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
     # The hot path: everything before this is checked without the database (for known tokens and
     # studies), and all of the request's database work, commit included, runs in one thread hop.
-    async with own_place(request.scope, getattr(request.app.state, "places", None)):
-        return await run_in_threadpool(_submit, session, key, body, principal, idem)
+    return await run_in_place(getattr(request.app.state, "places", None),
+                              lambda: _submit(session, key, body, principal, idem), when=GROUPED in request.scope)
 
 
 def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency) -> JSONResponse:
+    """One response stored on its own, its transaction committed, or rolled back here when it fails: in
+    this thread, while the request still holds its place (see app.core.admission.run_in_place)."""
+    try:
+        return _submit_in(session, key, body, principal, idem)
+    except BaseException:
+        if session.in_transaction():
+            session.rollback()
+        raise
+
+
+def _submit_in(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency
+               ) -> JSONResponse:
     now = utcnow()
     done = service.submit_reading_first(session, key, body, principal, idem, now)
     if done is None:

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from app.core.admission import Places
+from app.core.admission import Places, run_in_place
 from app.core.db import (
     Database,
     StatementRefused,
@@ -149,18 +148,12 @@ class Groups:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _in_place(self, work: Callable[[], None]) -> None:
-        """`work` in a worker thread, once a write place is free (one connection, one thread)."""
-        if self.places is None:
-            await run_in_threadpool(work)
-            return
-        async with self.places.hold(write=True):
-            await run_in_threadpool(work)
-
     async def _run(self, key: tuple[str, Any], lane: _Lane, group: list[Pending]) -> None:
+        cancelled = False
         try:
-            await self._in_place(lambda: _store_group(group))
+            await run_in_place(self.places, lambda: _store_group(group))
         except BaseException as exc:  # the thread's own failures are each request's error already
+            cancelled = isinstance(exc, asyncio.CancelledError)  # the server is stopping
             for pending in group:
                 if not pending.alone and pending.error is None:
                     pending.reply, pending.error = None, exc
@@ -169,17 +162,22 @@ class Groups:
             for pending in group:
                 if not pending.alone:
                     pending.answer()
-            self._lanes.setdefault(key, lane)
-            self._start(key, lane)
+            if not cancelled:
+                self._lanes.setdefault(key, lane)
+                self._start(key, lane)
+        if cancelled:
+            raise asyncio.CancelledError
         for pending in group:
             if pending.alone:
                 self._spawn(self._alone(pending))
 
     async def _alone(self, pending: Pending) -> None:
         try:
-            await self._in_place(lambda: self._store_alone(pending))
+            await run_in_place(self.places, lambda: self._store_alone(pending))
         except BaseException as exc:
             pending.reply, pending.error = None, exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             pending.answer()
 

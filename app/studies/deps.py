@@ -4,8 +4,8 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from starlette.concurrency import run_in_threadpool
 
+from app.core.admission import GROUPED, run_in_place
 from app.core.db import SessionDep, database_of, transaction
 from app.core.security import CurrentPrincipal
 from app.studies import service
@@ -36,7 +36,9 @@ async def study_key_in_scope(request: Request, principal: CurrentPrincipal, key:
     known: dict[str, uuid.UUID] = request.app.state.study_ids
     study_id = known.get(key)
     if study_id is None:
-        study_id = known[key] = await run_in_threadpool(_study_id, request, key)
+        # a request waiting for a group holds no place of its own: the lookup takes one
+        study_id = known[key] = await run_in_place(getattr(request.app.state, "places", None),
+                                                   lambda: _study_id(request, key), when=GROUPED in request.scope)
     principal.require_study(study_id)
     return key
 
