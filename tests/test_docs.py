@@ -65,3 +65,17 @@ async def test_the_interactive_docs_need_no_internet(app_client: httpx.AsyncClie
         served = await app_client.get(asset)
         assert served.status_code == 200 and len(served.content) > 100, asset
     assert "/docs-assets/swagger-ui-bundle.js" in page.text
+
+
+@pytest.mark.anyio
+async def test_the_first_sessions_import_example_enrols(admin: httpx.AsyncClient) -> None:
+    text = (DOCS / "api.md").read_text()
+    example = text.split("participants:import -d '", 1)[1].split("'", 1)[0]
+    r = await admin.post("/api/v1/studies", headers=auth(ADMIN_TOKEN),
+                         json={"key": "demo", "name": "PAL demo", "timezone": "America/New_York",
+                               "template": "pal-replication"})
+    assert r.status_code == 201, r.text
+    r = await admin.post("/api/v1/studies/demo/participants:import", content=example.encode(),
+                         headers={**auth(ADMIN_TOKEN), "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["created"] == len(json.loads(example)) == 2 and r.json()["errors"] == []

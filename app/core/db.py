@@ -532,6 +532,13 @@ def commit_here(session: Session) -> None:
     _finish(session, failed=False)
 
 
+def rollback_here(session: Session) -> None:
+    """Roll the request's transaction back now, in the thread that did its work (the failing twin of
+    `commit_here`, for work that must not leave its connection checked out once it returns)."""
+    if session.in_transaction():
+        _finish(session, failed=True)
+
+
 def _finish(session: Session, failed: bool) -> None:
     try:
         if failed:

@@ -16,7 +16,15 @@ from starlette.types import Scope
 
 from app.core.admission import GROUPED, Places, run_in_place
 from app.core.crypto import Pseudonymiser, settings_sealer
-from app.core.db import SessionDep, commit_here, database_of, get_session, is_unique_violation, owns_transactions
+from app.core.db import (
+    SessionDep,
+    commit_here,
+    database_of,
+    get_session,
+    is_unique_violation,
+    owns_transactions,
+    rollback_here,
+)
 from app.core.deps import SettingsDep, get_app_settings
 from app.core.errors import Conflict, Forbidden
 from app.core.etag import ETAG_HEADER, IfMatch
@@ -98,8 +106,7 @@ def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, 
     try:
         return _submit_in(session, key, body, principal, idem)
     except BaseException:
-        if session.in_transaction():
-            session.rollback()
+        rollback_here(session)
         raise
 
 

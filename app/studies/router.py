@@ -44,7 +44,8 @@ def get_study(principal: Reader, study: StudyFromPath) -> StudyOut:
 
 
 @router.patch("/{key}", dependencies=[WholeStudy],
-              response_model=StudyOut, summary="Rename a study or set its withdrawal policy")
+              response_model=StudyOut,
+              summary="Rename a study, or set its withdrawal policy, survey language, contact line or export dates")
 def update_study(body: StudyUpdate, principal: Coordinator, study: StudyFromPath, session: SessionDep) -> StudyOut:
     return service.to_out(service.update(session, study, body))
 
