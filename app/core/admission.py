@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.core.middleware import WORK_PREFIXES, WRITE_METHODS, send_complete
@@ -81,16 +81,6 @@ class Places:
             raise
         return give_back
 
-    @asynccontextmanager
-    async def hold(self, *, write: bool) -> AsyncIterator[None]:
-        """A place for the block, however long it waits for one (for work already admitted)."""
-        give_back = await self.take(write=write)
-        try:
-            yield
-        finally:
-            give_back()
-
-
 class Admission:
     def __init__(self, app: ASGIApp, *, places: Places, wait_seconds: float,
                  grouped: Callable[[Scope], bool] = lambda scope: False) -> None:
@@ -142,3 +132,9 @@ async def run_in_place(places: Places | None, work: Callable[[], T], *, when: bo
         raise
     running.add_done_callback(lambda _: give_back())
     return await asyncio.shield(running)
+
+
+async def run_for_request(request: Request, work: Callable[[], T]) -> T:
+    """A request's database work in a worker thread: in a write place of its own if the request was
+    admitted to wait for a group (it holds none), in the place it holds otherwise."""
+    return await run_in_place(getattr(request.app.state, "places", None), work, when=GROUPED in request.scope)

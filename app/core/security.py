@@ -20,7 +20,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from app.core.admission import GROUPED, run_in_place
+from app.core.admission import run_for_request
 from app.core.db import SessionDep, database_of, expect_live_token, remember_actor, transaction
 from app.core.errors import Forbidden, Unauthorized
 
@@ -165,8 +165,7 @@ async def authenticate(request: Request, session: SessionDep) -> Principal:
     principal = known.get(digest)
     if principal is None:
         # a request waiting for a group holds no place of its own: the lookup takes one
-        principal = await run_in_place(getattr(request.app.state, "places", None), lambda: _look_up(request, digest),
-                                       when=GROUPED in request.scope)
+        principal = await run_for_request(request, lambda: _look_up(request, digest))
         known.put(digest, principal)
     request.state.principal = principal
     expect_live_token(session, principal.token_id, request.app.state.token_check,

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -12,9 +11,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.routing import compile_path
 from starlette.types import Scope
 
-from app.core.admission import GROUPED, Places, run_in_place
+from app.core.admission import GROUPED, Places, run_for_request
 from app.core.crypto import Pseudonymiser, settings_sealer
 from app.core.db import (
     SessionDep,
@@ -80,10 +80,9 @@ async def _submit_lean(request: Request) -> Response | None:
         idem = await idempotency(request, session, principal, await get_app_settings(request), idempotency_key)
         groups: together.Groups | None = getattr(request.app.state, "response_groups", None)
         # only a request admitted to wait for a group without a place goes to one (a group takes a place)
-        if groups is not None and owns_transactions(session) and request.scope.get(GROUPED):
+        if groups is not None and owns_transactions(session) and GROUPED in request.scope:
             return await groups.store(together.Pending(database_of(request), key, body, principal, idem, session))
-        return await run_in_place(getattr(request.app.state, "places", None),
-                                  lambda: _submit(session, key, body, principal, idem), when=GROUPED in request.scope)
+        return await run_for_request(request, lambda: _submit(session, key, body, principal, idem))
 
 
 @router.post(
@@ -96,13 +95,12 @@ async def submit(request: Request, body: ResponseIn, principal: Collector, key: 
                  session: SessionDep, idem: IdempotencyDep) -> JSONResponse:
     # The hot path: everything before this is checked without the database (for known tokens and
     # studies), and all of the request's database work, commit included, runs in one thread hop.
-    return await run_in_place(getattr(request.app.state, "places", None),
-                              lambda: _submit(session, key, body, principal, idem), when=GROUPED in request.scope)
+    return await run_for_request(request, lambda: _submit(session, key, body, principal, idem))
 
 
 def _submit(session: Session, key: str, body: ResponseIn, principal: Principal, idem: Idempotency) -> JSONResponse:
     """One response stored on its own, its transaction committed, or rolled back here when it fails: in
-    this thread, while the request still holds its place (see app.core.admission.run_in_place)."""
+    this thread, while the request still holds its place (see app.core.admission.run_for_request)."""
     try:
         return _submit_in(session, key, body, principal, idem)
     except BaseException:
@@ -139,7 +137,7 @@ def response_groups(settings: Settings, places: Places | None = None) -> togethe
     return together.Groups(_submit, at_once=2 if settings.db_pool_size >= 8 else 1, largest=32, places=places)
 
 
-_COLLECTION = re.compile(r"/api/v1/studies/[^/]+/responses")
+_COLLECTION = compile_path(router.prefix)[0]  # POST's path: the router's own, with any study key
 
 
 def waits_for_a_group(app: Any) -> Callable[[Scope], bool]:
@@ -147,7 +145,7 @@ def waits_for_a_group(app: Any) -> Callable[[Scope], bool]:
     while `app` stores responses in groups."""
     def grouped(scope: Scope) -> bool:
         return (scope["method"] == "POST" and getattr(app.state, "response_groups", None) is not None
-                and _COLLECTION.fullmatch(scope["path"]) is not None)
+                and _COLLECTION.match(scope["path"]) is not None)
     return grouped
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from app.core.admission import GROUPED, run_in_place
+from app.core.admission import run_for_request
 from app.core.db import SessionDep, database_of, transaction
 from app.core.security import CurrentPrincipal
 from app.studies import service
@@ -37,8 +37,7 @@ async def study_key_in_scope(request: Request, principal: CurrentPrincipal, key:
     study_id = known.get(key)
     if study_id is None:
         # a request waiting for a group holds no place of its own: the lookup takes one
-        study_id = known[key] = await run_in_place(getattr(request.app.state, "places", None),
-                                                   lambda: _study_id(request, key), when=GROUPED in request.scope)
+        study_id = known[key] = await run_for_request(request, lambda: _study_id(request, key))
     principal.require_study(study_id)
     return key
 
